@@ -1,0 +1,77 @@
+"""Configuration of training and picking: validated pydantic models with the measured defaults.
+
+Every default here was chosen by measurement on the development data; docs/benchmarks-core.md has the
+figures and README.md the summary. Values can be overridden from the CLI, from a JSON file, or (in the
+services) from ``CRYOMAE_``-prefixed environment variables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cryomae.model.presets import PRESETS
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of pre-training and self-cross similarity training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "fast"
+    feature: Literal["mean", "cls", "flat"] | None = Field(
+        None, description="override the preset's latent feature (see cryomae.model.presets)"
+    )
+    box_factor: float = Field(2.0, gt=0.5, le=6.0, description="region side / particle diameter")
+    # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
+    pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
+    pretrain_epochs: int = Field(30, ge=0)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    # SCS training: exemplars plus n unlabeled regions of the reference micrograph
+    n_unlabeled: int = Field(512, ge=1, description="unlabeled regions of the reference micrograph (n)")
+    unlabeled_per_step: int = Field(128, ge=1, description="unlabeled regions in each step with all exemplars")
+    epochs: int = Field(60, ge=0, description="passes over the unlabeled regions in SCS training")
+    lr: float = Field(3e-4, gt=0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of S_cross against S_self (eq. 3)")
+    tau: float = Field(0.0, description="floor of L_SCS (eq. 3)")
+    beta: float = Field(1.0, ge=0.0, description="weight of L_SCS in the total loss (eq. 6)")
+    pi_hat: float | None = Field(0.1, ge=0.0, lt=1.0, description="PU prior; None = unadjusted SCS")
+    scs_normalization: Literal["paper", "weighted"] = Field(
+        "paper", description="eqs. 4-5 as printed, or as weighted means in [-1, 1]"
+    )
+    scs_view: Literal["masked", "full"] = Field(
+        "masked", description="SCS on features of the masked input (paper) or of the whole region"
+    )
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    batch_size: int = Field(128, ge=2)
+    weight_decay: float = Field(0.05, ge=0.0)
+    rotate: bool = True
+    flip: bool = True
+    bank_views: Literal[1, 8] = Field(8, description="exemplar bank: 1 view or the 8 dihedral views each")
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return self
+
+
+class PickConfig(BaseModel):
+    """Options of sliding-window picking."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stride_fraction: float = Field(0.125, gt=0.0, le=1.0, description="stride / window side (paper: 1/8)")
+    score: Literal["max", "mean"] = "max"
+    center: bool = Field(True, description="subtract the micrograph's mean window feature before cosine")
+    threshold: Literal["knn", "otsu"] | float = "knn"
+    knn_k: int = Field(5, ge=1)
+    knn_smooth: int = Field(0, ge=0)
+    nms: bool = True
+    nms_distance: float = Field(0.5, gt=0.0, description="minimum distance between picks / particle diameter")
+    refine: bool = True
+    batch_size: int = Field(2048, ge=1)
+    device: str = "auto"

@@ -1,0 +1,125 @@
+"""Model directories: safetensors weights plus a JSON manifest, loaded without pickle and verified.
+
+A model directory holds ``weights.safetensors`` (the MAE's parameters and the exemplar bank under the key
+``exemplar_bank``) and ``manifest.json`` (preset, geometry, training hyperparameters, data provenance and the
+sha256 of the weights file). Loading recomputes the checksum before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cryomae.errors import CheckpointError
+from cryomae.model.mae import MaskedAutoencoder
+from cryomae.model.presets import Preset
+from cryomae.preprocess import Geometry
+
+WEIGHTS = "weights.safetensors"
+MANIFEST = "manifest.json"
+BANK_KEY = "exemplar_bank"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainedModel:
+    """A trained MAE with its exemplar bank and the geometry it was trained for."""
+
+    model: MaskedAutoencoder
+    bank: torch.Tensor  # [B, D] encoder features of the exemplars (and their dihedral views)
+    geometry: Geometry
+    manifest: dict[str, Any]
+
+    @property
+    def preset(self) -> Preset:
+        return self.model.preset
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(
+    out_dir: str | Path,
+    model: MaskedAutoencoder,
+    bank: torch.Tensor,
+    geometry: Geometry,
+    info: dict[str, Any],
+) -> Path:
+    """Write a model directory atomically: a temporary sibling directory renamed into place.
+
+    ``info`` (hyperparameters, provenance, timings) is stored in the manifest as given. An existing
+    directory at ``out_dir`` is replaced only after the new one is complete.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors[BANK_KEY] = bank.detach().float().cpu().contiguous()
+    save_file(tensors, str(tmp / WEIGHTS))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "preset": model.preset.to_dict(),
+        "geometry": {"diameter": geometry.diameter, "box_factor": geometry.box_factor, "img_size": geometry.img_size},
+        "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
+        "exemplar_bank": {"size": int(bank.shape[0]), "dim": int(bank.shape[1])},
+        **info,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """Load and verify a model directory; raises CheckpointError naming the directory and the problem."""
+    d = Path(model_dir)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{d}: no {MANIFEST}; is this a cryomae model directory?") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / MANIFEST}: not valid JSON ({e})") from None
+    try:
+        preset = Preset(**manifest["preset"])
+        geometry = Geometry(**manifest["geometry"])
+        expected = manifest["weights"]["sha256"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{d / MANIFEST}: incomplete manifest ({e})") from None
+    weights = d / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file")
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise CheckpointError(f"{weights}: checksum mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
+    tensors = load_file(str(weights), device="cpu")
+    bank = tensors.pop(BANK_KEY, None)
+    if bank is None:
+        raise CheckpointError(f"{weights}: no exemplar bank in the weights file")
+    model = MaskedAutoencoder(preset)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: weights do not fit preset {preset.name!r}: {e}") from None
+    model.to(device).eval()
+    return TrainedModel(model=model, bank=bank.to(device), geometry=geometry, manifest=manifest)

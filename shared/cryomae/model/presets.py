@@ -1,0 +1,113 @@
+"""Named model presets, in the manner of timm's model registry: every hyperparameter of a variant inline.
+
+``paper`` is the CryoMAE paper's model (ViT-B/16 at 224 px with the MAE paper's 8-block, 512-wide decoder).
+The smaller presets trade resolution of the window for speed; ``test`` exists only so CI can train in seconds.
+Measurements behind the choices are in docs/benchmarks-core.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The architecture of one MAE variant."""
+
+    name: str
+    img_size: int  # side of the (resampled) window in model pixels
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    mlp_ratio: float = 4.0
+    # The latent feature of a region: "mean" of the patch tokens, the "cls" token, or "flat", all patch
+    # tokens concatenated in their spatial order (so the feature knows where in the window things are)
+    feature: Literal["mean", "cls", "flat"] = "mean"
+    description: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "paper",
+            224,
+            16,
+            768,
+            12,
+            12,
+            512,
+            8,
+            16,
+            description="ViT-B/16 at 224 px with the MAE paper's decoder, as in the CryoMAE paper (GPU only)",
+        ),
+        Preset(
+            "base",
+            64,
+            8,
+            384,
+            8,
+            6,
+            256,
+            2,
+            8,
+            description="64 px windows, 8x8 patches, 384-wide 8-block encoder: GPU default",
+        ),
+        Preset(
+            "small",
+            48,
+            8,
+            192,
+            6,
+            3,
+            128,
+            2,
+            4,
+            description="48 px windows, 8x8 patches (36 tokens), ViT-Tiny-width 6-block encoder",
+        ),
+        Preset(
+            "fast",
+            32,
+            8,
+            128,
+            4,
+            4,
+            64,
+            1,
+            4,
+            description="32 px windows, 8x8 patches (16 tokens), 128-wide 4-block encoder: the CPU default",
+        ),
+        Preset(
+            "test",
+            24,
+            8,
+            64,
+            2,
+            2,
+            32,
+            1,
+            2,
+            description="tiny model for tests and CI only",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name, with the list of valid names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,141 @@
+"""Tests of the automatic per-micrograph cutoffs (the paper's k-NN rule and Otsu's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryomae.errors import ConfigError, InputError
+from cryomae.picking.threshold import knn_cutoff, knn_mean_distances, otsu_cutoff
+
+
+def test_knn_mean_distances_by_hand() -> None:
+    x = np.array([0.0, 1.0, 3.0, 7.0])
+    # k=2: 0 -> {1, 3} -> 2; 1 -> {1 (to 0), 2 (to 3)} -> 1.5; 3 -> {2 (to 1), 3 (to 0)} -> 2.5;
+    # 7 -> {4 (to 3), 6 (to 1)} -> 5.
+    np.testing.assert_allclose(knn_mean_distances(x, 2), [2.0, 1.5, 2.5, 5.0])
+    # k=1: nearest only: 1, 1, 2, 4.
+    np.testing.assert_allclose(knn_mean_distances(x, 1), [1.0, 1.0, 2.0, 4.0])
+    # Descending order gives the same distances, reversed.
+    np.testing.assert_allclose(knn_mean_distances(x[::-1], 2), [5.0, 2.5, 1.5, 2.0])
+
+
+def test_knn_mean_distances_matches_brute_force() -> None:
+    x = np.sort(np.random.default_rng(3).normal(size=200))
+    dist = np.abs(x[:, None] - x[None, :])
+    np.fill_diagonal(dist, np.inf)
+    expected = np.sort(dist, axis=1)[:, :5].mean(axis=1)
+    np.testing.assert_allclose(knn_mean_distances(x, 5), expected)
+
+
+def test_knn_mean_distances_small_inputs() -> None:
+    # k larger than N-1: every other point is a neighbour. [0, 1, 3]: 2, 1.5, 2.5.
+    np.testing.assert_allclose(knn_mean_distances(np.array([0.0, 1.0, 3.0]), 5), [2.0, 1.5, 2.5])
+    np.testing.assert_array_equal(knn_mean_distances(np.array([4.0]), 5), [0.0])
+    assert knn_mean_distances(np.zeros(0), 5).shape == (0,)
+    # Ties are neighbours at distance 0.
+    np.testing.assert_allclose(knn_mean_distances(np.array([1.0, 1.0, 1.0, 2.0]), 2), [0.0, 0.0, 0.0, 1.0])
+
+
+def test_knn_mean_distances_rejects_unsorted() -> None:
+    with pytest.raises(InputError):
+        knn_mean_distances(np.array([0.0, 2.0, 1.0]), 1)
+    with pytest.raises(ConfigError):
+        knn_mean_distances(np.array([0.0, 1.0]), 0)
+
+
+# Two clusters of 6, scores x100 so that every distance is exact in binary.
+_TWO_CLUSTERS = np.array([100, 99, 98, 97, 96, 95, 50, 49, 48, 47, 46, 45], dtype=np.float64)
+
+
+def test_knn_cutoff_hand_worked_k2() -> None:
+    # k=2, ranks 0..11 (descending):
+    #   d = [1.5, 1, 1, 1, 1, 1.5, | 1.5, 1, 1, 1, 1, 1.5]
+    #   (the ends and the two points beside the gap have nearest distances 1 and 2, the others 1 and 1;
+    #   the 45-unit gap is never among the 2 nearest)
+    #   rate = |d[i+1] - d[i]| = [0.5, 0, 0, 0, 0.5, 0, 0.5, 0, 0, 0, 0.5]
+    # First argmax is rank 0, so the literal rule keeps only the top score: cutoff 100.
+    np.testing.assert_allclose(knn_mean_distances(_TWO_CLUSTERS, 2), [1.5, 1, 1, 1, 1, 1.5] * 2)
+    assert knn_cutoff(_TWO_CLUSTERS, k=2) == 100.0
+    assert knn_cutoff(_TWO_CLUSTERS, k=2, max_fraction=1.0) == 100.0
+    # min_picks=2 moves the search past rank 0: the next maximum, rate[4] (between 96 and 95), gives 96.
+    assert knn_cutoff(_TWO_CLUSTERS, k=2, min_picks=2) == 96.0
+
+
+def test_knn_cutoff_hand_worked_k5() -> None:
+    # k=5: d = [3, 2.2, 1.8, 1.8, 2.2, 3] for each cluster (e.g. rank 1 = 99: neighbours 1,1,2,3,4 -> 11/5);
+    # rate = [0.8, 0.4, 0, 0.4, 0.8, 0, 0.8, 0.4, 0, 0.4, 0.8]: again rank 0 first, then rank 4.
+    np.testing.assert_allclose(knn_mean_distances(_TWO_CLUSTERS, 5), [3, 2.2, 1.8, 1.8, 2.2, 3] * 2)
+    assert knn_cutoff(_TWO_CLUSTERS, k=5) == 100.0
+    assert knn_cutoff(_TWO_CLUSTERS, k=5, min_picks=2) == 96.0
+
+
+def test_knn_cutoff_separates_sparse_particles_from_dense_background() -> None:
+    # The realistic case: few particle windows spread over a wide range, many background windows packed tight.
+    # Top: 30 evenly spaced in [0.8, 0.9] (step h = 0.1/29); background: 1000 in [0.1, 0.3] (step 0.0002).
+    # The last top score (0.8) has one-sided neighbours, d = 3h ~ 0.0103; the first background score has
+    # d = 3 * 0.0002 = 0.0006: rate ~ 0.0097 there, versus 0.8h ~ 0.0028 inside or at the top of the cluster.
+    top = np.linspace(0.8, 0.9, 30)
+    scores = np.random.default_rng(0).permutation(np.concatenate([np.linspace(0.1, 0.3, 1000), top]))
+    cutoff = knn_cutoff(scores)
+    assert cutoff == pytest.approx(0.8)
+    assert np.count_nonzero(scores >= cutoff) == 30
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_knn_cutoff_bimodal_random(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    particles = rng.normal(0.85, 0.02, 40)
+    scores = np.concatenate([rng.normal(0.3, 0.05, 3000), particles])
+    cutoff = knn_cutoff(scores)
+    kept = np.count_nonzero(scores >= cutoff)
+    assert 35 <= kept <= 45  # the cut lies in or next to the gap, not in the background's lower tail
+
+
+def test_knn_cutoff_literal_rule_can_cut_in_the_lower_tail() -> None:
+    # Why max_fraction exists: with the search over all ranks (the paper verbatim), the sparse lower tail of
+    # the background wins on this seed and nearly everything is kept.
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.3, 0.05, 3000), rng.normal(0.85, 0.02, 40)])
+    assert np.count_nonzero(scores >= knn_cutoff(scores, max_fraction=1.0)) > 1500
+    assert np.count_nonzero(scores >= knn_cutoff(scores)) <= 45
+
+
+def test_knn_cutoff_smoothing_changes_d_before_differencing() -> None:
+    # k=1, scores (descending) 20 19 17 13 12 11 10: gaps 1 2 4 1 1 1,
+    #   d = nearest gap = [1, 1, 2, 1, 1, 1, 1].
+    # Raw: rate = [0, 1, 1, 0, 0, 0]; the search covers ranks < floor(0.5 * 7) = 3 -> argmax 1 -> cutoff 19.
+    # smooth=3 (edges repeat): d_s = [1, 4/3, 4/3, 4/3, 1, 1, 1]; rate = [1/3, 0, 0, 1/3, 0, 0]
+    #   -> rank 0 -> cutoff 20.
+    scores = np.array([10.0, 11.0, 12.0, 13.0, 17.0, 19.0, 20.0])
+    assert knn_cutoff(scores, k=1) == 19.0
+    assert knn_cutoff(scores, k=1, smooth=1) == 19.0  # a window of 1 is no smoothing
+    assert knn_cutoff(scores, k=1, smooth=3) == 20.0
+
+
+def test_knn_cutoff_edge_cases() -> None:
+    # Fewer than k+2 scores: keep all.
+    assert knn_cutoff(np.array([0.9, 0.1, 0.5]), k=5) == 0.1
+    # All equal: keep all.
+    assert knn_cutoff(np.full(50, 0.7)) == 0.7
+    # min_picks beyond N-1 keeps all but the last.
+    s = np.arange(10, dtype=np.float64)
+    assert knn_cutoff(s, k=2, min_picks=100, max_fraction=1.0) == 1.0
+    with pytest.raises(InputError):
+        knn_cutoff(np.zeros(0))
+    with pytest.raises(InputError):
+        knn_cutoff(np.array([0.1, np.nan, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
+    for bad in ({"k": 0}, {"min_picks": 0}, {"smooth": -1}, {"max_fraction": 0.0}, {"max_fraction": 1.5}):
+        with pytest.raises(ConfigError):
+            knn_cutoff(s, **bad)
+
+
+def test_otsu_cutoff_splits_two_clusters() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.3, 0.05, 3000), rng.normal(0.85, 0.02, 40)])
+    cutoff = otsu_cutoff(scores)
+    assert cutoff in scores  # the smallest kept score, so >= reproduces Otsu's >
+    assert 0.45 < cutoff < 0.9
+    assert otsu_cutoff(np.full(5, 2.0)) == 2.0
+    with pytest.raises(InputError):
+        otsu_cutoff(np.zeros(0))
