@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROGRAPH",
         help="extra micrographs of the same sample for pre-training regions",
     )
-    t.add_argument("--box-factor", type=float, help="region side / particle diameter (default 2.0)")
+    t.add_argument("--box-factor", type=float, help="region side / particle diameter (default 1.5)")
     t.add_argument("--epochs", type=int, help="SCS training epochs over the unlabeled regions")
     t.add_argument("--pretrain-epochs", type=int, help="pre-training epochs")
     t.add_argument("--seed", type=int, help="random seed (training is deterministic for a seed)")
@@ -183,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--threshold",
         type=_threshold,
-        help="knn (default: the paper's per-micrograph kNN cutoff), otsu, or a fixed score",
+        help="otsu (default: Otsu's cut of this micrograph's candidate scores), knn (the paper's "
+        "k-nearest-neighbour rule, k = 5), or a fixed score",
     )
-    k.add_argument("--score", choices=["max", "mean"], help="similarity to the exemplar bank (default max)")
+    k.add_argument(
+        "--score", choices=["max", "mean"], help="mean (default) or max cosine similarity over the exemplar bank"
+    )
     k.add_argument(
         "--no-nms", action="store_true", help="keep every window above the cutoff (the paper's behaviour; duplicates)"
     )

@@ -23,25 +23,26 @@ class TrainConfig(BaseModel):
     feature: Literal["mean", "cls", "flat"] | None = Field(
         None, description="override the preset's latent feature (see cryomae.model.presets)"
     )
-    box_factor: float = Field(2.0, gt=0.5, le=6.0, description="region side / particle diameter")
+    feature_layer: int | None = Field(None, description="override the preset's feature layer")
+    box_factor: float = Field(1.5, gt=0.5, le=6.0, description="region side / particle diameter")
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
-    pretrain_epochs: int = Field(30, ge=0)
+    pretrain_epochs: int = Field(10, ge=0)
     pretrain_lr: float = Field(1e-3, gt=0)
     # SCS training: exemplars plus n unlabeled regions of the reference micrograph
     n_unlabeled: int = Field(512, ge=1, description="unlabeled regions of the reference micrograph (n)")
     unlabeled_per_step: int = Field(128, ge=1, description="unlabeled regions in each step with all exemplars")
-    epochs: int = Field(60, ge=0, description="passes over the unlabeled regions in SCS training")
+    epochs: int = Field(30, ge=0, description="passes over the unlabeled regions in SCS training")
     lr: float = Field(3e-4, gt=0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of S_cross against S_self (eq. 3)")
     tau: float = Field(0.0, description="floor of L_SCS (eq. 3)")
     beta: float = Field(1.0, ge=0.0, description="weight of L_SCS in the total loss (eq. 6)")
     pi_hat: float | None = Field(0.1, ge=0.0, lt=1.0, description="PU prior; None = unadjusted SCS")
     scs_normalization: Literal["paper", "weighted"] = Field(
-        "paper", description="eqs. 4-5 as printed, or as weighted means in [-1, 1]"
+        "weighted", description="eqs. 4-5 as printed, or as weighted means in [-1, 1]"
     )
     scs_view: Literal["masked", "full"] = Field(
-        "masked", description="SCS on features of the masked input (paper) or of the whole region"
+        "full", description="SCS on features of the masked input (paper) or of the whole region"
     )
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     batch_size: int = Field(128, ge=2)
@@ -65,9 +66,13 @@ class PickConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stride_fraction: float = Field(0.125, gt=0.0, le=1.0, description="stride / window side (paper: 1/8)")
-    score: Literal["max", "mean"] = "max"
-    center: bool = Field(True, description="subtract the micrograph's mean window feature before cosine")
-    threshold: Literal["knn", "otsu"] | float = "knn"
+    score: Literal["max", "mean"] = "mean"
+    feature_norm: Literal["none", "center", "standardize"] = Field(
+        "standardize",
+        description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "
+        "each dimension by its spread over the micrograph (standardize)",
+    )
+    threshold: Literal["knn", "otsu"] | float = "otsu"
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)
     nms: bool = True

@@ -45,7 +45,7 @@ def make_micrograph(
     diameter: float = 24.0,
     n_particles: int = 40,
     n_distractors: int = 12,
-    snr: float = 0.6,
+    snr: float = 1.2,
     seed: int = 0,
 ) -> SyntheticMicrograph:
     """One synthetic micrograph; particles never overlap and stay a radius away from the edges."""

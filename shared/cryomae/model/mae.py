@@ -104,10 +104,10 @@ class MaskedAutoencoder(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return visible, mask, ids_restore
 
-    def forward_encoder(
+    def _embed(
         self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs [N, 1, H, W] -> (tokens [N, 1 + L_keep, D], mask [N, L], ids_restore [N, L])."""
+        """imgs [N, 1, H, W] -> (tokens with class token [N, 1 + L_keep, D], mask [N, L], ids_restore [N, L])."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [N, L, D]
         if mask_ratio > 0:
             x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)
@@ -116,10 +116,35 @@ class MaskedAutoencoder(nn.Module):
             mask = torch.zeros(n, length, device=x.device)
             ids_restore = torch.arange(length, device=x.device).expand(n, -1)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        return torch.cat([cls, x], dim=1), mask, ids_restore
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs [N, 1, H, W] -> (tokens [N, 1 + L_keep, D], feature-layer tokens, mask [N, L], ids_restore)."""
+        x, mask, ids_restore = self._embed(imgs, mask_ratio, generator)
+        layer = self.preset.feature_layer
+        feat = x
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i + 1 == layer:
+                feat = x
+        x = self.norm(x)
+        if layer < 0 or layer > len(self.blocks):
+            feat = x
+        return x, feat, mask, ids_restore
+
+    def _feature_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked tokens of the feature layer, running only the blocks it needs: [N, 1 + L, D]."""
+        x, _, _ = self._embed(imgs, 0.0)
+        layer = self.preset.feature_layer
+        if 0 <= layer <= len(self.blocks):
+            for blk in self.blocks[:layer]:
+                x = blk(x)
+            return x
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
 
     def forward_decoder(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """tokens [N, 1 + L_keep, D] -> predicted pixels per patch [N, L, p*p]."""
@@ -151,17 +176,15 @@ class MaskedAutoencoder(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked reconstruction: imgs [N, 1, H, W] -> (L_MSE, latent features of the masked input [N, D])."""
-        tokens, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
+        tokens, feat, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
         pred = self.forward_decoder(tokens, ids_restore)
-        return self.reconstruction_loss(imgs, pred, mask), self.pool(tokens)
+        return self.reconstruction_loss(imgs, pred, mask), self.pool(feat)
 
     @torch.no_grad()
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder features of whole (unmasked) regions: [N, 1, H, W] -> [N, D]."""
-        tokens, _, _ = self.forward_encoder(imgs, 0.0)
-        return self.pool(tokens)
+        return self.pool(self._feature_tokens(imgs))
 
     def encode(self, imgs: torch.Tensor) -> torch.Tensor:
         """Unmasked encoder features with gradients (training on whole regions): [N, 1, H, W] -> [N, D]."""
-        tokens, _, _ = self.forward_encoder(imgs, 0.0)
-        return self.pool(tokens)
+        return self.pool(self._feature_tokens(imgs))

@@ -27,7 +27,10 @@ class Preset:
     mlp_ratio: float = 4.0
     # The latent feature of a region: "mean" of the patch tokens, the "cls" token, or "flat", all patch
     # tokens concatenated in their spatial order (so the feature knows where in the window things are)
-    feature: Literal["mean", "cls", "flat"] = "mean"
+    feature: Literal["mean", "cls", "flat"] = "flat"
+    # Which encoder layer gives the latent feature: 0 = the patch embedding, k = after k transformer blocks,
+    # -1 = the last block after the final norm (the usual MAE latent).
+    feature_layer: int = 0
     description: str = ""
 
     @property

@@ -85,9 +85,12 @@ def compute_score_map(
             chunks.append(model.features(batch).float())
     feats = torch.cat(chunks)  # [Gy*Gx, D]
     bank = trained.bank.to(dev).float()
-    if cfg.center:
+    if cfg.feature_norm != "none":
         mu = feats.mean(dim=0, keepdim=True)
         feats, bank = feats - mu, bank - mu
+        if cfg.feature_norm == "standardize":
+            sd = feats.std(dim=0, keepdim=True).clamp_min(1e-6)
+            feats, bank = feats / sd, bank / sd
     bank = F.normalize(bank, dim=-1)
     sims = F.normalize(feats, dim=-1) @ bank.T  # [N, B]
     score = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)

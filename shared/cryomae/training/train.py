@@ -207,6 +207,8 @@ def train_model(
     preset = get_preset(cfg.preset)
     if cfg.feature is not None:
         preset = dataclasses.replace(preset, feature=cfg.feature)
+    if cfg.feature_layer is not None:
+        preset = dataclasses.replace(preset, feature_layer=cfg.feature_layer)
     geometry = Geometry(diameter=float(diameter), box_factor=cfg.box_factor, img_size=preset.img_size)
     t0 = time.perf_counter()
     ref = prepare(reference.data, geometry, device)
