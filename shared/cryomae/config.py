@@ -78,5 +78,11 @@ class PickConfig(BaseModel):
     nms: bool = True
     nms_distance: float = Field(0.5, gt=0.0, description="minimum distance between picks / particle diameter")
     refine: bool = True
+    edge_margin: float = Field(
+        1.0,
+        ge=0.0,
+        description="no picks closer than this many particle diameters to the image edge or to a "
+        "padded border band (a particle that close cannot be extracted whole)",
+    )
     batch_size: int = Field(2048, ge=1)
     device: str = "auto"

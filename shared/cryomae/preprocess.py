@@ -77,3 +77,21 @@ def resample(image: np.ndarray | torch.Tensor, scale: float, device: torch.devic
 def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
     """Normalise then resample a micrograph to model pixels: [H, W] -> [H', W'] float32 tensor."""
     return resample(normalize(image), geometry.scale, device)
+
+
+def padded_borders(image: np.ndarray, rel_tol: float = 0.05) -> tuple[int, int, int, int]:
+    """Widths (left, right, top, bottom) of border bands that hold no image: rows or columns that merely
+    repeat their neighbour, as left by edge padding in some motion-correction and denoising pipelines.
+
+    A column belongs to a band when its mean absolute difference to the next one is below ``rel_tol`` of the
+    image's median column-to-column difference. image [H, W].
+    """
+    img = np.asarray(image, dtype=np.float32)
+
+    def band(diffs: np.ndarray) -> int:
+        small = diffs < rel_tol * max(float(np.median(diffs)), 1e-12)
+        return int(np.argmin(small)) if not small.all() else len(diffs)
+
+    col = np.abs(np.diff(img, axis=1)).mean(axis=0)  # [W - 1]
+    row = np.abs(np.diff(img, axis=0)).mean(axis=1)  # [H - 1]
+    return band(col), band(col[::-1]), band(row), band(row[::-1])

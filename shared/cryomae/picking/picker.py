@@ -23,7 +23,7 @@ from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import knn_cutoff, otsu_cutoff
-from cryomae.preprocess import prepare
+from cryomae.preprocess import padded_borders, prepare
 
 
 @dataclass
@@ -127,7 +127,14 @@ def pick_micrograph(
         scores = flat[order]
     xy = geo.to_original(smap.centres(pos))
     h, w = image.shape
-    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= w - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= h - 1)
+    left, right, top, bottom = padded_borders(image)
+    m = cfg.edge_margin * geo.diameter
+    inside = (
+        (xy[:, 0] >= left + m)
+        & (xy[:, 0] <= w - 1 - right - m)
+        & (xy[:, 1] >= top + m)
+        & (xy[:, 1] <= h - 1 - bottom - m)
+    )
     xy, scores = xy[inside], np.asarray(scores, dtype=np.float64)[inside]
     threshold = _cutoff(scores, cfg)
     t2 = time.perf_counter()
