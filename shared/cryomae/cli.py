@@ -176,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/candidates/<stem>_candidates.star (every scored candidate, for re-thresholding) "
         "and OUT/pick_run.json (model, thresholds, timings).",
     )
-    k.add_argument("micrographs", type=Path, nargs="+", metavar="MICROGRAPH")
+    k.add_argument(
+        "micrographs",
+        type=Path,
+        nargs="+",
+        metavar="MICROGRAPH",
+        help="micrographs to pick (MRC, JPEG, PNG or TIFF); their name stems must differ",
+    )
     k.add_argument("--model", type=Path, required=True, help="model directory written by `cryomae train`")
     k.add_argument("--out", type=Path, required=True, help="output directory")
     k.add_argument("--stride-fraction", type=float, help="window stride / window side (default 1/8)")
@@ -216,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw picks (and ground truth) on a low-pass filtered micrograph",
         description="Picks are yellow circles of the particle diameter, ground truth green.",
     )
-    v.add_argument("micrograph", type=Path)
+    v.add_argument("micrograph", type=Path, help="the micrograph to draw on")
     v.add_argument("--picks", type=Path, required=True, help="coordinate file (.star, .box or .csv)")
     v.add_argument("--truth", type=Path, help="ground-truth coordinate file")
     v.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -233,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--out", type=Path, default=Path("runs/example"), help="output directory")
     x.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
-    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
     x.set_defaults(func=cmd_example)
     return p
 

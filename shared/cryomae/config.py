@@ -25,6 +25,9 @@ class TrainConfig(BaseModel):
     )
     feature_layer: int | None = Field(None, description="override the preset's feature layer")
     box_factor: float = Field(1.5, gt=0.5, le=6.0, description="region side / particle diameter")
+    highpass: float | None = Field(
+        2.0, gt=0.0, description="flatten the background at this width in region sides (None: off)"
+    )
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
     pretrain_epochs: int = Field(10, ge=0)
@@ -43,6 +46,11 @@ class TrainConfig(BaseModel):
     )
     scs_view: Literal["masked", "full"] = Field(
         "full", description="SCS on features of the masked input (paper) or of the whole region"
+    )
+    scs_standardize: bool = Field(
+        True,
+        description="standardise features by the unlabeled regions' mean and spread before L_SCS, as the "
+        "picker standardises window features by the micrograph's",
     )
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     batch_size: int = Field(128, ge=2)

@@ -24,6 +24,7 @@ class Geometry:
     diameter: float  # particle diameter, original pixels
     box_factor: float  # region side / particle diameter
     img_size: int  # region side, model pixels
+    highpass: float | None = 2.0  # background-flattening width in region sides (None: off), see ``prepare``
 
     @property
     def box(self) -> float:
@@ -45,15 +46,14 @@ class Geometry:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """Zero median, unit robust spread, outliers (ice, carbon edges, hot pixels) clipped to +-5.
+    """Zero median, unit robust spread (scaled MAD), outliers (ice, carbon edges, hot pixels) clipped to +-5.
 
     image [H, W] -> float32 [H, W]. Robust statistics keep one dark contamination from setting the scale.
     """
     img = np.asarray(image, dtype=np.float32)
     sample = img[:: max(1, img.shape[0] // 512), :: max(1, img.shape[1] // 512)]
     med = float(np.median(sample))
-    lo, hi = np.percentile(sample, [1.0, 99.0])
-    spread = float(hi - lo) / 4.65  # the 1-99 % range of a Gaussian spans 4.65 sigma
+    spread = 1.4826 * float(np.median(np.abs(sample - med)))  # MAD: robust to up to half the image being junk
     if not np.isfinite(spread) or spread <= 0:
         spread = float(sample.std()) or 1.0
     out = (img - med) / spread
@@ -63,20 +63,57 @@ def normalize(image: np.ndarray) -> np.ndarray:
 def resample(image: np.ndarray | torch.Tensor, scale: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Resample a 2-D image by ``scale`` once, antialiased when shrinking.
 
-    image [H, W] -> float32 tensor [round(H*scale), round(W*scale)] on ``device``.
+    image [H, W] -> float32 tensor [floor(H*scale), floor(W*scale)] on ``device``.
     """
     t = torch.as_tensor(image, dtype=torch.float32, device=device)
     if abs(scale - 1.0) < 1e-6:
         return t.contiguous()
-    h, w = t.shape
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    out = F.interpolate(t[None, None], size=size, mode="bilinear", antialias=scale < 1.0, align_corners=False)
+    # scale_factor with recompute_scale_factor=False makes torch map output pixel i to input (i + 0.5) / scale
+    # - 0.5 exactly (``Geometry.to_model``); the output size is floor(H * scale).
+    out = F.interpolate(
+        t[None, None],
+        scale_factor=scale,
+        mode="bilinear",
+        antialias=scale < 1.0,
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
     return out[0, 0].contiguous()
 
 
+def smooth_background(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur of width ``sigma`` pixels, computed on a 4x smaller copy (it only has to follow slow
+    variations such as ice thickness): [H, W] -> [H, W]."""
+    h, w = image.shape
+    f = 4 if min(h, w) >= 64 and sigma >= 8 else 1
+    small = F.avg_pool2d(image[None, None], f, ceil_mode=True) if f > 1 else image[None, None]
+    s = sigma / f
+    radius = max(1, int(3 * s))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    k = torch.exp(-0.5 * (x / s) ** 2)
+    k = (k / k.sum()).to(image.dtype)
+    pad_h, pad_w = min(radius, small.shape[-2] - 1), min(radius, small.shape[-1] - 1)
+    y = F.pad(small, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else small
+    y = F.conv2d(y, k[None, None, None, radius - pad_w : radius + pad_w + 1])
+    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else y
+    y = F.conv2d(y, k[None, None, radius - pad_h : radius + pad_h + 1, None])
+    if f > 1:
+        y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+    return y[0, 0]
+
+
 def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalise then resample a micrograph to model pixels: [H, W] -> [H', W'] float32 tensor."""
-    return resample(normalize(image), geometry.scale, device)
+    """Normalise, resample to model pixels and flatten the background: [H, W] -> [H', W'] float32 tensor.
+
+    ``geometry.highpass`` (in region sides) subtracts a Gaussian-smoothed copy of that width, removing ice-thickness
+    gradients and uneven illumination far larger than a particle; None keeps them.
+    """
+    img = resample(normalize(image), geometry.scale, device)
+    if geometry.highpass:
+        img = img - smooth_background(img, geometry.highpass * geometry.img_size)
+        spread = 1.4826 * float((img - img.median()).abs().median()) or 1.0
+        img = torch.clamp(img / spread, -5.0, 5.0)
+    return img
 
 
 def padded_borders(image: np.ndarray, rel_tol: float = 0.05) -> tuple[int, int, int, int]:
@@ -95,3 +132,15 @@ def padded_borders(image: np.ndarray, rel_tol: float = 0.05) -> tuple[int, int, 
     col = np.abs(np.diff(img, axis=1)).mean(axis=0)  # [W - 1]
     row = np.abs(np.diff(img, axis=0)).mean(axis=1)  # [H - 1]
     return band(col), band(col[::-1]), band(row), band(row[::-1])
+
+
+def away_from_edges(xy: np.ndarray, image: np.ndarray, margin: float) -> np.ndarray:
+    """Which points [N, 2] (x, y) lie at least ``margin`` pixels inside the image and its padded border bands.
+
+    Returns bool [N]. A particle closer than about its diameter to the edge cannot be extracted whole, and
+    padded bands (see ``padded_borders``) hold no particles at all.
+    """
+    h, w = image.shape
+    left, right, top, bottom = padded_borders(image)
+    x, y = xy[:, 0], xy[:, 1]
+    return (x >= left + margin) & (x <= w - 1 - right - margin) & (y >= top + margin) & (y <= h - 1 - bottom - margin)

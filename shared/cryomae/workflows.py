@@ -81,6 +81,15 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
 
     A micrograph that cannot be read is reported and skipped; the others are still picked and written.
     """
+    stems: dict[str, Path] = {}
+    for path in micrographs:
+        if path.stem in stems:
+            raise InputError(
+                path,
+                f"has the same name stem as {stems[path.stem]}; their output files would collide "
+                "(pick them into separate output folders)",
+            )
+        stems[path.stem] = path
     trained = load_model(model_dir, resolve_device(cfg.device))
     out.mkdir(parents=True, exist_ok=True)
     (out / CANDIDATES_DIR).mkdir(exist_ok=True)

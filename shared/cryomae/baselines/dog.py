@@ -29,7 +29,7 @@ from skimage.filters import difference_of_gaussians
 
 from cryomae.errors import ConfigError, InputError
 
-__all__ = ["dog_pick", "dog_response"]
+__all__ = ["calibrate_dog", "dog_pick", "dog_response"]
 
 _POLARITIES = ("dark", "light", "auto")
 _SIGMA_RATIO = 1.6
@@ -130,3 +130,37 @@ def dog_pick(
     # Centre of binned pixel j covers original pixels j*f .. j*f + f - 1, whose centre is (j + 0.5) f - 0.5.
     xy = (peaks[:, ::-1].astype(np.float64) + 0.5) * factor - 0.5  # [N, 2] (x, y)
     return xy, values.astype(np.float64)
+
+
+def calibrate_dog(
+    reference: np.ndarray,
+    exemplars_xy: np.ndarray,
+    diameter: float,
+    percentile: float = 10.0,
+    target_diameter_px: float = 24.0,
+) -> tuple[str, float]:
+    """Tune the DoG picker on the same few-shot input the learned picker gets: (polarity, threshold).
+
+    The polarity is the one under which the exemplars respond more strongly (median over exemplars of the
+    strongest response within a third of a radius of each), and the threshold is the ``percentile`` of those
+    exemplar responses, so that about 90 % of particles like the exemplars pass. reference [H, W];
+    exemplars_xy [M, 2] (x, y) in original pixels.
+    """
+    best: tuple[float, str, np.ndarray] | None = None
+    for polarity in ("dark", "light"):
+        response, factor, _ = dog_response(reference, diameter, polarity, target_diameter_px)
+        h, w = response.shape
+        reach = max(1, round(diameter / 6.0 / factor))
+        cols = np.clip(np.round((exemplars_xy[:, 0] + 0.5) / factor - 0.5).astype(int), 0, w - 1)
+        rows = np.clip(np.round((exemplars_xy[:, 1] + 0.5) / factor - 0.5).astype(int), 0, h - 1)
+        values = np.array(
+            [
+                response[max(0, r - reach) : r + reach + 1, max(0, c - reach) : c + reach + 1].max()
+                for r, c in zip(rows, cols, strict=True)
+            ]
+        )  # [M]
+        med = float(np.median(values))
+        if best is None or med > best[0]:
+            best = (med, polarity, values)
+    assert best is not None
+    return best[1], float(np.percentile(best[2], percentile))

@@ -13,6 +13,7 @@ boxes overlap are ever compared; 10,000 picks against 1,000 particles take milli
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -267,8 +268,8 @@ class Evaluation:
 
 
 def evaluate(
-    picks: dict[str, tuple[np.ndarray, np.ndarray | None]],
-    truth: dict[str, np.ndarray],
+    picks: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+    truth: Mapping[str, np.ndarray],
     diameter: float,
     iou_threshold: float = 0.5,
 ) -> Evaluation:

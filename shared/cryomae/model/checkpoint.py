@@ -7,9 +7,11 @@ sha256 of the weights file). Loading recomputes the checksum before any tensor i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from cryomae.preprocess import Geometry
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 BANK_KEY = "exemplar_bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -73,7 +75,7 @@ def save_model(
     manifest = {
         "format_version": FORMAT_VERSION,
         "preset": model.preset.to_dict(),
-        "geometry": {"diameter": geometry.diameter, "box_factor": geometry.box_factor, "img_size": geometry.img_size},
+        "geometry": dataclasses.asdict(geometry),
         "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
         "exemplar_bank": {"size": int(bank.shape[0]), "dim": int(bank.shape[1])},
         **info,
@@ -81,11 +83,10 @@ def save_model(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     if out.exists():
         old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save
         os.replace(out, old)
         os.replace(tmp, out)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        shutil.rmtree(old)
     else:
         os.replace(tmp, out)
     return out
@@ -102,7 +103,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
         raise CheckpointError(f"{d / MANIFEST}: not valid JSON ({e})") from None
     try:
         preset = Preset(**manifest["preset"])
-        geometry = Geometry(**manifest["geometry"])
+        geometry = Geometry(**{"highpass": None, **manifest["geometry"]})  # format 1 had no high-pass
         expected = manifest["weights"]["sha256"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{d / MANIFEST}: incomplete manifest ({e})") from None

@@ -178,6 +178,14 @@ class MaskedAutoencoder(nn.Module):
         """Masked reconstruction: imgs [N, 1, H, W] -> (L_MSE, latent features of the masked input [N, D])."""
         tokens, feat, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
         pred = self.forward_decoder(tokens, ids_restore)
+        if self.preset.feature == "flat" and mask_ratio > 0:
+            # Put the visible tokens back at their positions (zeros where masked) so that the flattened
+            # feature keeps one layout for every sample: [N, 1 + L, D]
+            n, length = ids_restore.shape
+            vis = feat[:, 1:]
+            full = torch.cat([vis, vis.new_zeros(n, length - vis.shape[1], vis.shape[2])], dim=1)
+            full = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, vis.shape[2]))
+            feat = torch.cat([feat[:, :1], full], dim=1)
         return self.reconstruction_loss(imgs, pred, mask), self.pool(feat)
 
     @torch.no_grad()

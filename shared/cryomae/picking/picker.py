@@ -23,7 +23,8 @@ from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import knn_cutoff, otsu_cutoff
-from cryomae.preprocess import padded_borders, prepare
+from cryomae.preprocess import away_from_edges, prepare
+from cryomae.training.losses import standardize
 
 
 @dataclass
@@ -85,12 +86,11 @@ def compute_score_map(
             chunks.append(model.features(batch).float())
     feats = torch.cat(chunks)  # [Gy*Gx, D]
     bank = trained.bank.to(dev).float()
-    if cfg.feature_norm != "none":
+    if cfg.feature_norm == "standardize":
+        feats, bank = standardize(feats, feats), standardize(bank, feats)
+    elif cfg.feature_norm == "center":
         mu = feats.mean(dim=0, keepdim=True)
         feats, bank = feats - mu, bank - mu
-        if cfg.feature_norm == "standardize":
-            sd = feats.std(dim=0, keepdim=True).clamp_min(1e-6)
-            feats, bank = feats / sd, bank / sd
     bank = F.normalize(bank, dim=-1)
     sims = F.normalize(feats, dim=-1) @ bank.T  # [N, B]
     score = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
@@ -126,15 +126,7 @@ def pick_micrograph(
         pos = np.stack(np.unravel_index(order, smap.scores.shape), axis=1).astype(np.float64)
         scores = flat[order]
     xy = geo.to_original(smap.centres(pos))
-    h, w = image.shape
-    left, right, top, bottom = padded_borders(image)
-    m = cfg.edge_margin * geo.diameter
-    inside = (
-        (xy[:, 0] >= left + m)
-        & (xy[:, 0] <= w - 1 - right - m)
-        & (xy[:, 1] >= top + m)
-        & (xy[:, 1] <= h - 1 - bottom - m)
-    )
+    inside = away_from_edges(xy, image, cfg.edge_margin * geo.diameter)
     xy, scores = xy[inside], np.asarray(scores, dtype=np.float64)[inside]
     threshold = _cutoff(scores, cfg)
     t2 = time.perf_counter()

@@ -28,6 +28,17 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
+def standardize(feats: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Centre and scale features [N, D] per dimension by the mean and spread of ``reference`` [K, D].
+
+    With the background (unlabeled regions, or all windows of a micrograph) as reference, the direction that
+    every region shares is removed, so cosine similarities measure what sets a region apart.
+    """
+    mu = reference.mean(dim=0, keepdim=True)
+    sd = reference.std(dim=0, keepdim=True).clamp_min(1e-6)
+    return (feats - mu) / sd
+
+
 def similarity_sums(f_l: torch.Tensor, f_u: torch.Tensor) -> SimilaritySums:
     """Sums of cosine similarities among exemplar features f_l [m, D] and unlabeled features f_u [n, D]."""
     return SimilaritySums(

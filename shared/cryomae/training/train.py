@@ -30,7 +30,7 @@ from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
 from cryomae.preprocess import Geometry, prepare
-from cryomae.training.losses import scs_loss_from_features
+from cryomae.training.losses import scs_loss_from_features, standardize
 from cryomae.training.regions import crop_regions, dihedral_views, random_augmentation, random_centres
 
 log = structlog.get_logger("cryomae.train")
@@ -157,6 +157,8 @@ def scs_train(
                 l_mse, feats = model(batch, cfg.mask_ratio)
                 if cfg.scs_view == "full":
                     feats = model.encode(batch)
+                if cfg.scs_standardize:
+                    feats = standardize(feats, feats[m:])
                 l_scs = scs_loss_from_features(
                     feats[:m], feats[m:], cfg.alpha, cfg.tau, cfg.pi_hat, cfg.scs_normalization
                 )
@@ -209,7 +211,9 @@ def train_model(
         preset = dataclasses.replace(preset, feature=cfg.feature)
     if cfg.feature_layer is not None:
         preset = dataclasses.replace(preset, feature_layer=cfg.feature_layer)
-    geometry = Geometry(diameter=float(diameter), box_factor=cfg.box_factor, img_size=preset.img_size)
+    geometry = Geometry(
+        diameter=float(diameter), box_factor=cfg.box_factor, img_size=preset.img_size, highpass=cfg.highpass
+    )
     t0 = time.perf_counter()
     ref = prepare(reference.data, geometry, device)
     extra = [prepare(mic.data, geometry, device) for mic in unlabeled]

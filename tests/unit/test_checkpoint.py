@@ -1,0 +1,204 @@
+"""Model directories: safetensors weights + JSON manifest, verified on load, replaced atomically."""
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cryomae.errors import CheckpointError
+from cryomae.model.checkpoint import BANK_KEY, MANIFEST, WEIGHTS, load_model, save_model
+from cryomae.model.mae import MaskedAutoencoder
+from cryomae.model.presets import PRESETS
+from cryomae.preprocess import Geometry
+
+GEO = Geometry(diameter=18.0, box_factor=1.5, img_size=24)
+
+
+def _save(
+    out: Path, preset: str = "test", seed: int = 0, bank_rows: int = 16
+) -> tuple[MaskedAutoencoder, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = MaskedAutoencoder(PRESETS[preset])
+    geo = Geometry(GEO.diameter, GEO.box_factor, PRESETS[preset].img_size)
+    bank = model.features(torch.randn(bank_rows, 1, geo.img_size, geo.img_size))
+    assert save_model(out, model, bank, geo, {"hyperparameters": {"seed": seed}, "note": "unit test"}) == out
+    return model, bank
+
+
+def test_round_trip_restores_weights_bank_geometry_and_preset(tmp_path):
+    out = tmp_path / "model"
+    model, bank = _save(out)
+    loaded = load_model(out)
+    original, restored = model.state_dict(), loaded.model.state_dict()
+    assert set(original) == set(restored)
+    for key, value in original.items():
+        assert torch.equal(value, restored[key]), key
+    assert torch.equal(loaded.bank, bank)
+    assert loaded.geometry == GEO
+    assert loaded.preset == PRESETS["test"]
+    assert loaded.manifest["note"] == "unit test" and loaded.manifest["hyperparameters"] == {"seed": 0}
+    assert loaded.manifest["exemplar_bank"] == {"size": 16, "dim": bank.shape[1]}
+    assert not loaded.model.training, "a loaded model is ready for inference"
+    imgs = torch.randn(3, 1, 24, 24)
+    assert torch.equal(loaded.model.features(imgs), model.eval().features(imgs))
+
+
+def test_round_trip_keeps_a_changed_preset_feature(tmp_path):
+    """A preset overridden at training time (feature, feature_layer) is rebuilt from the manifest."""
+    import dataclasses
+
+    preset = dataclasses.replace(PRESETS["test"], feature="mean", feature_layer=-1)
+    torch.manual_seed(1)
+    model = MaskedAutoencoder(preset)
+    save_model(tmp_path / "m", model, torch.randn(4, 64), GEO, {})
+    loaded = load_model(tmp_path / "m")
+    assert loaded.preset == preset
+    imgs = torch.randn(2, 1, 24, 24)
+    torch.testing.assert_close(loaded.model.features(imgs), model.eval().features(imgs))
+
+
+def test_weights_file_is_plain_safetensors_without_pickle(tmp_path):
+    out = tmp_path / "model"
+    model, bank = _save(out)
+    raw = (out / WEIGHTS).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])  # safetensors: u64 length + JSON header + raw tensor bytes
+    assert BANK_KEY in header
+    assert not raw.startswith(b"PK") and not raw.startswith(b"\x80"), "no zip/pickle torch.save archive"
+    tensors = load_file(str(out / WEIGHTS))
+    assert torch.equal(tensors[BANK_KEY], bank)
+    assert set(tensors) == {*model.state_dict(), BANK_KEY}
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["weights"]["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert manifest["weights"]["file"] == WEIGHTS
+
+
+def test_one_tampered_byte_fails_the_checksum(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    weights = out / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one tensor value
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum") as info:
+        load_model(out)
+    assert str(weights) in str(info.value)
+
+
+def test_missing_manifest_is_named(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    (out / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=MANIFEST) as info:
+        load_model(out)
+    assert str(out) in str(info.value)
+
+
+def test_a_directory_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_invalid_json_manifest_is_named(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    (out / MANIFEST).write_text('{"format_version": 1, "preset": ')
+    with pytest.raises(CheckpointError, match="not valid JSON") as info:
+        load_model(out)
+    assert str(out / MANIFEST) in str(info.value)
+
+
+def test_incomplete_manifest_is_named(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["geometry"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="incomplete manifest") as info:
+        load_model(out)
+    assert str(out / MANIFEST) in str(info.value) and "geometry" in str(info.value)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    (out / WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="missing weights") as info:
+        load_model(out)
+    assert str(out / WEIGHTS) in str(info.value)
+
+
+def test_weights_of_another_preset_are_refused(tmp_path):
+    """Weights of a `fast` model in a `test` model directory (checksum updated so only the fit is wrong)."""
+    _save(tmp_path / "fast", preset="fast")
+    out = tmp_path / "test"
+    _save(out, preset="test")
+    shutil.copyfile(tmp_path / "fast" / WEIGHTS, out / WEIGHTS)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="do not fit preset 'test'") as info:
+        load_model(out)
+    assert str(out / WEIGHTS) in str(info.value)
+
+
+def test_weights_without_an_exemplar_bank_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "model"
+    _save(out)
+    tensors = load_file(str(out / WEIGHTS))
+    del tensors[BANK_KEY]
+    save_file(tensors, str(out / WEIGHTS))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="no exemplar bank") as info:
+        load_model(out)
+    assert str(out / WEIGHTS) in str(info.value)
+
+
+def test_saving_over_an_existing_directory_replaces_it_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "model"
+    _save(out, seed=0, bank_rows=16)
+    first_sha = json.loads((out / MANIFEST).read_text())["weights"]["sha256"]
+    model, bank = _save(out, seed=1, bank_rows=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary or .old directories left"
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, WEIGHTS])
+    loaded = load_model(out)
+    assert loaded.manifest["weights"]["sha256"] != first_sha
+    assert torch.equal(loaded.bank, bank)
+    assert torch.equal(loaded.model.state_dict()["cls_token"], model.state_dict()["cls_token"])
+
+
+def test_saving_creates_missing_parent_directories(tmp_path):
+    out = tmp_path / "a" / "b" / "model"
+    _save(out)
+    assert load_model(out).geometry == GEO
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+
+
+def test_saving_over_a_directory_with_a_subdirectory_replaces_it(tmp_path):
+    out = tmp_path / "model"
+    _save(out, seed=0)
+    (out / "notes").mkdir()
+    (out / "notes" / "readme.txt").write_text("operator notes")
+    _save(out, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_saving_recovers_from_a_leftover_old_directory(tmp_path):
+    out = tmp_path / "model"
+    _save(out, seed=0)
+    leftover = tmp_path / ".model.old"
+    leftover.mkdir()
+    (leftover / WEIGHTS).write_bytes(b"stale")
+    _, bank = _save(out, seed=1)
+    assert torch.equal(load_model(out).bank, bank)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".model.old") == ["model"]

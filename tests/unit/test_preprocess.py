@@ -1,0 +1,37 @@
+"""Normalisation, resampling and border-band detection."""
+
+import numpy as np
+
+from cryomae.preprocess import normalize, padded_borders, resample
+
+
+def test_normalize_is_robust_to_a_dark_contamination():
+    rng = np.random.default_rng(0)
+    img = rng.normal(5.0, 2.0, (256, 256)).astype(np.float32)
+    img[:40, :40] = -500.0  # ice contamination
+    out = normalize(img)
+    interior = out[100:, 100:]
+    assert abs(float(np.median(interior))) < 0.1
+    assert 0.8 < float(interior.std()) < 1.2
+    assert out.min() >= -5.0  # clipped, so it cannot dominate the scale
+
+
+def test_resample_size_and_mean():
+    img = np.ones((100, 60), np.float32)
+    out = resample(img, 0.5)
+    assert tuple(out.shape) == (50, 30)
+    assert np.allclose(out.numpy(), 1.0, atol=1e-5)
+
+
+def test_padded_borders_finds_replicated_bands():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(128, 160)).astype(np.float32)
+    img[:, :11] = img[:, 11:12]  # left band: 11 columns repeat column 11
+    img[:7, :] = img[7:8, :]  # top band: 7 rows repeat row 7
+    left, right, top, bottom = padded_borders(img)
+    assert (left, right, top, bottom) == (11, 0, 7, 0)
+
+
+def test_padded_borders_none_on_a_clean_image():
+    img = np.random.default_rng(2).normal(size=(64, 64)).astype(np.float32)
+    assert padded_borders(img) == (0, 0, 0, 0)
