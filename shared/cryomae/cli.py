@@ -25,12 +25,12 @@ log = structlog.get_logger("cryomae.cli")
 
 
 def _threshold(value: str) -> str | float:
-    if value in ("knn", "otsu"):
+    if value in ("gmm", "knn", "otsu"):
         return value
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected knn, otsu or a number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected gmm, otsu, knn or a number, got {value!r}") from None
 
 
 def _set_pairs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--threshold",
         type=_threshold,
-        help="otsu (default: Otsu's cut of this micrograph's candidate scores), knn (the paper's "
-        "k-nearest-neighbour rule, k = 5), or a fixed score",
+        help="gmm (default: where a two-Gaussian mixture fitted to this micrograph's candidate scores says "
+        "'particle'), otsu (Otsu's cut), knn (the paper's k-nearest-neighbour rule, k = 5), or a fixed score",
     )
     k.add_argument(
         "--score", choices=["max", "mean"], help="mean (default) or max cosine similarity over the exemplar bank"

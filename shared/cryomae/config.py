@@ -28,6 +28,7 @@ class TrainConfig(BaseModel):
     highpass: float | None = Field(
         2.0, gt=0.0, description="flatten the background at this width in region sides (None: off)"
     )
+    lowpass: float | None = Field(1.0, gt=0.0, description="Gaussian low-pass sigma in model pixels (None: off)")
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
     pretrain_epochs: int = Field(10, ge=0)
@@ -80,7 +81,7 @@ class PickConfig(BaseModel):
         description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "
         "each dimension by its spread over the micrograph (standardize)",
     )
-    threshold: Literal["knn", "otsu"] | float = "otsu"
+    threshold: Literal["gmm", "otsu", "knn"] | float = "gmm"
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)
     nms: bool = True

@@ -25,6 +25,7 @@ class Geometry:
     box_factor: float  # region side / particle diameter
     img_size: int  # region side, model pixels
     highpass: float | None = 2.0  # background-flattening width in region sides (None: off), see ``prepare``
+    lowpass: float | None = None  # Gaussian smoothing sigma in model pixels (None: off), see ``prepare``
 
     @property
     def box(self) -> float:
@@ -81,22 +82,28 @@ def resample(image: np.ndarray | torch.Tensor, scale: float, device: torch.devic
     return out[0, 0].contiguous()
 
 
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflected edges: [H, W] -> [H, W]."""
+    radius = max(1, int(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).to(image.dtype)
+    y = image[None, None]
+    pad_h, pad_w = min(radius, image.shape[0] - 1), min(radius, image.shape[1] - 1)
+    y = F.pad(y, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else y
+    y = F.conv2d(y, k[None, None, None, radius - pad_w : radius + pad_w + 1])
+    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else y
+    y = F.conv2d(y, k[None, None, radius - pad_h : radius + pad_h + 1, None])
+    return y[0, 0]
+
+
 def smooth_background(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """A Gaussian blur of width ``sigma`` pixels, computed on a 4x smaller copy (it only has to follow slow
     variations such as ice thickness): [H, W] -> [H, W]."""
     h, w = image.shape
     f = 4 if min(h, w) >= 64 and sigma >= 8 else 1
     small = F.avg_pool2d(image[None, None], f, ceil_mode=True) if f > 1 else image[None, None]
-    s = sigma / f
-    radius = max(1, int(3 * s))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
-    k = torch.exp(-0.5 * (x / s) ** 2)
-    k = (k / k.sum()).to(image.dtype)
-    pad_h, pad_w = min(radius, small.shape[-2] - 1), min(radius, small.shape[-1] - 1)
-    y = F.pad(small, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else small
-    y = F.conv2d(y, k[None, None, None, radius - pad_w : radius + pad_w + 1])
-    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else y
-    y = F.conv2d(y, k[None, None, radius - pad_h : radius + pad_h + 1, None])
+    y = gaussian_blur(small[0, 0], sigma / f)[None, None]
     if f > 1:
         y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
     return y[0, 0]
@@ -109,6 +116,8 @@ def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = 
     gradients and uneven illumination far larger than a particle; None keeps them.
     """
     img = resample(normalize(image), geometry.scale, device)
+    if geometry.lowpass:
+        img = gaussian_blur(img, geometry.lowpass)
     if geometry.highpass:
         img = img - smooth_background(img, geometry.highpass * geometry.img_size)
         spread = 1.4826 * float((img - img.median()).abs().median()) or 1.0

@@ -139,3 +139,41 @@ def test_otsu_cutoff_splits_two_clusters() -> None:
     assert otsu_cutoff(np.full(5, 2.0)) == 2.0
     with pytest.raises(InputError):
         otsu_cutoff(np.zeros(0))
+
+
+# --------------------------------------------------------------------------------------- gmm_cutoff
+
+
+def test_gmm_cutoff_symmetric_mixture_cuts_at_the_midpoint():
+    """Equal weights and spreads: the posterior is 0.5 exactly halfway between the means (0 and 1), so the
+    selection is every score above 0.5 (the returned cutoff is the lowest selected score)."""
+    from cryomae.picking.threshold import gmm_cutoff
+
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.normal(0.0, 0.2, 5000), rng.normal(1.0, 0.2, 5000)])
+    cut = gmm_cutoff(s)
+    assert 0.47 < cut < 0.53  # the fitted means and spreads carry sampling error of about 0.01
+    assert abs(int(np.sum(s >= cut)) - int(np.sum(s > 0.5))) <= 15
+
+
+def test_gmm_cutoff_finds_a_small_particle_mode_otsu_misplaces():
+    """900 broad background peaks and 100 narrow particles: the mixture cut sits at the particle mode's foot."""
+    from cryomae.picking.threshold import gmm_cutoff
+
+    rng = np.random.default_rng(1)
+    bg = rng.normal(0.0, 0.05, 900)
+    particles = rng.normal(0.3, 0.02, 100)
+    s = np.concatenate([bg, particles])
+    cut = gmm_cutoff(s)
+    kept = s >= cut
+    assert kept[900:].mean() > 0.97  # almost every particle kept
+    assert kept[:900].mean() < 0.01  # almost no background
+
+
+def test_gmm_cutoff_edge_cases():
+    from cryomae.picking.threshold import gmm_cutoff
+
+    assert gmm_cutoff(np.array([0.3, 0.3, 0.3])) == pytest.approx(0.3)
+    assert gmm_cutoff(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.1)  # too few distinct scores: keep all
+    with pytest.raises(InputError):
+        gmm_cutoff(np.array([]))

@@ -103,7 +103,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
         raise CheckpointError(f"{d / MANIFEST}: not valid JSON ({e})") from None
     try:
         preset = Preset(**manifest["preset"])
-        geometry = Geometry(**{"highpass": None, **manifest["geometry"]})  # format 1 had no high-pass
+        geometry = Geometry(**{"highpass": None, "lowpass": None, **manifest["geometry"]})  # format 1 had no high-pass
         expected = manifest["weights"]["sha256"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{d / MANIFEST}: incomplete manifest ({e})") from None

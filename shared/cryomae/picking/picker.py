@@ -22,7 +22,7 @@ from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
-from cryomae.picking.threshold import knn_cutoff, otsu_cutoff
+from cryomae.picking.threshold import gmm_cutoff, knn_cutoff, otsu_cutoff
 from cryomae.preprocess import away_from_edges, prepare
 from cryomae.training.losses import standardize
 
@@ -105,6 +105,8 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
         return math.inf
     if cfg.threshold == "otsu":
         return otsu_cutoff(scores)
+    if cfg.threshold == "gmm":
+        return gmm_cutoff(scores)
     return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth)
 
 

@@ -212,7 +212,11 @@ def train_model(
     if cfg.feature_layer is not None:
         preset = dataclasses.replace(preset, feature_layer=cfg.feature_layer)
     geometry = Geometry(
-        diameter=float(diameter), box_factor=cfg.box_factor, img_size=preset.img_size, highpass=cfg.highpass
+        diameter=float(diameter),
+        box_factor=cfg.box_factor,
+        img_size=preset.img_size,
+        highpass=cfg.highpass,
+        lowpass=cfg.lowpass,
     )
     t0 = time.perf_counter()
     ref = prepare(reference.data, geometry, device)
