@@ -93,5 +93,11 @@ class PickConfig(BaseModel):
         description="no picks closer than this many particle diameters to the image edge or to a "
         "padded border band (a particle that close cannot be extracted whole)",
     )
+    outlier_z: float | None = Field(
+        3.0,
+        gt=0.0,
+        description="no picks where the local mean level lies more than this many robust standard "
+        "deviations from the micrograph's typical ice (carbon, contamination); None keeps them",
+    )
     batch_size: int = Field(2048, ge=1)
     device: str = "auto"

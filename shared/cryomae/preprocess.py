@@ -109,20 +109,45 @@ def smooth_background(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return y[0, 0]
 
 
-def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Normalise, resample to model pixels and flatten the background: [H, W] -> [H', W'] float32 tensor.
+def prepare_with_background(
+    image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise, resample to model pixels and flatten the background: [H, W] -> ([H', W'], [H', W']).
 
-    ``geometry.highpass`` (in region sides) subtracts a Gaussian-smoothed copy of that width, removing ice-thickness
-    gradients and uneven illumination far larger than a particle; None keeps them.
+    ``geometry.lowpass`` (model pixels) smooths the image once; ``geometry.highpass`` (in region sides)
+    subtracts a Gaussian-smoothed copy of that width, removing ice-thickness gradients and uneven
+    illumination far larger than a particle (None keeps them). The second tensor is the local mean level at
+    the scale of one region, before flattening, in the normalised units: it shows carbon and contamination
+    (see ``outlier_regions``).
     """
     img = resample(normalize(image), geometry.scale, device)
     if geometry.lowpass:
         img = gaussian_blur(img, geometry.lowpass)
+    level = smooth_background(img, geometry.img_size / 2)
     if geometry.highpass:
         img = img - smooth_background(img, geometry.highpass * geometry.img_size)
         spread = 1.4826 * float((img - img.median()).abs().median()) or 1.0
         img = torch.clamp(img / spread, -5.0, 5.0)
-    return img
+    return img, level
+
+
+def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The prepared micrograph alone (see ``prepare_with_background``): [H, W] -> [H', W']."""
+    return prepare_with_background(image, geometry, device)[0]
+
+
+def outlier_regions(level: torch.Tensor, z_max: float) -> np.ndarray:
+    """Where the local mean level is far from the micrograph's typical ice: carbon, thick contamination.
+
+    level [H', W'] from ``prepare_with_background``; returns bool [H', W'], True where the robust z-score of
+    the level (median and scaled MAD over the micrograph) exceeds ``z_max`` in either direction.
+    """
+    lv = level.detach().float().cpu().numpy()
+    med = float(np.median(lv))
+    mad = 1.4826 * float(np.median(np.abs(lv - med)))
+    if mad <= 0:
+        return np.zeros(lv.shape, bool)
+    return np.abs(lv - med) / mad > z_max
 
 
 def padded_borders(image: np.ndarray, rel_tol: float = 0.05) -> tuple[int, int, int, int]:

@@ -230,7 +230,7 @@ def test_picker_finds_a_planted_pattern_where_it_was_planted(x, y, margin):
     geo = Geometry(diameter=12.0, box_factor=2.0, img_size=24)  # scale 1: model pixels = original pixels
     image = _planted((90, 120), [(x, y)], seed=int(x))
     trained = _trained(geo, image, (x, y))
-    cfg = PickConfig(device="cpu", edge_margin=margin)
+    cfg = PickConfig(device="cpu", edge_margin=margin, outlier_z=None)
     smap = compute_score_map(trained, image, cfg)
     assert smap.stride == 3 and smap.offset == pytest.approx(-0.5)
     best = np.array(np.unravel_index(int(np.argmax(smap.scores)), smap.scores.shape))
@@ -270,6 +270,6 @@ def test_picker_finds_a_planted_pattern_with_resampling(diameter, box_factor, x,
     geo = Geometry(diameter=diameter, box_factor=box_factor, img_size=24)
     image = _smooth_planted((130, 150), (x, y), seed=int(x * 10))
     trained = _trained(geo, image, (x, y))
-    result = pick_micrograph(trained, image, PickConfig(device="cpu", edge_margin=margin))
+    result = pick_micrograph(trained, image, PickConfig(device="cpu", edge_margin=margin, outlier_z=None))
     top = result.candidates_xy[0]
     assert np.hypot(*(top - [x, y])) <= 2.0, f"top candidate {top} vs planted ({x}, {y})"

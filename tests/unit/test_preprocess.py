@@ -35,3 +35,17 @@ def test_padded_borders_finds_replicated_bands():
 def test_padded_borders_none_on_a_clean_image():
     img = np.random.default_rng(2).normal(size=(64, 64)).astype(np.float32)
     assert padded_borders(img) == (0, 0, 0, 0)
+
+
+def test_outlier_regions_flags_carbon_and_not_ice():
+    from cryomae.preprocess import Geometry, outlier_regions, prepare_with_background
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(256, 256)).astype(np.float32)
+    img[:, :80] -= 6.0  # a carbon film: much darker than the ice
+    img += np.linspace(0, 0.5, 256, dtype=np.float32)[None, :]  # a mild ice-thickness gradient
+    geo = Geometry(diameter=16.0, box_factor=1.0, img_size=16)
+    _, level = prepare_with_background(img, geo)
+    bad = outlier_regions(level, 3.0)
+    assert bad[:, :60].mean() > 0.95  # the carbon, away from its edge
+    assert bad[:, 120:].mean() < 0.01  # the ice, gradient and all

@@ -23,7 +23,7 @@ from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import gmm_cutoff, knn_cutoff, otsu_cutoff
-from cryomae.preprocess import away_from_edges, prepare
+from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
 from cryomae.training.losses import standardize
 
 
@@ -35,6 +35,7 @@ class ScoreMap:
     scores: np.ndarray  # [Gy, Gx]
     stride: int  # model pixels between neighbouring windows
     offset: float  # resampled-image coordinate of the centre of cell 0
+    level: np.ndarray | None = None  # [H', W'] local mean level of the resampled micrograph (carbon, ice)
 
     def centres(self, rows_cols: np.ndarray) -> np.ndarray:
         """Grid positions [P, 2] (row, col), possibly fractional -> resampled-image (x, y) [P, 2]."""
@@ -75,7 +76,8 @@ def compute_score_map(
     s = model.preset.img_size
     stride = max(1, round(s * cfg.stride_fraction))
     pad = s // 2
-    img = F.pad(prepare(image, trained.geometry, dev), (pad, pad, pad, pad))  # [Hs + 2p, Ws + 2p]
+    prepared, level = prepare_with_background(image, trained.geometry, dev)
+    img = F.pad(prepared, (pad, pad, pad, pad))  # [Hs + 2p, Ws + 2p]
     windows = img.unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s], a view
     gy, gx = windows.shape[:2]
     rows = max(1, cfg.batch_size // gx)
@@ -95,7 +97,7 @@ def compute_score_map(
     sims = F.normalize(feats, dim=-1) @ bank.T  # [N, B]
     score = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
     out = score.reshape(gy, gx)
-    return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=(s - 1) / 2 - pad)
+    return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=(s - 1) / 2 - pad, level=level.cpu().numpy())
 
 
 def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
@@ -129,6 +131,12 @@ def pick_micrograph(
         scores = flat[order]
     xy = geo.to_original(smap.centres(pos))
     inside = away_from_edges(xy, image, cfg.edge_margin * geo.diameter)
+    if cfg.outlier_z is not None and smap.level is not None:
+        bad = outlier_regions(torch.from_numpy(smap.level), cfg.outlier_z)  # [H', W']
+        m_xy = np.rint(geo.to_model(xy)).astype(int)
+        mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
+        my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)
+        inside &= ~bad[my, mx]
     xy, scores = xy[inside], np.asarray(scores, dtype=np.float64)[inside]
     threshold = _cutoff(scores, cfg)
     t2 = time.perf_counter()
