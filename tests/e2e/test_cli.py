@@ -21,6 +21,7 @@ import structlog
 from PIL import Image
 
 from cryomae.cli import build_parser, main
+from cryomae.config import TrainConfig
 from cryomae.io import Coordinates, write_coordinates, write_mrc
 from cryomae.synthetic import make_micrograph
 
@@ -128,7 +129,8 @@ def test_train_writes_a_model_directory_with_its_manifest(run):
     manifest = json.loads((run.model / "manifest.json").read_text())
     assert manifest["preset"]["name"] == "test"
     geometry = manifest["geometry"]
-    assert (geometry["diameter"], geometry["box_factor"], geometry["img_size"]) == (DIAMETER, 1.5, 24)
+    expected = (DIAMETER, TrainConfig().box_factor, 24)
+    assert (geometry["diameter"], geometry["box_factor"], geometry["img_size"]) == expected
     hp = manifest["hyperparameters"]
     assert (hp["pretrain_epochs"], hp["epochs"], hp["pretrain_regions"], hp["n_unlabeled"]) == (1, 2, 128, 64)
     assert hp["seed"] == 0 and hp["device"] == "cpu"
