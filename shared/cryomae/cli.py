@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROGRAPH",
         help="extra micrographs of the same sample for pre-training regions",
     )
-    t.add_argument("--box-factor", type=float, help="region side / particle diameter (default 1.25)")
+    t.add_argument("--box-factor", type=float, help="region side / particle diameter (default 1.0)")
     t.add_argument("--epochs", type=int, help="SCS training epochs over the unlabeled regions")
     t.add_argument("--pretrain-epochs", type=int, help="pre-training epochs")
     t.add_argument("--seed", type=int, help="random seed (training is deterministic for a seed)")

@@ -24,7 +24,7 @@ class TrainConfig(BaseModel):
         None, description="override the preset's latent feature (see cryomae.model.presets)"
     )
     feature_layer: int | None = Field(None, description="override the preset's feature layer")
-    box_factor: float = Field(1.25, gt=0.5, le=6.0, description="region side / particle diameter")
+    box_factor: float = Field(1.0, gt=0.5, le=6.0, description="region side / particle diameter")
     highpass: float | None = Field(
         2.0, gt=0.0, description="flatten the background at this width in region sides (None: off)"
     )
