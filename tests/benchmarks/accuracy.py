@@ -507,6 +507,9 @@ def markdown_report(meta: dict[str, Any], results: list[DatasetResult], complete
         "- train s: wall time of `train_model` (preparation, pre-training, SCS training, exemplar bank). "
         "pick s/micrograph: reading the micrograph plus `pick_micrograph`'s own timing (DoG: reading plus "
         "`dog_pick`), mean over the queries.",
+        "- DoG: tuned on the same few-shot input as cryomae: polarity and threshold from its response at the 15 "
+        "exemplars on the reference (threshold = their 10th percentile; its train s is this calibration); picks "
+        "closer than one particle diameter to the edge are dropped for both pickers.",
         "",
     ]
     header = (
