@@ -82,6 +82,9 @@ class PickConfig(BaseModel):
         "each dimension by its spread over the micrograph (standardize)",
     )
     threshold: Literal["gmm", "otsu", "knn"] | float = "gmm"
+    gmm_posterior: float = Field(
+        0.5, gt=0.0, lt=1.0, description="gmm cutoff: least posterior of the particle mode for a pick"
+    )
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)
     nms: bool = True

@@ -177,3 +177,14 @@ def test_gmm_cutoff_edge_cases():
     assert gmm_cutoff(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.1)  # too few distinct scores: keep all
     with pytest.raises(InputError):
         gmm_cutoff(np.array([]))
+
+
+def test_gmm_cutoff_lower_posterior_keeps_more():
+    """A lower least-posterior moves the cut down into the overlap: more recall, never fewer picks."""
+    from cryomae.picking.threshold import gmm_cutoff
+
+    rng = np.random.default_rng(4)
+    s = np.concatenate([rng.normal(0.0, 0.1, 2000), rng.normal(0.35, 0.1, 300)])
+    strict, loose = gmm_cutoff(s, posterior_min=0.7), gmm_cutoff(s, posterior_min=0.3)
+    assert loose < gmm_cutoff(s) < strict
+    assert np.sum(s >= loose) > np.sum(s >= strict)

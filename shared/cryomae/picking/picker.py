@@ -108,7 +108,7 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
     if cfg.threshold == "otsu":
         return otsu_cutoff(scores)
     if cfg.threshold == "gmm":
-        return gmm_cutoff(scores)
+        return gmm_cutoff(scores, cfg.gmm_posterior)
     return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth)
 
 

@@ -136,16 +136,17 @@ def otsu_cutoff(scores: np.ndarray) -> float:
     return float(above.min()) if len(above) else float(s.max())
 
 
-def gmm_cutoff(scores: np.ndarray, iterations: int = 200, tol: float = 1e-9) -> float:
+def gmm_cutoff(scores: np.ndarray, posterior_min: float = 0.5, iterations: int = 200, tol: float = 1e-9) -> float:
     """Cut where a candidate becomes more likely a particle than background under a 2-Gaussian mixture.
 
     The candidates of a micrograph are background peaks (many, low scores) and particles (a higher mode);
     a 1-D mixture of two Gaussians is fitted by expectation-maximisation, started from the median and the
     95th percentile, and the cutoff is the lowest score above the lower mean whose posterior for the upper
-    component is at least 0.5. Unlike Otsu's (which minimises within-class variance and so assumes classes
-    of similar spread), the mixture lets the particle mode be narrow or broad and small or large, and it
-    follows each micrograph. Returns a score such that ``scores >= cutoff`` selects the picks; fewer than 4
-    distinct scores keep all.
+    component is at least ``posterior_min`` (0.5: the likelier class; lower values trade precision for
+    recall, and for calibrated posteriors the F1-optimal cut is half the best achievable F1). Unlike Otsu's
+    (which minimises within-class variance and so assumes classes of similar spread), the mixture lets the
+    particle mode be narrow or broad and small or large, and it follows each micrograph. Returns a score such
+    that ``scores >= cutoff`` selects the picks; fewer than 4 distinct scores keep all.
     """
     s = _as_scores(scores)
     if len(s) == 0:
@@ -173,5 +174,5 @@ def gmm_cutoff(scores: np.ndarray, iterations: int = 200, tol: float = 1e-9) -> 
     hi = int(np.argmax(mu))
     dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2)
     posterior = dens[:, hi] / np.maximum(dens.sum(axis=1), 1e-300)
-    selected = s[(posterior >= 0.5) & (s >= mu.min())]
+    selected = s[(posterior >= posterior_min) & (s >= mu.min())]
     return float(selected.min()) if len(selected) else float(s.max())
