@@ -83,8 +83,11 @@ class PickConfig(BaseModel):
     )
     threshold: Literal["gmm", "otsu", "knn"] | float = "gmm"
     gmm_posterior: float = Field(
-        0.35, gt=0.0, lt=1.0, description="gmm cutoff: least posterior of the particle mode for a pick (the "
-        "F1-optimal cut for calibrated posteriors is half the achievable F1, about 0.7 / 2 here)"
+        0.35,
+        gt=0.0,
+        lt=1.0,
+        description="gmm cutoff: least posterior of the particle mode for a pick (the "
+        "F1-optimal cut for calibrated posteriors is half the achievable F1, about 0.7 / 2 here)",
     )
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)

@@ -24,7 +24,6 @@ from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import gmm_cutoff, knn_cutoff, otsu_cutoff
 from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
-from cryomae.training.losses import standardize
 
 
 @dataclass
@@ -88,15 +87,19 @@ def compute_score_map(
             chunks.append(model.features(batch).float())
     feats = torch.cat(chunks)  # [Gy*Gx, D]
     bank = trained.bank.to(dev).float()
-    if cfg.feature_norm == "standardize":
-        feats, bank = standardize(feats, feats), standardize(bank, feats)
-    elif cfg.feature_norm == "center":
+    mu = torch.zeros_like(bank[:1])
+    sd = torch.ones_like(bank[:1])
+    if cfg.feature_norm != "none":
         mu = feats.mean(dim=0, keepdim=True)
-        feats, bank = feats - mu, bank - mu
-    bank = F.normalize(bank, dim=-1)
-    sims = F.normalize(feats, dim=-1) @ bank.T  # [N, B]
-    score = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
-    out = score.reshape(gy, gx)
+    if cfg.feature_norm == "standardize":
+        sd = feats.std(dim=0, keepdim=True).clamp_min(1e-6)
+    bank = F.normalize((bank - mu) / sd, dim=-1)  # [B, D]
+    out = torch.empty(feats.shape[0], device=dev)
+    step = max(1, cfg.batch_size * 8)
+    for i in range(0, feats.shape[0], step):  # in chunks: no second copy of all window features
+        sims = F.normalize((feats[i : i + step] - mu) / sd, dim=-1) @ bank.T  # [n, B]
+        out[i : i + step] = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
+    out = out.reshape(gy, gx)
     return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=(s - 1) / 2 - pad, level=level.cpu().numpy())
 
 
