@@ -46,6 +46,12 @@ class Geometry:
         return (np.asarray(xy, dtype=np.float64) + 0.5) / self.scale - 0.5
 
 
+def robust_spread(values: np.ndarray, centre: float) -> float:
+    """Scaled median absolute deviation about ``centre``: the standard deviation for Gaussian data, and
+    unmoved by up to half the values being outliers (ice, carbon, particles)."""
+    return 1.4826 * float(np.median(np.abs(values - centre)))
+
+
 def normalize(image: np.ndarray) -> np.ndarray:
     """Zero median, unit robust spread (scaled MAD), outliers (ice, carbon edges, hot pixels) clipped to +-5.
 
@@ -54,7 +60,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image, dtype=np.float32)
     sample = img[:: max(1, img.shape[0] // 512), :: max(1, img.shape[1] // 512)]
     med = float(np.median(sample))
-    spread = 1.4826 * float(np.median(np.abs(sample - med)))  # MAD: robust to up to half the image being junk
+    spread = robust_spread(sample, med)
     if not np.isfinite(spread) or spread <= 0:
         spread = float(sample.std()) or 1.0
     out = (img - med) / spread
@@ -126,7 +132,8 @@ def prepare_with_background(
     level = smooth_background(img, geometry.img_size / 2)
     if geometry.highpass:
         img = img - smooth_background(img, geometry.highpass * geometry.img_size)
-        spread = 1.4826 * float((img - img.median()).abs().median()) or 1.0
+        flat = img.cpu().numpy()
+        spread = robust_spread(flat, float(np.median(flat))) or 1.0
         img = torch.clamp(img / spread, -5.0, 5.0)
     return img, level
 
@@ -136,15 +143,15 @@ def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = 
     return prepare_with_background(image, geometry, device)[0]
 
 
-def outlier_regions(level: torch.Tensor, z_max: float) -> np.ndarray:
+def outlier_regions(level: np.ndarray, z_max: float) -> np.ndarray:
     """Where the local mean level is far from the micrograph's typical ice: carbon, thick contamination.
 
     level [H', W'] from ``prepare_with_background``; returns bool [H', W'], True where the robust z-score of
     the level (median and scaled MAD over the micrograph) exceeds ``z_max`` in either direction.
     """
-    lv = level.detach().float().cpu().numpy()
+    lv = np.asarray(level, dtype=np.float32)
     med = float(np.median(lv))
-    mad = 1.4826 * float(np.median(np.abs(lv - med)))
+    mad = robust_spread(lv, med)
     if mad <= 0:
         return np.zeros(lv.shape, bool)
     return np.abs(lv - med) / mad > z_max

@@ -35,7 +35,7 @@ from cryomae.io.coordinates import (
     write_coordinates,
     write_particles_star,
 )
-from cryomae.io.micrographs import MICROGRAPH_SUFFIXES, read_micrograph, write_mrc
+from cryomae.io.micrographs import read_micrograph, write_mrc
 from cryomae.model.checkpoint import load_model, save_model
 from cryomae.picking.picker import pick_micrograph
 from cryomae.training.train import train_model
@@ -242,8 +242,3 @@ def run_example(out: Path, preset: str = "fast", seed: int = 0) -> dict[str, Any
         out / "data" / "coords" / f"{mics[1].stem}.star",
     )
     return {"evaluation": ev, "table": ev.format_table()}
-
-
-def find_micrographs(folder: Path) -> list[Path]:
-    """Micrograph files in a folder, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in MICROGRAPH_SUFFIXES)

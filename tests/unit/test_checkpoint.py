@@ -30,6 +30,13 @@ def _save(
     return model, bank
 
 
+def _rehash(out):
+    """Record the weights file's current checksum in the manifest, so only the content can be wrong."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_round_trip_restores_weights_bank_geometry_and_preset(tmp_path):
     out = tmp_path / "model"
     model, bank = _save(out)
@@ -140,9 +147,7 @@ def test_weights_of_another_preset_are_refused(tmp_path):
     out = tmp_path / "test"
     _save(out, preset="test")
     shutil.copyfile(tmp_path / "fast" / WEIGHTS, out / WEIGHTS)
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    _rehash(out)
     with pytest.raises(CheckpointError, match="do not fit preset 'test'") as info:
         load_model(out)
     assert str(out / WEIGHTS) in str(info.value)
@@ -156,9 +161,7 @@ def test_weights_without_an_exemplar_bank_are_refused(tmp_path):
     tensors = load_file(str(out / WEIGHTS))
     del tensors[BANK_KEY]
     save_file(tensors, str(out / WEIGHTS))
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    _rehash(out)
     with pytest.raises(CheckpointError, match="no exemplar bank") as info:
         load_model(out)
     assert str(out / WEIGHTS) in str(info.value)

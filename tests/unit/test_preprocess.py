@@ -46,6 +46,6 @@ def test_outlier_regions_flags_carbon_and_not_ice():
     img += np.linspace(0, 0.5, 256, dtype=np.float32)[None, :]  # a mild ice-thickness gradient
     geo = Geometry(diameter=16.0, box_factor=1.0, img_size=16)
     _, level = prepare_with_background(img, geo)
-    bad = outlier_regions(level, 3.0)
+    bad = outlier_regions(level.numpy(), 3.0)
     assert bad[:, :60].mean() > 0.95  # the carbon, away from its edge
     assert bad[:, 120:].mean() < 0.01  # the ice, gradient and all

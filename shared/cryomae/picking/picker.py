@@ -135,7 +135,7 @@ def pick_micrograph(
     xy = geo.to_original(smap.centres(pos))
     inside = away_from_edges(xy, image, cfg.edge_margin * geo.diameter)
     if cfg.outlier_z is not None and smap.level is not None:
-        bad = outlier_regions(torch.from_numpy(smap.level), cfg.outlier_z)  # [H', W']
+        bad = outlier_regions(smap.level, cfg.outlier_z)  # [H', W']
         m_xy = np.rint(geo.to_model(xy)).astype(int)
         mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
         my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)

@@ -30,7 +30,7 @@ from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
 from cryomae.preprocess import Geometry, prepare
-from cryomae.training.losses import scs_loss_from_features, standardize
+from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
 from cryomae.training.regions import crop_regions, dihedral_views, random_augmentation, random_centres
 
 log = structlog.get_logger("cryomae.train")
@@ -162,7 +162,7 @@ def scs_train(
                 l_scs = scs_loss_from_features(
                     feats[:m], feats[m:], cfg.alpha, cfg.tau, cfg.pi_hat, cfg.scs_normalization
                 )
-                loss = l_mse + cfg.beta * l_scs
+                loss = total_loss(l_mse, l_scs, cfg.beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
