@@ -1,0 +1,159 @@
+"""Messages between the live services: versioned, validated pydantic models.
+
+Every message carries ``schema_version``, a unique ``id`` and its ``kind``; unknown fields are rejected, so a
+message from a newer or foreign producer fails loudly (and is dead-lettered) instead of being half-read.
+``decode`` turns a message body back into the right class from its ``kind``.
+
+Flow (queue names in ``cryomae.messaging.topology``)::
+
+    watcher --MicrographReady--> picker --PicksReady--> writer
+    CLI --TrainRequest--> trainer --ModelPublished (broadcast)--> every picker
+    CLI --SessionCommand--> watcher           CLI --Rethreshold--> writer
+
+Times are Unix seconds (``time.time()``); paths are absolute strings as the producer saw them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from cryomae.errors import InputError
+
+SCHEMA_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="project or session name: letters, digits, . _ -")]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """Fields every message has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str = Field(default_factory=new_id, min_length=1)
+    created: float = Field(default_factory=time.time)
+
+    def body(self) -> bytes:
+        """The message as UTF-8 JSON (what goes over the wire)."""
+        return self.model_dump_json().encode()
+
+
+class MicrographReady(Message):
+    """A complete micrograph in a watched session folder (watcher -> picker), or a re-pick request."""
+
+    kind: Literal["micrograph_ready"] = "micrograph_ready"
+    project: Name
+    session: Name
+    path: str = Field(min_length=1, description="absolute path of the micrograph")
+    size: int = Field(ge=0, description="bytes, when the file was judged complete")
+    mtime: float
+    complete_at: float = Field(description="when the watcher judged the file complete (latency starts here)")
+    repick: bool = Field(False, description="a re-pick of a micrograph seen before (a new model version)")
+
+
+class PicksReady(Message):
+    """Every candidate of one micrograph with its score, and the cutoff (picker -> writer).
+
+    The writer keeps all candidates so that a session can be re-thresholded without re-picking; the picks
+    are the candidates with ``score >= threshold``. Coordinates are original micrograph pixels (x = column).
+    """
+
+    kind: Literal["picks_ready"] = "picks_ready"
+    project: Name
+    session: Name
+    micrograph: str = Field(min_length=1, description="absolute path of the micrograph")
+    micrograph_id: str = Field(description="id of the MicrographReady message that was picked")
+    model_version: str
+    diameter: float = Field(gt=0)
+    threshold: float
+    x: list[float]
+    y: list[float]
+    scores: list[float]
+    shape: tuple[int, int] = Field(description="micrograph (rows, columns)")
+    complete_at: float
+    picked_at: float = Field(default_factory=time.time)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> PicksReady:
+        if not len(self.x) == len(self.y) == len(self.scores):
+            raise ValueError(f"x, y and scores differ in length: {len(self.x)}, {len(self.y)}, {len(self.scores)}")
+        return self
+
+
+class TrainRequest(Message):
+    """Train a project's model on a stored exemplar set (CLI -> trainer)."""
+
+    kind: Literal["train_request"] = "train_request"
+    project: Name
+    exemplar_set: str = Field(min_length=1, description="id of the exemplar set in the project store")
+
+
+class ModelPublished(Message):
+    """A new model version is current for a project (trainer -> every picker, broadcast)."""
+
+    kind: Literal["model_published"] = "model_published"
+    project: Name
+    version: str = Field(min_length=1)
+
+
+class SessionCommand(Message):
+    """Start or stop watching a session folder (CLI -> watcher)."""
+
+    kind: Literal["session_command"] = "session_command"
+    action: Literal["start", "stop"]
+    project: Name
+    session: Name
+    folder: str = Field("", description="absolute path of the session folder (start)")
+    pattern: str = Field("*.mrc", description="glob of micrograph file names")
+    recursive: bool = True
+
+
+class Rethreshold(Message):
+    """Change a session's cutoff without re-picking; the writer rewrites its STAR files (CLI -> writer)."""
+
+    kind: Literal["rethreshold"] = "rethreshold"
+    project: Name
+    session: Name
+    threshold: float | None = Field(description="a fixed score cutoff, or None to go back to the picker's own")
+
+
+AnyMessage = Annotated[
+    MicrographReady | PicksReady | TrainRequest | ModelPublished | SessionCommand | Rethreshold,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+def decode(body: bytes | str, source: str = "message") -> Message:
+    """Parse and validate a message body; InputError names what is wrong (for the dead-letter reason)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(None, f"{source}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(None, f"{source}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InputError(None, f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    try:
+        message: Message = _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise InputError(None, f"{source}: invalid message ({problems})") from None
+    return message
+
+
+def valid_name(value: str) -> bool:
+    """Whether a project or session name is acceptable (also used by the CLI before sending)."""
+    return re.fullmatch(NAME_PATTERN, value) is not None
