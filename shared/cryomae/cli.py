@@ -24,12 +24,12 @@ log = structlog.get_logger("cryomae.cli")
 
 
 def _threshold(value: str) -> str | float:
-    if value in ("gmm", "knn", "otsu"):
+    if value in ("auto", "gmm", "robust", "knn", "otsu"):
         return value
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected gmm, otsu, knn or a number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto, gmm, robust, otsu, knn or a number, got {value!r}") from None
 
 
 def _set_pairs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -188,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--threshold",
         type=_threshold,
-        help="gmm (default: where a two-Gaussian mixture fitted to this micrograph's candidate scores says "
-        "'particle'), otsu (Otsu's cut), knn (the paper's k-nearest-neighbour rule, k = 5), or a fixed score",
+        help="auto (default: gmm where this micrograph's candidate scores are clearly bimodal, else robust), "
+        "gmm (where a two-Gaussian mixture fitted to the candidate scores says 'particle'), robust (median "
+        "plus 1.5 robust standard deviations), otsu (Otsu's cut), knn (the paper's k-nearest-neighbour rule, "
+        "k = 5), or a fixed score",
     )
     k.add_argument(
         "--score", choices=["max", "mean"], help="mean (default) or max cosine similarity over the exemplar bank"

@@ -81,13 +81,25 @@ class PickConfig(BaseModel):
         description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "
         "each dimension by its spread over the micrograph (standardize)",
     )
-    threshold: Literal["gmm", "otsu", "knn"] | float = "gmm"
+    threshold: Literal["auto", "gmm", "robust", "otsu", "knn"] | float = Field(
+        "auto",
+        description="per-micrograph cutoff rule (see cryomae.picking.threshold) or a fixed score",
+    )
     gmm_posterior: float = Field(
         0.35,
         gt=0.0,
         lt=1.0,
         description="gmm cutoff: least posterior of the particle mode for a pick (the "
         "F1-optimal cut for calibrated posteriors is half the achievable F1, about 0.7 / 2 here)",
+    )
+    gmm_min_separation: float = Field(
+        1.5, ge=0.0, description="auto: least Ashman's D between the mixture's modes to trust the mixture"
+    )
+    gmm_min_weight: float = Field(
+        0.05, ge=0.0, lt=1.0, description="auto: least share of candidates in the particle mode to trust it"
+    )
+    robust_z: float = Field(
+        1.5, description="robust cut: robust standard deviations above the median candidate score"
     )
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)

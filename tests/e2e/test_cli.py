@@ -206,7 +206,7 @@ def test_pick_writes_particles_star_and_the_run_summary(run):
     summary = json.loads((run.picks / "pick_run.json").read_text())
     assert summary["model"] == str(run.model)
     assert summary["diameter"] == DIAMETER
-    assert summary["options"]["device"] == "cpu" and summary["options"]["threshold"] == "gmm"
+    assert summary["options"]["device"] == "cpu" and summary["options"]["threshold"] == "auto"
     assert summary["failed"] == []
     assert [r["micrograph"] for r in summary["micrographs"]] == [str(m) for m in run.mics[1:]]
     total = sum(r["picks"] for r in summary["micrographs"])
@@ -471,7 +471,7 @@ def test_bad_options_are_usage_errors(run, tmp_path):
     with pytest.raises(SystemExit) as info, redirect_stderr(io.StringIO()) as err_io:
         main(["pick", str(run.mics[1]), "--model", str(run.model), "--out", str(out), "--threshold", "high"])
     assert info.value.code == 2
-    assert "expected gmm, otsu, knn or a number" in err_io.getvalue()
+    assert "expected auto, gmm, robust, otsu, knn or a number" in err_io.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------- help

@@ -188,3 +188,61 @@ def test_gmm_cutoff_lower_posterior_keeps_more():
     strict, loose = gmm_cutoff(s, posterior_min=0.7), gmm_cutoff(s, posterior_min=0.3)
     assert loose < gmm_cutoff(s) < strict
     assert np.sum(s >= loose) > np.sum(s >= strict)
+
+
+# ------------------------------------------------------------------------------ robust_cutoff, auto_cutoff
+
+
+def test_robust_cutoff_by_hand():
+    """Median 3, absolute deviations {2, 1, 0, 1, 7} -> MAD 1, robust sd 1.4826; z = 1 -> level 4.4826."""
+    from cryomae.picking.threshold import robust_cutoff
+
+    s = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert robust_cutoff(s, z=1.0) == pytest.approx(10.0)  # the lowest score at or above 4.4826
+    assert robust_cutoff(s, z=0.0) == pytest.approx(3.0)  # the median itself
+    assert robust_cutoff(np.full(5, 0.2)) == pytest.approx(0.2)  # no spread: keep all
+    with pytest.raises(InputError):
+        robust_cutoff(np.array([]))
+
+
+def test_mixture_separation_is_ashmans_d():
+    from cryomae.picking.threshold import Mixture
+
+    mix = Mixture(means=(0.0, 2.0), sds=(1.0, 1.0), weights=(0.5, 0.5))
+    assert mix.separation == pytest.approx(2.0)  # sqrt(2) * 2 / sqrt(2)
+
+
+def test_auto_cutoff_uses_the_mixture_when_bimodal():
+    from cryomae.picking.threshold import auto_cutoff, gmm_cutoff
+
+    rng = np.random.default_rng(1)
+    s = np.concatenate([rng.normal(0.0, 0.05, 900), rng.normal(0.3, 0.02, 100)])
+    cut, rule = auto_cutoff(s)
+    assert rule == "gmm"
+    assert cut == pytest.approx(gmm_cutoff(s, 0.35))
+
+
+def test_auto_cutoff_falls_back_when_the_mixture_does_not_describe_particles():
+    """A heavy-tailed background (Student's t, 4 degrees of freedom) with 10% particles 2.5 units above it:
+    the Gaussian mixture spends a component on the background's tails or keeps only the particles' top (no
+    trustworthy particle mode), so its cut keeps far too much or too little; auto falls back to the robust cut."""
+    from cryomae.picking.threshold import auto_cutoff, fit_mixture, gmm_cutoff, robust_cutoff
+
+    def f1(cut: float, s: np.ndarray) -> float:
+        kept = s >= cut
+        return 2 * kept[900:].sum() / (kept.sum() + 100)
+
+    auto_f1, gmm_f1 = [], []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        s = np.concatenate([rng.standard_t(4, 900), rng.normal(2.5, 0.5, 100)])
+        mix = fit_mixture(s)
+        assert mix.separation < 1.5 or mix.weights[1] < 0.05
+        cut, rule = auto_cutoff(s)
+        assert rule == "robust"
+        assert cut == pytest.approx(robust_cutoff(s, 1.5))
+        auto_f1.append(f1(cut, s))
+        gmm_f1.append(f1(gmm_cutoff(s, 0.35), s))
+    assert min(auto_f1) > 0.6
+    assert all(a > g for a, g in zip(auto_f1, gmm_f1, strict=True))
+    assert sum(auto_f1) > 1.5 * sum(gmm_f1)

@@ -5,7 +5,7 @@ mean, and its windows are taken as a strided view (``Tensor.unfold``, no copy). 
 encoder in large batches; each window's score is the max (or mean) cosine similarity of its unmasked encoder
 feature to the exemplar bank, giving a score map with one cell per window position. Candidates are the
 local maxima of that map at least ``nms_distance * diameter`` apart (or every window, as in the paper, when
-``nms`` is off); the per-micrograph cutoff is the paper's kNN rule over the candidates' scores.
+``nms`` is off); the per-micrograph cutoff is set on the candidates' scores (``cryomae.picking.threshold``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
-from cryomae.picking.threshold import gmm_cutoff, knn_cutoff, otsu_cutoff
+from cryomae.picking.threshold import auto_cutoff, gmm_cutoff, knn_cutoff, otsu_cutoff, robust_cutoff
 from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
 
 
@@ -110,8 +110,13 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
         return math.inf
     if cfg.threshold == "otsu":
         return otsu_cutoff(scores)
+    if cfg.threshold == "auto":
+        cut, _ = auto_cutoff(scores, cfg.gmm_posterior, cfg.gmm_min_separation, cfg.gmm_min_weight, cfg.robust_z)
+        return cut
     if cfg.threshold == "gmm":
         return gmm_cutoff(scores, cfg.gmm_posterior)
+    if cfg.threshold == "robust":
+        return robust_cutoff(scores, cfg.robust_z)
     return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth)
 
 

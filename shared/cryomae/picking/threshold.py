@@ -1,4 +1,5 @@
-"""Per-micrograph score cutoffs: a two-component Gaussian mixture (the default), Otsu's, and the CryoMAE
+"""Per-micrograph score cutoffs: ``auto`` (the default: a two-Gaussian mixture where the scores are clearly
+bimodal, else a robust background cut), the mixture alone, the robust cut alone, Otsu's, and the CryoMAE
 paper's k-nearest-neighbour rule.
 
 The paper (sections 3.3 and 4.1.4) ranks a micrograph's window scores, computes for each score the mean
@@ -16,6 +17,9 @@ knobs to tame that, left for measurement on real data. All cutoffs are returned 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.ndimage import uniform_filter1d
@@ -23,7 +27,16 @@ from skimage.filters import threshold_otsu
 
 from cryomae.errors import ConfigError, InputError
 
-__all__ = ["gmm_cutoff", "knn_cutoff", "knn_mean_distances", "otsu_cutoff"]
+__all__ = [
+    "Mixture",
+    "auto_cutoff",
+    "fit_mixture",
+    "gmm_cutoff",
+    "knn_cutoff",
+    "knn_mean_distances",
+    "otsu_cutoff",
+    "robust_cutoff",
+]
 
 
 def _as_scores(scores: np.ndarray) -> np.ndarray:
@@ -136,28 +149,34 @@ def otsu_cutoff(scores: np.ndarray) -> float:
     return float(above.min()) if len(above) else float(s.max())
 
 
-def gmm_cutoff(scores: np.ndarray, posterior_min: float = 0.5, iterations: int = 200, tol: float = 1e-9) -> float:
-    """Cut where a candidate becomes more likely a particle than background under a 2-Gaussian mixture.
+@dataclass(frozen=True)
+class Mixture:
+    """A two-Gaussian fit of candidate scores; index 1 is the upper (particle) mode."""
 
-    The candidates of a micrograph are background peaks (many, low scores) and particles (a higher mode);
-    a 1-D mixture of two Gaussians is fitted by expectation-maximisation, started from the median and the
-    95th percentile, and the cutoff is the lowest score above the lower mean whose posterior for the upper
-    component is at least ``posterior_min`` (0.5: the likelier class; lower values trade precision for
-    recall, and for calibrated posteriors the F1-optimal cut is half the best achievable F1). Unlike Otsu's
-    (which minimises within-class variance and so assumes classes of similar spread), the mixture lets the
-    particle mode be narrow or broad and small or large, and it follows each micrograph. Returns a score such
-    that ``scores >= cutoff`` selects the picks; fewer than 4 distinct scores keep all.
-    """
+    means: tuple[float, float]
+    sds: tuple[float, float]
+    weights: tuple[float, float]
+
+    @property
+    def separation(self) -> float:
+        """Ashman's D: distance of the means over their pooled spread (above 2: clearly bimodal)."""
+        return float(math.sqrt(2.0) * abs(self.means[1] - self.means[0]) / math.hypot(*self.sds))
+
+    def posterior(self, s: np.ndarray) -> np.ndarray:
+        """Probability of the upper mode for each score.  # [N]"""
+        mu, sd, w = np.array(self.means), np.array(self.sds), np.array(self.weights)
+        dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2)  # [N, 2]
+        return np.asarray(dens[:, 1] / np.maximum(dens.sum(axis=1), 1e-300))
+
+
+def fit_mixture(scores: np.ndarray, iterations: int = 200, tol: float = 1e-9) -> Mixture:
+    """Two Gaussians by expectation-maximisation, started from the median and the 95th percentile."""
     s = _as_scores(scores)
-    if len(s) == 0:
-        raise InputError(None, "no scores to threshold")
-    if len(np.unique(s)) < 4:
-        return float(s.min())
     spread = float(s.std())
     mu = np.array(np.percentile(s, [50.0, 95.0]), dtype=np.float64)  # [2]
     sd = np.array([spread, spread]) / 2.0
     w = np.array([0.8, 0.2])
-    floor = 1e-6 * spread
+    floor = 1e-6 * spread + 1e-300
     prev = -np.inf
     for _ in range(iterations):
         dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2) + 1e-300  # [N, 2]
@@ -171,8 +190,75 @@ def gmm_cutoff(scores: np.ndarray, posterior_min: float = 0.5, iterations: int =
         if ll - prev < tol * len(s):
             break
         prev = ll
-    hi = int(np.argmax(mu))
-    dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2)
-    posterior = dens[:, hi] / np.maximum(dens.sum(axis=1), 1e-300)
-    selected = s[(posterior >= posterior_min) & (s >= mu.min())]
+    order = np.argsort(mu)
+    return Mixture(
+        means=(float(mu[order[0]]), float(mu[order[1]])),
+        sds=(float(sd[order[0]]), float(sd[order[1]])),
+        weights=(float(w[order[0]]), float(w[order[1]])),
+    )
+
+
+def gmm_cutoff(scores: np.ndarray, posterior_min: float = 0.5, iterations: int = 200, tol: float = 1e-9) -> float:
+    """Cut where a candidate becomes more likely a particle than background under a 2-Gaussian mixture.
+
+    The candidates of a micrograph are background peaks (many, low scores) and particles (a higher mode);
+    ``fit_mixture`` fits two Gaussians, and the cutoff is the lowest score above the lower mean whose
+    posterior for the upper component is at least ``posterior_min`` (0.5: the likelier class; lower values
+    trade precision for recall, and for calibrated posteriors the F1-optimal cut is half the best achievable
+    F1). Unlike Otsu's (which minimises within-class variance and so assumes classes of similar spread), the
+    mixture lets the particle mode be narrow or broad and small or large, and it follows each micrograph.
+    Returns a score such that ``scores >= cutoff`` selects the picks; fewer than 4 distinct scores keep all.
+    """
+    s = _as_scores(scores)
+    if len(s) == 0:
+        raise InputError(None, "no scores to threshold")
+    if len(np.unique(s)) < 4:
+        return float(s.min())
+    mix = fit_mixture(s, iterations, tol)
+    selected = s[(mix.posterior(s) >= posterior_min) & (s >= mix.means[0])]
     return float(selected.min()) if len(selected) else float(s.max())
+
+
+def robust_cutoff(scores: np.ndarray, z: float = 1.5) -> float:
+    """The median plus ``z`` robust standard deviations (1.4826 x the median absolute deviation).
+
+    Most candidates of a micrograph are background peaks, so the median and MAD describe the background;
+    a candidate ``z`` robust deviations above it is unusual for background. Returns the lowest score at or
+    above that level (all-equal scores keep all).
+    """
+    s = _as_scores(scores)
+    if len(s) == 0:
+        raise InputError(None, "no scores to threshold")
+    med = float(np.median(s))
+    mad = 1.4826 * float(np.median(np.abs(s - med)))
+    if mad == 0.0:
+        return float(s.min())
+    above = s[s >= med + z * mad]
+    return float(above.min()) if len(above) else float(s.max())
+
+
+def auto_cutoff(
+    scores: np.ndarray,
+    posterior_min: float = 0.35,
+    min_separation: float = 1.5,
+    min_weight: float = 0.05,
+    z: float = 1.5,
+) -> tuple[float, str]:
+    """The mixture cut where the scores are clearly bimodal, else the robust background cut.
+
+    A two-Gaussian fit only describes particles when the particle mode is really there: its means must be
+    apart by at least ``min_separation`` in Ashman's D (2 is the textbook mark of a clean split; scores of
+    dense micrographs sit near 2) and the upper mode must hold at least ``min_weight`` of the candidates.
+    Otherwise (sparse particles, weak contrast, a unimodal fit that split the background or kept only its
+    top tail) the cut falls back to ``robust_cutoff``. Returns the cutoff and which rule made it ("gmm" or
+    "robust").
+    """
+    s = _as_scores(scores)
+    if len(s) == 0:
+        raise InputError(None, "no scores to threshold")
+    if len(np.unique(s)) < 4:
+        return float(s.min()), "gmm"
+    mix = fit_mixture(s)
+    if mix.separation >= min_separation and mix.weights[1] >= min_weight:
+        return gmm_cutoff(s, posterior_min), "gmm"
+    return robust_cutoff(s, z), "robust"
