@@ -1,0 +1,118 @@
+"""Settings of the live services and the operator CLI (pydantic-settings).
+
+Read once in each process's ``main()`` and passed down. Sources, highest first: keyword arguments (the CLI's
+options), environment variables with the prefix ``CRYOMAE_`` and ``__`` between nested names (for example
+``CRYOMAE_BROKER__URL``, ``CRYOMAE_PICK__THRESHOLD``), a ``.env`` file in the working folder, files in the
+secrets folder (``CRYOMAE_SECRETS_DIR``, default ``/run/secrets/cryomae`` where it exists: one file per secret,
+named like the environment variable, e.g. ``cryomae_broker_password``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cryomae.config import PickConfig, TrainConfig
+
+DEFAULT_SECRETS_DIR = Path("/run/secrets/cryomae")
+
+
+class BrokerSettings(BaseModel):
+    """Where messages go: ``memory://`` (one process) or ``amqp://user@host:port/vhost`` (RabbitMQ)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("memory://", description="memory:// or amqp(s)://user@host:port/vhost (password apart)")
+    namespace: str = Field("cryomae", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="queue name prefix")
+    heartbeat: int = Field(30, ge=0, description="AMQP heartbeat, seconds")
+
+
+class WatchSettings(BaseModel):
+    """How the watcher finds complete micrographs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "inotify", "poll"] = Field(
+        "auto", description="auto: inotify where it works, polling on network filesystems (NFS, CIFS, ...)"
+    )
+    settle_seconds: float = Field(2.0, gt=0, description="size and mtime unchanged this long = complete")
+    give_up_seconds: float = Field(
+        60.0, gt=0, description="a settled file that never passes the completeness check is published anyway "
+        "after this long, so that the picker dead-letters it with a reason"
+    )
+    poll_interval: float = Field(1.0, gt=0, description="seconds between scans in polling mode")
+
+
+class Settings(BaseSettings):
+    """Everything a service or the operator CLI needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRYOMAE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    broker_password: SecretStr | None = Field(None, description="broker password (best from the secrets folder)")
+    store: Path = Field(Path("cryomae-store"), description="projects, exemplar sets and model versions")
+    outputs: Path = Field(Path("cryomae-outputs"), description="per-session STAR files: OUTPUTS/<project>/<session>")
+    state: Path = Field(Path("cryomae-state"), description="the watcher's ledger and other service state")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders micrographs may come from; a message naming a path outside them is refused "
+        "(empty: the current folder only)",
+    )
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    pick: PickConfig = Field(default_factory=PickConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N for picking and training")
+    model_check_seconds: float = Field(10.0, gt=0, description="how often a picker checks for a new model version")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        scheme = urlsplit(self.broker.url).scheme
+        if scheme not in ("memory", "amqp", "amqps"):
+            raise ValueError(f"broker.url must start with memory://, amqp:// or amqps://, got {scheme or '(none)'}://")
+        return self
+
+    def roots(self) -> list[Path]:
+        """The allowed data roots, resolved (the current folder when none are set)."""
+        return [p.expanduser().resolve() for p in (self.data_roots or [Path.cwd()])]
+
+    def broker_url(self) -> str:
+        """The broker URL with the password from the settings put in (never log this)."""
+        url = self.broker.url
+        if self.broker_password is None:
+            return url
+        parts = urlsplit(url)
+        user = parts.username or "guest"
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        netloc = f"{quote(user, safe='')}:{quote(self.broker_password.get_secret_value(), safe='')}@{host}{port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with secrets hidden (``cryomae config show``)."""
+        data = self.model_dump(mode="json")
+        data["broker_password"] = "********" if self.broker_password is not None else None
+        parts = urlsplit(self.broker.url)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":********@")
+            data["broker"]["url"] = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, the secrets folder and ``overrides`` (the CLI's options)."""
+    secrets = Path(os.environ.get("CRYOMAE_SECRETS_DIR", DEFAULT_SECRETS_DIR))
+    if secrets.is_dir():
+        return Settings(_secrets_dir=secrets, **overrides)
+    return Settings(**overrides)
