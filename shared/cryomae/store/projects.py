@@ -1,0 +1,647 @@
+"""The project store: projects, their exemplar sets and their model versions, as plain files under one root.
+
+Layout (``root`` is typically a Kubernetes PVC, possibly NFS-backed, shared by the trainer, pickers and CLI)::
+
+    root/projects/<project>/project.json                    name, created, default diameter, train overrides
+    root/projects/<project>/exemplars/<set-id>/exemplars.star    the exemplar centres (a copy, STAR loop)
+    root/projects/<project>/exemplars/<set-id>/exemplar_set.json micrograph path, sha256, size, mtime, diameter...
+    root/projects/<project>/models/<version>/               a model directory as ``save_model`` writes it
+    root/projects/<project>/current.json                    {"version": ...}: the version pickers use
+    root/projects/<project>/.staging/                       work in progress (reserved versions, new sets)
+
+Every change becomes visible in one rename, so a reader never sees half of anything:
+
+- a project, an exemplar set and a model version are written in full in a hidden staging directory on the same
+  filesystem and then renamed into place;
+- ``current.json`` is replaced with ``os.replace`` (a new file written beside it, fsynced, renamed over it). A JSON
+  pointer file was chosen over a symlink because rename of a regular file is atomic on every POSIX filesystem and
+  NFS server, while symlinks are refused on some volumes (CIFS, some CSI drivers) and are cached more loosely by
+  NFS clients.
+
+Versions are ``v<number>-<UTC time the training started>`` (``v0001-20261124T120000Z``); they sort by number.
+A number is reserved by creating ``.staging/v<number>`` (``mkdir`` is exclusive, also on NFS), so two trainers of
+the same project never publish the same version. A training that fails, or a process that dies, leaves the
+current version as it was; its staging directory is removed at once by ``staged_version``/``discard_version``
+or later by ``cleanup``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from pydantic import ValidationError
+
+from cryomae.config import TrainConfig
+from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
+from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
+from cryomae.io.micrographs import Micrograph, atomic_output, read_micrograph
+from cryomae.messages import valid_name
+from cryomae.model.checkpoint import MANIFEST, WEIGHTS, TrainedModel, load_model, sha256_file
+
+log = structlog.get_logger("cryomae.store")
+
+PROJECTS = "projects"
+PROJECT_FILE = "project.json"
+CURRENT_FILE = "current.json"
+EXEMPLARS = "exemplars"
+EXEMPLAR_FILE = "exemplar_set.json"
+EXEMPLAR_STAR = "exemplars.star"
+MODELS = "models"
+STAGING = ".staging"
+RECOMMENDED_EXEMPLARS = 15
+FEW_EXEMPLARS = 5
+STALE_STAGING_S = 6 * 3600.0
+_VERSION = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$")
+_RESERVATION = re.compile(r"^v(\d{4,})$")
+
+
+def _utc_stamp(t: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file beside ``path``, fsync, rename over it)."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a store file; a missing or corrupt file is an InputError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(path, f"corrupt store file, not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"corrupt store file, expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _number(version: str) -> int:
+    """The number of a version name that matched ``_VERSION``."""
+    return int(version[1 : version.index("-")])
+
+
+def _check_name(value: str, what: str) -> None:
+    """Names become directory names: letters, digits, '.', '_', '-', starting with a letter or digit."""
+    if not valid_name(value):
+        rule = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise InputError(None, f"invalid {what} {value!r}: use {rule}")
+
+
+def _check_diameter(diameter: float | None, what: str) -> None:
+    if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
+        raise InputError(None, f"{what} must be a positive number of pixels, got {diameter}")
+
+
+@dataclass(frozen=True)
+class Project:
+    """A project: a name, an optional default particle diameter and training overrides for its models."""
+
+    name: str
+    path: Path
+    created: float  # Unix seconds
+    diameter: float | None = None
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The project's training configuration: defaults, then the project's overrides, then ``overrides``."""
+        try:
+            return TrainConfig(**{**self.train_overrides, **overrides})
+        except ValidationError as e:
+            raise ConfigError(f"project {self.name!r}: invalid training settings: {e}") from None
+
+
+@dataclass(frozen=True)
+class ExemplarSet:
+    """Exemplars marked on one micrograph, stored with enough to check later that the micrograph is unchanged."""
+
+    project: str
+    id: str
+    path: Path  # the set's directory
+    micrograph: Path  # absolute path as given when the set was added
+    micrograph_sha256: str
+    micrograph_size: int
+    micrograph_mtime: float
+    micrograph_shape: tuple[int, int]  # (rows, columns)
+    pixel_size: float | None
+    diameter: float
+    count: int
+    created: float
+    source: str  # the coordinate file the exemplars were read from
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def coordinates_file(self) -> Path:
+        return self.path / EXEMPLAR_STAR
+
+    def coordinates(self) -> Coordinates:
+        """The stored exemplar centres (original micrograph pixels, x = column)."""
+        return read_coordinates(self.coordinates_file)
+
+    def read_inputs(self) -> tuple[Micrograph, Coordinates]:
+        """The micrograph and the exemplars, for training; InputError if the micrograph changed or vanished."""
+        if not self.micrograph.is_file():
+            raise InputError(self.micrograph, f"micrograph of exemplar set {self.id} no longer exists")
+        size = self.micrograph.stat().st_size
+        if size != self.micrograph_size or sha256_file(self.micrograph) != self.micrograph_sha256:
+            raise InputError(
+                self.micrograph,
+                f"changed since exemplar set {self.id} was stored (content differs; size {size}, "
+                f"was {self.micrograph_size}); add the exemplars again",
+            )
+        mic = read_micrograph(self.micrograph)
+        coords = self.coordinates()
+        check_inside(coords, mic.shape, self.coordinates_file)
+        return mic, coords
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "micrograph": str(self.micrograph),
+            "micrograph_sha256": self.micrograph_sha256,
+            "micrograph_size": self.micrograph_size,
+            "micrograph_mtime": self.micrograph_mtime,
+            "micrograph_shape": list(self.micrograph_shape),
+            "pixel_size": self.pixel_size,
+            "diameter": self.diameter,
+            "count": self.count,
+            "created": self.created,
+            "source": self.source,
+            "warnings": list(self.warnings),
+        }
+
+
+class ProjectStore:
+    """Projects, exemplar sets and model versions under ``root`` (see the module docstring for the layout).
+
+    Safe for several processes at once (CLI, trainer, pickers) on one shared filesystem: every change is a rename.
+    Nothing is created until something is written.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------------------------------ projects
+
+    def _dir(self, name: str) -> Path:
+        return self.root / PROJECTS / name
+
+    def create_project(
+        self,
+        name: str,
+        diameter: float | None = None,
+        train_overrides: dict[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> Project:
+        """Create a project; with ``exist_ok`` an existing one is returned unchanged (its settings are kept)."""
+        _check_name(name, "project name")
+        _check_diameter(diameter, "project diameter")
+        overrides = dict(train_overrides or {})
+        try:
+            cfg = TrainConfig(**overrides)
+        except ValidationError as e:
+            raise ConfigError(f"project {name!r}: invalid training overrides: {e}") from None
+        if self._dir(name).exists():
+            if exist_ok:
+                return self.get_project(name)
+            raise InputError(None, f"project {name!r} already exists in {self.root}")
+        parent = self.root / PROJECTS
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".new-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            (tmp / EXEMPLARS).mkdir()
+            (tmp / MODELS).mkdir()
+            record = {
+                "name": name,
+                "created": time.time(),
+                "diameter": None if diameter is None else float(diameter),
+                "train_overrides": cfg.model_dump(mode="json", include=set(overrides)),
+            }
+            _write_json(tmp / PROJECT_FILE, record)
+            os.rename(tmp, self._dir(name))  # fails if another process created it meanwhile
+        except OSError:
+            shutil.rmtree(tmp)
+            if self._dir(name).exists():
+                if exist_ok:
+                    return self.get_project(name)
+                raise InputError(None, f"project {name!r} already exists in {self.root}") from None
+            raise
+        log.info("project_created", project=name, diameter=diameter, train_overrides=record["train_overrides"])
+        return self.get_project(name)
+
+    def get_project(self, name: str) -> Project:
+        """The project called ``name``; InputError if the name is invalid or there is no such project."""
+        _check_name(name, "project name")
+        path = self._dir(name)
+        if not (path / PROJECT_FILE).is_file():
+            raise InputError(None, f"no project {name!r} in {self.root}")
+        data = _read_json(path / PROJECT_FILE)
+        try:
+            return Project(
+                name=str(data["name"]),
+                path=path,
+                created=float(data["created"]),
+                diameter=None if data.get("diameter") is None else float(data["diameter"]),
+                train_overrides=dict(data.get("train_overrides") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(path / PROJECT_FILE, f"corrupt project file ({type(e).__name__}: {e})") from None
+
+    def projects(self) -> list[Project]:
+        """Every project, sorted by name."""
+        parent = self.root / PROJECTS
+        if not parent.is_dir():
+            return []
+        names = sorted(p.name for p in parent.iterdir() if valid_name(p.name) and (p / PROJECT_FILE).is_file())
+        return [self.get_project(n) for n in names]
+
+    # ------------------------------------------------------------------------------------------ exemplar sets
+
+    def add_exemplars(
+        self, project: str, micrograph: str | Path, coords: str | Path, diameter: float | None = None
+    ) -> ExemplarSet:
+        """Validate and store an exemplar set; ``diameter`` defaults to the project's.
+
+        InputError (naming the file) when the micrograph or the coordinates cannot be read, when there is no
+        exemplar, or when one lies outside the image. Fewer than 5 exemplars is allowed but the returned set
+        carries a warning (about 15 are recommended).
+        """
+        proj = self.get_project(project)
+        diameter = proj.diameter if diameter is None else diameter
+        if diameter is None:
+            raise InputError(None, f"give the particle diameter (project {project!r} has no default diameter)")
+        _check_diameter(diameter, "particle diameter")
+        mic_path = Path(os.path.abspath(micrograph))
+        coords_path = Path(coords)
+        mic = read_micrograph(mic_path)
+        ex = read_coordinates(coords_path)
+        if len(ex) == 0:
+            raise InputError(coords_path, "no exemplar coordinates in the file; mark at least one particle")
+        check_inside(ex, mic.shape, coords_path)
+        if diameter >= min(mic.shape):
+            size = f"{mic.shape[1]}x{mic.shape[0]}"
+            raise InputError(mic_path, f"particle diameter {diameter} px does not fit in the {size} image")
+        warnings = []
+        if len(ex) < FEW_EXEMPLARS:
+            warnings.append(f"few exemplars: {len(ex)}; about {RECOMMENDED_EXEMPLARS} are recommended")
+        stat = mic_path.stat()
+        created = time.time()
+        set_id = f"{_utc_stamp(created)}-{uuid.uuid4().hex[:6]}"
+        exset = ExemplarSet(
+            project=project,
+            id=set_id,
+            path=proj.path / EXEMPLARS / set_id,
+            micrograph=mic_path,
+            micrograph_sha256=sha256_file(mic_path),
+            micrograph_size=stat.st_size,
+            micrograph_mtime=stat.st_mtime,
+            micrograph_shape=(int(mic.shape[0]), int(mic.shape[1])),
+            pixel_size=mic.pixel_size,
+            diameter=float(diameter),
+            count=len(ex),
+            created=created,
+            source=str(Path(os.path.abspath(coords_path))),
+            warnings=tuple(warnings),
+        )
+        staging = proj.path / STAGING
+        staging.mkdir(exist_ok=True)
+        tmp = staging / f"exemplars-{set_id}"
+        tmp.mkdir()
+        try:
+            write_coordinates(tmp / EXEMPLAR_STAR, Coordinates(ex.xy))
+            _write_json(tmp / EXEMPLAR_FILE, exset.to_json())
+            (proj.path / EXEMPLARS).mkdir(exist_ok=True)
+            os.rename(tmp, exset.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the original error is what matters
+            raise
+        log.info("exemplars_added", project=project, exemplar_set=set_id, count=len(ex), micrograph=str(mic_path))
+        return exset
+
+    def exemplar_set(self, project: str, set_id: str) -> ExemplarSet:
+        """A stored exemplar set; InputError if the project or the set does not exist."""
+        proj = self.get_project(project)
+        _check_name(set_id, "exemplar set id")
+        path = proj.path / EXEMPLARS / set_id
+        if not (path / EXEMPLAR_FILE).is_file():
+            raise InputError(None, f"no exemplar set {set_id!r} in project {project!r}")
+        data = _read_json(path / EXEMPLAR_FILE)
+        try:
+            rows, cols = data["micrograph_shape"]
+            return ExemplarSet(
+                project=project,
+                id=set_id,
+                path=path,
+                micrograph=Path(data["micrograph"]),
+                micrograph_sha256=str(data["micrograph_sha256"]),
+                micrograph_size=int(data["micrograph_size"]),
+                micrograph_mtime=float(data["micrograph_mtime"]),
+                micrograph_shape=(int(rows), int(cols)),
+                pixel_size=None if data.get("pixel_size") is None else float(data["pixel_size"]),
+                diameter=float(data["diameter"]),
+                count=int(data["count"]),
+                created=float(data["created"]),
+                source=str(data["source"]),
+                warnings=tuple(str(w) for w in data.get("warnings", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(path / EXEMPLAR_FILE, f"corrupt exemplar set file ({type(e).__name__}: {e})") from None
+
+    def exemplar_sets(self, project: str) -> list[ExemplarSet]:
+        """Every exemplar set of a project, oldest first."""
+        folder = self.get_project(project).path / EXEMPLARS
+        ids = sorted(p.name for p in folder.iterdir() if (p / EXEMPLAR_FILE).is_file()) if folder.is_dir() else []
+        return [self.exemplar_set(project, i) for i in ids]
+
+    # ------------------------------------------------------------------------------------------ model versions
+
+    def versions(self, project: str) -> list[str]:
+        """Published versions of a project, oldest (lowest number) first."""
+        folder = self.get_project(project).path / MODELS
+        if not folder.is_dir():
+            return []
+        found = [p.name for p in folder.iterdir() if _VERSION.match(p.name) and p.is_dir()]
+        return sorted(found, key=_number)
+
+    def _reservation(self, project: str, version: str) -> Path:
+        m = _VERSION.match(version)
+        if m is None:
+            raise InputError(None, f"invalid model version {version!r} (expected like v0001-20261124T120000Z)")
+        return self._dir(project) / STAGING / f"v{m.group(1)}"
+
+    def new_version_dir(self, project: str) -> tuple[str, Path]:
+        """Reserve the next version number; returns the version and an empty directory to write the model into.
+
+        Write the model there (``save_model(tmp_dir, ...)``), then ``publish_version``, or ``discard_version``
+        when training fails. Until published, nothing of it is visible in ``versions`` or to pickers.
+        """
+        proj = self.get_project(project)
+        staging = proj.path / STAGING
+        staging.mkdir(exist_ok=True)
+        while True:
+            # staging first, then models: a reservation being published is renamed into models before its
+            # staging directory goes, so one of the two listings sees its number
+            used = [int(m.group(1)) for p in staging.iterdir() if (m := _RESERVATION.match(p.name))]
+            used += [_number(v) for v in self.versions(project)]
+            number = max(used, default=0) + 1
+            version = f"v{number:04d}-{_utc_stamp(time.time())}"
+            reservation = self._reservation(project, version)
+            try:
+                reservation.mkdir()
+            except FileExistsError:
+                continue  # another trainer took this number between the listing and mkdir
+            tmp_dir = reservation / "model"
+            tmp_dir.mkdir()
+            return version, tmp_dir
+
+    def publish_version(self, project: str, version: str, tmp_dir: str | Path) -> Path:
+        """Move a fully written model directory to ``models/<version>`` and make it current.
+
+        The weights' checksum is verified first (CheckpointError if the directory is incomplete), so a
+        half-written model can never become visible. Returns the published directory.
+        """
+        reservation = self._reservation(project, version)
+        src = Path(tmp_dir)
+        if src != reservation / "model":
+            raise CryomaeError(f"{src}: not the directory reserved for version {version} ({reservation / 'model'})")
+        if not src.is_dir():
+            raise CheckpointError(f"{src}: the directory of version {version} is gone (removed by cleanup?)")
+        _verify_complete(src)
+        target = self._dir(project) / MODELS / version
+        if target.exists():
+            raise CheckpointError(f"{target}: version {version} is already published")
+        target.parent.mkdir(exist_ok=True)
+        os.rename(src, target)
+        shutil.rmtree(reservation)
+        self.set_current(project, version)
+        log.info("model_version_published", project=project, version=version, path=str(target))
+        return target
+
+    def discard_version(self, project: str, version: str) -> None:
+        """Remove an unpublished version's staging directory (after a failed training)."""
+        reservation = self._reservation(project, version)
+        if reservation.exists():
+            shutil.rmtree(reservation)
+
+    @contextmanager
+    def staged_version(self, project: str) -> Iterator[tuple[str, Path]]:
+        """``with store.staged_version(p) as (version, tmp_dir): save_model(tmp_dir, ...)`` publishes on success.
+
+        If the block raises (or publishing fails), the staged directory is removed and the current version stays.
+        """
+        version, tmp_dir = self.new_version_dir(project)
+        try:
+            yield version, tmp_dir
+            self.publish_version(project, version, tmp_dir)
+        finally:
+            self.discard_version(project, version)
+
+    def set_current(self, project: str, version: str) -> None:
+        """Point ``current.json`` at a published version (atomic replace); also the way to roll back."""
+        self._reservation(project, version)  # validates the name
+        if version not in self.versions(project):
+            raise InputError(None, f"no published version {version!r} in project {project!r}")
+        previous = self.current_version(project)
+        _write_json(
+            self._dir(project) / CURRENT_FILE, {"version": version, "previous": previous, "switched": time.time()}
+        )
+
+    def current_version(self, project: str) -> str | None:
+        """The version pickers should use, or None before the first model is published."""
+        path = self.get_project(project).path / CURRENT_FILE
+        if not path.is_file():
+            return None
+        version = _read_json(path).get("version")
+        if not isinstance(version, str) or _VERSION.match(version) is None:
+            raise InputError(path, f"corrupt current-version file (version {version!r})")
+        return version
+
+    def load_version(self, project: str, version: str, device: torch.device | str = "cpu") -> TrainedModel:
+        """Load a published version, verifying its checksum (CheckpointError if missing or corrupt)."""
+        self._reservation(project, version)  # validates the name
+        path = self.get_project(project).path / MODELS / version
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no version {version!r} in project {project!r}")
+        return load_model(path, device)
+
+    def load_current(self, project: str, device: torch.device | str = "cpu") -> TrainedModel | None:
+        """The current version's model, or None before the first model is published."""
+        version = self.current_version(project)
+        return None if version is None else self.load_version(project, version, device)
+
+    # ------------------------------------------------------------------------------------------ housekeeping
+
+    def cleanup(self, older_than_s: float = STALE_STAGING_S) -> list[Path]:
+        """Remove staging left by crashed processes, when older than ``older_than_s``; returns what was removed.
+
+        The age keeps a training still running in another process safe; ``0`` removes every leftover (use it only
+        when no trainer can be running).
+        """
+        parent = self.root / PROJECTS
+        if not parent.is_dir():
+            return []
+        now = time.time()
+        leftovers = [p for p in parent.iterdir() if p.name.startswith(".new-")]
+        for proj in parent.iterdir():
+            if (proj / STAGING).is_dir():
+                leftovers += list((proj / STAGING).iterdir())
+        removed = []
+        for path in leftovers:
+            try:
+                if older_than_s > 0 and now - path.lstat().st_mtime < older_than_s:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue  # published or discarded by its owner meanwhile
+            removed.append(path)
+        if removed:
+            log.info("store_cleanup", removed=[str(p) for p in removed])
+        return removed
+
+
+def _verify_complete(model_dir: Path) -> None:
+    """A model directory is complete when its manifest names the sha256 its weights file has."""
+    try:
+        expected = json.loads((model_dir / MANIFEST).read_text())["weights"]["sha256"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_dir}: no {MANIFEST}; the model was not fully written") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{model_dir / MANIFEST}: incomplete manifest ({e})") from None
+    weights = model_dir / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file; the model was not fully written")
+    if sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: checksum differs from the manifest; the model was not fully written")
+    for f in (weights, model_dir / MANIFEST):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- picker cache
+
+
+@dataclass
+class _Entry:
+    """One project's cached model; fields are guarded by ModelCache._lock, loading by ``loading``."""
+
+    loading: threading.Lock = field(default_factory=threading.Lock)
+    version: str | None = None  # loaded version
+    model: TrainedModel | None = None
+    current: str | None = None  # what current.json said at the last check
+    checked_at: float = -math.inf
+    generation: int = 0  # bumped by invalidate()
+    checked_generation: int = -1
+    failed: str | None = None  # a version that failed to load; not retried until current changes or invalidate
+
+
+class ModelCache:
+    """Each project's current model for a picker: loaded once, reloaded when the current version changes.
+
+    ``current.json`` is read at most every ``check_interval_s`` seconds per project, or at the next ``get`` after
+    ``invalidate`` (call it when a ModelPublished arrives). A new version is loaded without holding any lock that
+    other callers wait on: while one thread loads, the others keep getting the previous model, and the reference
+    is swapped when loading is done. If the new version fails to load (corrupt, deleted) and a previous model is
+    in hand, the error is logged and the previous model stays in use; with no previous model the error is raised.
+    """
+
+    def __init__(
+        self,
+        store: ProjectStore,
+        device: torch.device | str = "cpu",
+        check_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.device = device
+        self.check_interval_s = check_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+
+    def invalidate(self, project: str) -> None:
+        """Make the next ``get`` re-read the project's current version."""
+        with self._lock:
+            entry = self._entries.setdefault(project, _Entry())
+            entry.generation += 1
+            entry.failed = None
+
+    def get(self, project: str) -> tuple[str, TrainedModel] | None:
+        """(version, model) of the project's current model, or None before its first model is published."""
+        with self._lock:
+            entry = self._entries.setdefault(project, _Entry())
+        target = self._current(project, entry)
+        if target is None:
+            return None
+        with self._lock:
+            held = (entry.version, entry.model) if entry.model is not None and entry.version is not None else None
+            if held is not None and (held[0] == target or entry.failed == target):
+                return held
+        if held is not None:
+            if not entry.loading.acquire(blocking=False):
+                return held  # another thread is loading the new version; keep picking with the previous one
+        else:
+            entry.loading.acquire()  # nothing to pick with until the first load is done
+        try:
+            return self._load(project, entry, target)
+        finally:
+            entry.loading.release()
+
+    def _current(self, project: str, entry: _Entry) -> str | None:
+        """The current version, from current.json when due (the file is read outside the lock)."""
+        now = self._clock()
+        with self._lock:
+            generation = entry.generation
+            due = generation != entry.checked_generation or now - entry.checked_at >= self.check_interval_s
+            if not due:
+                return entry.current
+        current = self.store.current_version(project)
+        with self._lock:
+            if current != entry.current:
+                entry.failed = None
+            entry.current, entry.checked_at, entry.checked_generation = current, now, generation
+        return current
+
+    def _load(self, project: str, entry: _Entry, target: str) -> tuple[str, TrainedModel]:
+        """Load ``target`` (caller holds entry.loading) and swap it in; keep the previous model if it fails."""
+        with self._lock:
+            held = (entry.version, entry.model) if entry.model is not None and entry.version is not None else None
+            if held is not None and (held[0] == target or entry.failed == target):
+                return held  # loaded (or failed) by another thread while this one waited
+        t0 = time.perf_counter()
+        try:
+            model = self.store.load_version(project, target, self.device)
+        except CheckpointError as e:
+            if held is None:
+                raise
+            with self._lock:
+                entry.failed = target
+            log.error("model_load_failed", project=project, version=target, kept=held[0], error=str(e))
+            return held
+        with self._lock:
+            entry.version, entry.model = target, model
+        log.info("model_loaded", project=project, version=target, seconds=round(time.perf_counter() - t0, 3))
+        return target, model
