@@ -1,0 +1,139 @@
+"""The picker: MicrographReady -> PicksReady with the project's current model.
+
+A micrograph of a project that has no model yet is parked in the project's waiting queue (kept, not dropped,
+not dead-lettered); when a model is published (broadcast), or at start-up and every model check for projects
+that have one, the waiting queue is moved back onto the work queue. A micrograph that cannot be read, or a path
+outside the data roots, is dead-lettered with the reason by the broker (InputError).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cryomae.config import PickConfig
+from cryomae.device import resolve_device
+from cryomae.io import read_micrograph
+from cryomae.live.common import bind, expect, get_logger, handling, inside_roots
+from cryomae.messages import MicrographReady, ModelPublished, PicksReady
+from cryomae.messaging import topology
+from cryomae.messaging.base import Broker, Consumer, Envelope
+from cryomae.picking.picker import pick_micrograph
+from cryomae.store.projects import ModelCache, ProjectStore
+
+log = get_logger("picker")
+
+
+class Picker:
+    """Handles micrograph messages and model broadcasts; ``start`` binds both to the broker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        store: ProjectStore,
+        roots: list[Path],
+        cfg: PickConfig,
+        device: str = "auto",
+        model_check_seconds: float = 10.0,
+    ) -> None:
+        self.broker = broker
+        self.store = store
+        self.roots = roots
+        self.cfg = cfg
+        self.device: torch.device = resolve_device(device)
+        self.cache = ModelCache(store, self.device, check_interval_s=model_check_seconds)
+        self.model_check_seconds = model_check_seconds
+        self._consumers: list[Consumer] = []
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    # -------------------------------------------------------------------------------------------- handlers
+
+    def handle(self, env: Envelope) -> None:
+        """Pick one micrograph and publish every candidate with the cutoff (acked by the broker afterwards)."""
+        msg = expect(env, (MicrographReady,))
+        mlog = bind(log, msg)
+        with handling(mlog, env, micrograph=msg.path) as out:
+            path = inside_roots(msg.path, self.roots)
+            got = self.cache.get(msg.project)
+            if got is None:
+                self.broker.publish(topology.waiting(msg.project), msg)
+                out["outcome"] = "parked"
+                if self.store.current_version(msg.project) is not None:  # a model appeared meanwhile
+                    self.release(msg.project)
+                return
+            version, trained = got
+            t0 = time.perf_counter()
+            image = read_micrograph(path)
+            t1 = time.perf_counter()
+            result = pick_micrograph(trained, image.data, self.cfg, self.device)
+            xy = result.candidates_xy
+            picks = PicksReady(
+                project=msg.project,
+                session=msg.session,
+                micrograph=str(path),
+                micrograph_id=msg.id,
+                model_version=version,
+                diameter=trained.geometry.diameter,
+                threshold=result.threshold,
+                x=[float(v) for v in xy[:, 0]],
+                y=[float(v) for v in xy[:, 1]],
+                scores=[float(v) for v in result.candidate_scores],
+                shape=(int(image.shape[0]), int(image.shape[1])),
+                complete_at=msg.complete_at,
+                timings={"read_s": t1 - t0, **{f"{k}_s": v for k, v in result.timings.items()}},
+            )
+            self.broker.publish(topology.PICKS, picks)
+            out.update(model_version=version, picks=int(result.selected.sum()), candidates=len(xy))
+
+    def on_model(self, env: Envelope) -> None:
+        """A new model version: reload it at the next micrograph and release the project's parked ones."""
+        msg = expect(env, (ModelPublished,))
+        with handling(bind(log, msg), env, version=msg.version) as out:
+            self.cache.invalidate(msg.project)
+            out["released"] = self.release(msg.project)
+
+    def release(self, project: str) -> int:
+        """Move a project's parked micrographs back to the work queue."""
+        moved = self.broker.move(topology.waiting(project), topology.MICROGRAPHS)
+        if moved:
+            log.info("released_parked", project=project, micrographs=moved)
+        return moved
+
+    def sweep(self) -> int:
+        """Release parked micrographs of every project that has a model (start-up, and each model check)."""
+        total = 0
+        for project in self.store.projects():
+            if self.store.current_version(project.name) is not None:
+                total += self.release(project.name)
+        return total
+
+    # -------------------------------------------------------------------------------------------- running
+
+    def start(self, prefetch: int = 1) -> None:
+        self._consumers.append(self.broker.subscribe(self.on_model))
+        self.sweep()
+        self._consumers.append(self.broker.consume(topology.MICROGRAPHS, self.handle, prefetch=prefetch))
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="picker-sweep", daemon=True)
+        self._sweeper.start()
+        log.info("picker_started", device=str(self.device), roots=[str(r) for r in self.roots])
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.model_check_seconds):
+            try:
+                self.sweep()
+            except Exception as exc:  # the broker may be down for a moment; the next sweep retries
+                log.warning("sweep_failed", error=str(exc))
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        for consumer in self._consumers:
+            consumer.stop(timeout)
+        self._consumers.clear()
+
+    def ready(self) -> dict[str, Any]:
+        return {"broker": self.broker.connected, "consumers": all(c.running for c in self._consumers)}

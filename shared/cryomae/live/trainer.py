@@ -1,0 +1,105 @@
+"""The trainer: TrainRequest -> a new model version in the store -> ModelPublished to every picker.
+
+Training runs the core library (pre-training, then SCS training) on the stored exemplar set. The version is
+written in a staging folder and renamed into place, then made current; a failed training leaves the previous
+version current, records why in the project's ``training.json`` and dead-letters the request when the input
+is at fault (InputError) or lets the broker retry it otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+from cryomae.config import TrainConfig
+from cryomae.errors import CryomaeError
+from cryomae.live.common import bind, expect, get_logger, handling
+from cryomae.messages import ModelPublished, TrainRequest
+from cryomae.messaging import topology
+from cryomae.messaging.base import Broker, Consumer, Envelope
+from cryomae.model.checkpoint import save_model
+from cryomae.store.projects import ProjectStore
+from cryomae.training.train import train_model
+
+log = get_logger("trainer")
+STATUS_FILE = "training.json"
+
+
+def write_status(store: ProjectStore, project: str, status: dict[str, Any]) -> None:
+    """The project's training status (for ``cryomae status``), replaced atomically."""
+    path = store.get_project(project).path / STATUS_FILE
+    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(store: ProjectStore, project: str) -> dict[str, Any] | None:
+    path = store.get_project(project).path / STATUS_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"state": "unknown", "error": f"{path}: {exc}"}
+    return data
+
+
+class Trainer:
+    """Handles training requests; ``start`` binds the handler to the broker."""
+
+    def __init__(self, broker: Broker, store: ProjectStore, defaults: TrainConfig, device: str = "auto") -> None:
+        self.broker = broker
+        self.store = store
+        self.defaults = defaults
+        self.device = device
+        self._consumer: Consumer | None = None
+
+    def config_for(self, project: str) -> TrainConfig:
+        """Service defaults, then the project's own overrides, on the service's device."""
+        project_cfg = self.store.get_project(project).train_overrides
+        return TrainConfig(**{**self.defaults.model_dump(exclude_defaults=True), **project_cfg, "device": self.device})
+
+    def handle(self, env: Envelope) -> None:
+        msg = expect(env, (TrainRequest,))
+        with handling(bind(log, msg), env, exemplar_set=msg.exemplar_set) as out:
+            started = time.time()
+            status = {"state": "training", "request": msg.id, "exemplar_set": msg.exemplar_set, "started": started}
+            try:
+                exemplars = self.store.exemplar_set(msg.project, msg.exemplar_set)
+                write_status(self.store, msg.project, status)
+                micrograph, coords = exemplars.read_inputs()
+                cfg = self.config_for(msg.project)
+                trained, info = train_model(micrograph, coords.xy, exemplars.diameter, cfg)
+                info["exemplar_set"] = exemplars.to_json()
+                with self.store.staged_version(msg.project) as (version, folder):
+                    save_model(folder, trained.model, trained.bank, trained.geometry, info)
+            except Exception as exc:
+                self._failed(msg.project, status, exc)
+                raise
+            self.broker.broadcast(ModelPublished(project=msg.project, version=version))
+            seconds = time.time() - started
+            write_status(
+                self.store,
+                msg.project,
+                {**status, "state": "done", "version": version, "finished": time.time(), "seconds": seconds},
+            )
+            out.update(version=version, train_s=round(seconds, 2))
+
+    def _failed(self, project: str, status: dict[str, Any], exc: BaseException) -> None:
+        failed = {**status, "state": "failed", "error": str(exc), "finished": time.time()}
+        with contextlib.suppress(CryomaeError):  # an unknown project has nowhere to keep a status
+            write_status(self.store, project, failed)
+
+    def start(self) -> None:
+        self._consumer = self.broker.consume(topology.TRAINING, self.handle, prefetch=1)
+        log.info("trainer_started", device=self.device)
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._consumer is not None:
+            self._consumer.stop(timeout)
+
+    def ready(self) -> dict[str, Any]:
+        return {"broker": self.broker.connected, "consumer": self._consumer is not None and self._consumer.running}
