@@ -1,0 +1,199 @@
+"""The watcher's persistent state: which files were published, and which sessions are watched.
+
+One SQLite database (WAL mode) in the watcher's state folder, ``watcher.sqlite3``:
+
+- ``published``: one row per (project, session, path) with the size and mtime the file had, the id of the
+  MicrographReady message and when it was sent. A path with a row is never published again by the watcher, even
+  when a different file later appears under the same name (re-picks are an explicit operator action).
+- ``sessions``: the sessions being watched, so that a restarted watcher resumes them.
+
+Ordering: the watcher publishes first and records afterwards. A crash between the two publishes the file again
+after the restart (at least once; the picker and writer are idempotent per micrograph) rather than losing it.
+``synchronous=NORMAL`` has the same consequence for a power cut: a row lost with the last WAL frames only causes
+a repeat.
+
+A lock file (``watcher.lock``, ``flock``) keeps a second watcher off the same state folder: two watchers would
+publish every file twice. Keep the state folder on a local disk or a volume that honours ``flock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryomae.errors import ConfigError, InputError
+
+DATABASE = "watcher.sqlite3"
+LOCK = "watcher.lock"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS published (
+    project TEXT NOT NULL,
+    session TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    published_at REAL NOT NULL,
+    complete INTEGER NOT NULL,
+    PRIMARY KEY (project, session, path)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    project TEXT NOT NULL,
+    session TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    recursive INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (project, session)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One published file: its size and mtime then, the message id, and whether it had passed the completeness
+    check (False: published after the give-up time for the picker to reject)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    message_id: str
+    published_at: float
+    complete: bool
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A watched session as persisted."""
+
+    project: str
+    session: str
+    folder: Path
+    pattern: str
+    recursive: bool
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts of a session's publications."""
+
+    published: int
+    gave_up: int
+    last_published_at: float | None
+
+
+class Ledger:
+    """The state database of one watcher; thread-safe (one connection behind a lock). Close it when done."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DATABASE
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(state_dir, f"cannot use the watcher state folder: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise ConfigError(
+                f"{state_dir}: the state folder is in use by another watcher ({LOCK} is locked); "
+                "run one watcher per state folder"
+            ) from None
+        self._lock = threading.Lock()
+        try:
+            self._db = self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, switch to WAL and create or check the schema; a foreign or newer file is an InputError."""
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise InputError(self.path, f"state database has schema {version}, newer than {SCHEMA_VERSION}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise InputError(self.path, f"not a usable watcher state database ({exc})") from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        """Close the database and release the state folder (idempotent)."""
+        with self._lock:
+            if self._lock_fd < 0:
+                return
+            self._db.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def journal_mode(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def record(self, project: str, session: str, publication: Publication) -> None:
+        """Remember a publication (replacing an older row for the same path)."""
+        p = publication
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (project, session, p.path, p.size, p.mtime_ns, p.message_id, p.published_at, int(p.complete)),
+            )
+
+    def publications(self, project: str, session: str) -> dict[str, Publication]:
+        """Every publication of a session, by path."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime_ns, message_id, published_at, complete FROM published "
+                "WHERE project = ? AND session = ?",
+                (project, session),
+            ).fetchall()
+        return {row[0]: Publication(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in rows}
+
+    def summary(self, project: str, session: str) -> Summary:
+        """How many files a session has published, how many of them after the give-up time, and the last time."""
+        with self._lock:
+            published, gave_up, last = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(1 - complete), 0), MAX(published_at) FROM published "
+                "WHERE project = ? AND session = ?",
+                (project, session),
+            ).fetchone()
+        return Summary(int(published), int(gave_up), last)
+
+    def save_session(self, record: SessionRecord) -> None:
+        """Persist a watched session (replacing its earlier settings)."""
+        r = record
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                (r.project, r.session, str(r.folder), r.pattern, int(r.recursive), r.started_at),
+            )
+
+    def drop_session(self, project: str, session: str) -> bool:
+        """Forget a watched session (its publications stay); whether it was there."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM sessions WHERE project = ? AND session = ?", (project, session))
+        return cursor.rowcount > 0
+
+    def sessions(self) -> list[SessionRecord]:
+        """The persisted sessions, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT project, session, folder, pattern, recursive, started_at FROM sessions ORDER BY started_at"
+            ).fetchall()
+        return [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]

@@ -1,0 +1,56 @@
+"""The watcher's settings: how it watches, how long a file must be quiet, and where it may look."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+WatchMode = Literal["auto", "inotify", "poll"]
+
+
+class WatchSettings(BaseModel):
+    """How the watcher finds and judges micrographs (one instance, built in ``main()`` and passed down).
+
+    ``mode``: ``inotify`` asks the kernel for events (immediate, cheap, blind to changes made by other machines
+    on network filesystems); ``poll`` lists the session folder every ``poll_interval`` seconds (works everywhere);
+    ``auto`` polls on network and FUSE filesystems and uses inotify elsewhere. In every mode a session falls back
+    to polling when its inotify watch cannot be created (e.g. the watch limit is reached).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_roots: list[Path] = Field(
+        min_length=1, description="absolute folders; a session folder must lie under one of them"
+    )
+    mode: WatchMode = "auto"
+    settle_seconds: float = Field(2.0, ge=0, description="size and mtime unchanged this long before a file counts")
+    give_up_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a settled file that still fails its completeness check (not an MRC, truncated, empty) is "
+        "published anyway after this long unchanged, so that the picker dead-letters it with the reason",
+    )
+    poll_interval: float = Field(5.0, gt=0, description="seconds between folder listings in poll mode")
+    rescan_interval: float = Field(
+        600.0, ge=0, description="seconds between safety listings in inotify mode (lost events); 0: never"
+    )
+    check_interval: float = Field(0.5, gt=0, description="seconds between completeness checks of pending files")
+
+    @field_validator("data_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
+        relative = [str(r) for r in roots if not r.is_absolute()]
+        if relative:
+            raise ValueError(f"data roots must be absolute paths: {', '.join(relative)}")
+        return roots
+
+    @model_validator(mode="after")
+    def _give_up_after_settle(self) -> WatchSettings:
+        if self.give_up_seconds < self.settle_seconds:
+            raise ValueError(
+                f"give_up_seconds ({self.give_up_seconds}) must not be shorter than settle_seconds "
+                f"({self.settle_seconds})"
+            )
+        return self

@@ -1,0 +1,118 @@
+"""Which files count (names, folders, listing) and when a file is complete (settle time, MRC header, give-up),
+on real files with a clock moved by hand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePath
+
+import pytest
+
+from cryomae.errors import InputError
+from cryomae.watching.candidates import check_pattern, is_candidate, is_temporary, list_candidates
+from cryomae.watching.completeness import PendingFile, Verdict, incompleteness, looks_complete
+
+from .helpers import SlowWrite, mrc_bytes, write_micrograph
+
+
+@pytest.mark.parametrize("name", [".mic.mrc", "mic.mrc.tmp", "mic.mrc.part", "mic.mrc~", "MIC.MRC.TMP", "#mic.mrc"])
+def test_temporary_names(name: str):
+    assert is_temporary(name)
+    assert not is_candidate(PurePath(name), "*", recursive=True)
+
+
+@pytest.mark.parametrize(
+    ("relative", "pattern", "recursive", "expected"),
+    [
+        ("mic.mrc", "*.mrc", False, True),
+        ("mic.MRC", "*.mrc", True, False),  # globs are case-sensitive
+        ("grid1/mic.mrc", "*.mrc", True, True),
+        ("grid1/mic.mrc", "*.mrc", False, False),
+        (".snapshot/hourly/mic.mrc", "*.mrc", True, False),  # hidden folders hold snapshot copies
+        ("mic.tiff", "*.tif*", True, True),
+        ("mic.tif.part", "*.tif*", True, False),
+        ("mic.jpg", "*.mrc", True, False),
+    ],
+)
+def test_candidates(relative: str, pattern: str, recursive: bool, expected: bool):
+    assert is_candidate(PurePath(relative), pattern, recursive) is expected
+
+
+@pytest.mark.parametrize("pattern", ["", "Movies/*.mrc"])
+def test_pattern_with_a_folder_part_is_refused(pattern: str):
+    with pytest.raises(InputError, match="glob of file names"):
+        check_pattern(pattern)
+
+
+def test_listing_skips_hidden_folders_temp_names_and_folder_links(tmp_path: Path):
+    folder = tmp_path / "session"
+    wanted = [write_micrograph(folder / "a.mrc"), write_micrograph(folder / "grid1" / "b.mrc")]
+    write_micrograph(folder / ".snapshot" / "a.mrc")
+    write_micrograph(folder / "grid1" / "b.mrc.part")
+    (folder / "grid1" / "loop").symlink_to(folder)  # a folder symlink back up: must not loop or repeat files
+    (folder / "notes.txt").write_text("not a micrograph")
+
+    listing = list_candidates(folder, "*.mrc", recursive=True)
+
+    assert sorted(path for path, _ in listing.files) == sorted(wanted)
+    assert all(st.st_size == p.stat().st_size for p, st in listing.files)
+    assert listing.errors == []
+    assert [p for p, _ in list_candidates(folder, "*.mrc", recursive=False).files] == [folder / "a.mrc"]
+
+
+def test_listing_a_missing_folder_reports_it(tmp_path: Path):
+    listing = list_candidates(tmp_path / "gone", "*.mrc", recursive=True)
+    assert listing.files == []
+    assert len(listing.errors) == 1
+    assert "gone" in listing.errors[0]
+
+
+SETTLE, GIVE_UP = 2.0, 30.0
+
+
+def test_partial_mrc_settles_incomplete_then_completes(tmp_path: Path):
+    content = mrc_bytes(tmp_path / "scratch")
+    writer = SlowWrite(tmp_path / "mic.mrc", content)
+    writer.header()
+    writer.fraction(0.5)
+    pending = PendingFile(writer.path, None, since=0.0)
+
+    assert pending.check(0.0, SETTLE, GIVE_UP) is Verdict.SETTLING  # first look
+    assert pending.check(1.0, SETTLE, GIVE_UP) is Verdict.SETTLING  # not quiet long enough
+    assert pending.check(2.5, SETTLE, GIVE_UP) is Verdict.INCOMPLETE  # quiet, but the header wants more bytes
+    writer.rest()
+    assert pending.check(3.0, SETTLE, GIVE_UP) is Verdict.SETTLING  # it grew: the settle time starts again
+    assert pending.check(4.0, SETTLE, GIVE_UP) is Verdict.SETTLING
+    assert pending.check(5.0, SETTLE, GIVE_UP) is Verdict.COMPLETE
+    assert pending.signature is not None
+    assert pending.signature.size == len(content)
+
+
+def test_file_that_is_not_an_mrc_is_given_up_after_the_give_up_time(tmp_path: Path):
+    path = tmp_path / "junk.mrc"
+    path.write_bytes(b"not an MRC file at all " * 100)
+    pending = PendingFile(path, None, since=0.0)
+    pending.check(0.0, SETTLE, GIVE_UP)
+
+    assert pending.check(GIVE_UP - 1, SETTLE, GIVE_UP) is Verdict.INCOMPLETE
+    assert pending.check(GIVE_UP, SETTLE, GIVE_UP) is Verdict.GIVE_UP
+    assert "not an MRC file" in incompleteness(path)
+
+
+def test_empty_files_are_never_complete_and_other_types_need_only_settle(tmp_path: Path):
+    empty, picture = tmp_path / "empty.jpg", tmp_path / "mic.jpg"
+    empty.touch()
+    picture.write_bytes(b"\xff\xd8 any bytes: only MRC headers are checked")
+    assert not looks_complete(empty, 0)
+    assert looks_complete(picture, picture.stat().st_size)
+    assert incompleteness(empty) == "file is empty (0 bytes)"
+
+
+def test_vanished_or_replaced_by_a_folder_is_gone(tmp_path: Path):
+    path = write_micrograph(tmp_path / "mic.mrc")
+    pending = PendingFile(path, None, since=0.0)
+    assert pending.check(0.0, SETTLE, GIVE_UP) is Verdict.SETTLING
+    os.unlink(path)
+    assert pending.check(1.0, SETTLE, GIVE_UP) is Verdict.GONE
+    path.mkdir()
+    assert pending.check(2.0, SETTLE, GIVE_UP) is Verdict.GONE

@@ -1,0 +1,61 @@
+"""The watcher's SQLite ledger: publications and sessions survive a reopen, WAL mode, one watcher per state
+folder, and a clear error for a file that is not a ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cryomae.errors import ConfigError, InputError
+from cryomae.watching.ledger import DATABASE, Ledger, Publication, SessionRecord
+
+
+def test_publications_and_sessions_survive_a_reopen(tmp_path: Path):
+    ledger = Ledger(tmp_path / "state")
+    first = Publication("/data/s1/a.mrc", 1024, 5_000_000_000, "id-a", 100.0, True)
+    second = Publication("/data/s1/b.mrc", 0, 6_000_000_000, "id-b", 101.0, False)
+    ledger.record("p1", "s1", first)
+    ledger.record("p1", "s1", second)
+    ledger.record("p1", "s2", Publication("/data/s2/a.mrc", 1, 1, "id-c", 99.0, True))
+    ledger.save_session(SessionRecord("p1", "s1", Path("/data/s1"), "*.mrc", True, 50.0))
+    ledger.save_session(SessionRecord("p1", "s2", Path("/data/s2"), "*.tif*", False, 40.0))
+    assert ledger.journal_mode() == "wal"
+    ledger.close()
+    ledger.close()  # idempotent
+
+    reopened = Ledger(tmp_path / "state")
+    try:
+        assert reopened.publications("p1", "s1") == {first.path: first, second.path: second}
+        summary = reopened.summary("p1", "s1")
+        assert (summary.published, summary.gave_up, summary.last_published_at) == (2, 1, 101.0)
+        assert reopened.summary("p1", "nothing").published == 0
+        assert [(r.session, r.pattern, r.recursive) for r in reopened.sessions()] == [
+            ("s2", "*.tif*", False),
+            ("s1", "*.mrc", True),
+        ]
+        assert reopened.drop_session("p1", "s2")
+        assert not reopened.drop_session("p1", "s2")
+        assert [r.session for r in reopened.sessions()] == ["s1"]
+        assert len(reopened.publications("p1", "s2")) == 1  # publications outlive the session
+    finally:
+        reopened.close()
+
+
+def test_a_second_watcher_cannot_use_the_same_state_folder(tmp_path: Path):
+    ledger = Ledger(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="in use by another watcher"):
+            Ledger(tmp_path)
+    finally:
+        ledger.close()
+    Ledger(tmp_path).close()  # free again once closed
+
+
+def test_a_file_that_is_not_a_database_is_named(tmp_path: Path):
+    (tmp_path / DATABASE).write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(InputError, match="not a usable watcher state database") as info:
+        Ledger(tmp_path)
+    assert info.value.path == tmp_path / DATABASE
+    with pytest.raises(InputError, match="not a usable"):
+        Ledger(tmp_path)  # the same error again, not "in use": the failed attempt released its lock

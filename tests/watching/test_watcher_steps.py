@@ -1,0 +1,336 @@
+"""The watcher's decisions, one step at a time with a clock moved by hand (no loop thread): what is published,
+when, and what is refused. Real files in tmp_path; timing-dependent detection is in test_watcher_live.py."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from structlog.testing import capture_logs
+
+from cryomae.errors import InputError, TransientError
+from cryomae.messages import MicrographReady, SessionCommand
+from cryomae.watching import Watcher, parse_mountinfo
+
+from .helpers import FakeClock, Published, SlowWrite, fast_settings, mrc_bytes, write_micrograph
+
+SETTLE, GIVE_UP, POLL = 1.0, 10.0, 0.5
+
+
+def make_watcher(root: Path, published: Published, clock: FakeClock, **overrides: object) -> Watcher:
+    values: dict[str, object] = {"settle_seconds": SETTLE, "give_up_seconds": GIVE_UP, "poll_interval": POLL}
+    values.update(overrides)
+    return Watcher(root / "state", published, fast_settings(root, **values), clock=clock)
+
+
+def settle(watcher: Watcher, clock: FakeClock, seconds: float = SETTLE + 0.1) -> None:
+    """Look (first sight of new files), let the settle time pass, look again."""
+    watcher.step()
+    clock.advance(seconds)
+    watcher.step()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "data" / "session1"
+    path.mkdir(parents=True)
+    return path
+
+
+def test_complete_micrograph_is_published_once_with_its_details(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    path = write_micrograph(folder / "mic_0001.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        watcher.step()
+        assert published.messages == []  # found, but not yet quiet for the settle time
+        clock.advance(SETTLE + 0.1)
+        before = time.time()
+        watcher.step()
+        clock.advance(60)
+        watcher.step()
+
+    assert len(published.messages) == 1
+    message = published.messages[0]
+    st = path.stat()
+    assert isinstance(message, MicrographReady)
+    assert (message.project, message.session, message.path) == ("proj", "sess", str(path.resolve()))
+    assert (message.size, message.mtime) == (st.st_size, st.st_mtime_ns / 1e9)
+    assert before <= message.complete_at <= time.time()
+    assert not message.repick
+
+
+def test_temporary_names_and_hidden_folders_are_ignored(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    for name in [".mic_0001.mrc", "mic_0002.mrc.tmp", "mic_0003.mrc.part", "mic_0004.mrc~", ".snapshot/mic_0005.mrc"]:
+        write_micrograph(folder / name)
+    real = write_micrograph(folder / "mic_0006.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)
+        clock.advance(GIVE_UP)
+        watcher.step()
+        assert watcher.session_stats("proj", "sess").seen == 1
+    assert published.paths() == [str(real)]
+
+
+def test_partial_mrc_is_published_only_once_complete(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    content = mrc_bytes(tmp_path / "scratch")
+    writer = SlowWrite(folder / "mic_0001.mrc", content)
+    writer.header()
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)
+        writer.fraction(0.3)
+        settle(watcher, clock)
+        writer.fraction(0.9)
+        settle(watcher, clock)
+        stats = watcher.session_stats("proj", "sess")
+        assert (stats.pending, stats.incomplete, stats.published) == (1, 1, 0)
+        assert published.messages == []  # quiet, but its header wants more bytes than it has
+        writer.rest()
+        watcher.step()
+        assert published.messages == []  # it grew: quiet again for the settle time first
+        clock.advance(SETTLE + 0.1)
+        watcher.step()
+        stats = watcher.session_stats("proj", "sess")
+    assert [m.size for m in published.messages] == [len(content)]
+    assert (stats.pending, stats.published, stats.gave_up) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("junk.mrc", b"plain text, not an MRC " * 80, "not an MRC file"),
+        ("empty.mrc", b"", "file is empty"),
+        ("empty.jpg", b"", "file is empty"),
+    ],
+)
+def test_file_that_never_completes_is_published_after_the_give_up_time(
+    tmp_path: Path, folder: Path, clock: FakeClock, name: str, content: bytes, problem: str
+):
+    """Published anyway, so that the picker dead-letters it with the reason instead of it waiting forever."""
+    published = Published()
+    (folder / name).write_bytes(content)
+    with make_watcher(tmp_path, published, clock) as watcher, capture_logs() as logs:
+        watcher.start_session("proj", "sess", folder, pattern=name)
+        settle(watcher, clock)
+        assert watcher.session_stats("proj", "sess").incomplete == 1
+        clock.advance(GIVE_UP - SETTLE - 0.5)
+        watcher.step()
+        assert published.messages == []
+        clock.advance(1.0)
+        watcher.step()
+        stats = watcher.session_stats("proj", "sess")
+    assert published.paths() == [str(folder / name)]
+    assert (stats.published, stats.gave_up) == (1, 1)
+    given_up = [e for e in logs if e["event"] == "micrograph_given_up"]
+    assert len(given_up) == 1
+    assert problem in given_up[0]["problem"]
+
+
+def test_file_replaced_after_publication_is_not_published_again(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    path = write_micrograph(folder / "mic_0001.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)
+        assert len(published.messages) == 1
+        write_micrograph(path, rows=40, seed=1)  # another file under the same name
+        with capture_logs() as logs:
+            clock.advance(POLL)
+            settle(watcher, clock, POLL)
+            clock.advance(GIVE_UP)
+            watcher.step()
+        assert watcher.session_stats("proj", "sess").replaced == 1
+    assert len(published.messages) == 1
+    warnings = [e for e in logs if e["event"] == "published_file_replaced"]
+    assert len(warnings) == 1  # once, not at every poll
+    assert warnings[0]["size"] == path.stat().st_size != warnings[0]["published_size"]
+
+    with make_watcher(tmp_path, published, clock) as restarted, capture_logs() as logs:  # the catch-up neither
+        settle(restarted, clock)
+        clock.advance(GIVE_UP)
+        restarted.step()
+    assert len(published.messages) == 1
+    assert [e["path"] for e in logs if e["event"] == "published_file_replaced"] == [str(path)]
+
+
+def test_a_stopped_session_publishes_nothing_more(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        watcher.step()
+        write_micrograph(folder / "mic_0001.mrc")
+        watcher.step()
+        assert watcher.session_stats("proj", "sess").pending == 0  # the next listing is not due yet
+        clock.advance(POLL)
+        watcher.step()
+        assert watcher.session_stats("proj", "sess").pending == 1
+        assert watcher.stop_session("proj", "sess")
+        assert not watcher.stop_session("proj", "sess")  # a repeated stop is harmless
+        write_micrograph(folder / "mic_0002.mrc")
+        settle(watcher, clock)
+        clock.advance(GIVE_UP)
+        watcher.step()
+        assert watcher.sessions() == []
+        assert watcher.session_stats("proj", "sess").state is None
+    assert published.messages == []
+
+
+def test_non_recursive_session_sees_only_the_top_folder(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    top = write_micrograph(folder / "mic_0001.mrc")
+    write_micrograph(folder / "GridSquare_1" / "mic_0002.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder, recursive=False)
+        settle(watcher, clock)
+    assert published.paths() == [str(top)]
+
+
+def test_patterns_for_other_formats(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    pixels = (np.arange(32 * 48).reshape(32, 48) % 251).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "mic_0001.jpg")
+    tifffile.imwrite(folder / "mic_0002.tiff", pixels)
+    tifffile.imwrite(folder / "mic_0003.tif", pixels)
+    write_micrograph(folder / "mic_0004.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "jpg", folder, pattern="*.jpg")
+        watcher.start_session("proj", "tif", folder, pattern="*.tif*")
+        settle(watcher, clock)
+    by_session = sorted((m.session, Path(m.path).name) for m in published.messages)
+    assert by_session == [("jpg", "mic_0001.jpg"), ("tif", "mic_0002.tiff"), ("tif", "mic_0003.tif")]
+
+
+def test_transient_publish_failure_is_retried_and_recorded_once(tmp_path: Path, folder: Path, clock: FakeClock):
+    failures = [TransientError("broker unreachable")]
+
+    def flaky(message: MicrographReady) -> None:
+        if failures:
+            raise failures.pop()
+
+    published = Published(fail=flaky)
+    write_micrograph(folder / "mic_0001.mrc")
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)
+        assert failures == []  # it was tried
+        stats = watcher.session_stats("proj", "sess")
+        assert (stats.pending, stats.published) == (1, 0)
+        watcher.step()
+        assert published.messages == []  # not before the retry time
+        clock.advance(POLL)
+        watcher.step()
+        clock.advance(POLL)
+        watcher.step()
+        stats = watcher.session_stats("proj", "sess")
+    assert len(published.messages) == 1
+    assert (stats.pending, stats.published) == (0, 1)
+
+
+def test_session_folders_that_are_refused(tmp_path: Path, clock: FakeClock):
+    roots = tmp_path / "data"
+    inside, outside = roots / "session1", tmp_path / "elsewhere"
+    inside.mkdir(parents=True)
+    outside.mkdir()
+    (roots / "escape").symlink_to(outside)
+    (roots / "afile").write_text("x")
+    with Watcher(tmp_path / "state", Published(), fast_settings(roots), clock=clock) as watcher:
+        cases = [
+            (outside, "outside every data root"),
+            (roots / "escape", "resolves to"),
+            (roots / ".." / "elsewhere", "outside every data root"),
+            (roots / "missing", "does not exist"),
+            (roots / "afile", "is not a folder"),
+            (Path("data/session1"), "must be an absolute path"),
+        ]
+        for given, problem in cases:
+            with pytest.raises(InputError, match=problem) as info:
+                watcher.start_session("proj", "sess", given)
+            assert info.value.path == given
+            assert str(given) in str(info.value)
+        with pytest.raises(InputError, match="invalid session name"):
+            watcher.start_session("proj", "bad/name", inside)
+        with pytest.raises(InputError, match="glob of file names"):
+            watcher.start_session("proj", "sess", inside, pattern="sub/*.mrc")
+        assert watcher.sessions() == []
+
+
+NFS_MOUNTINFO = """\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+40 22 0:50 / {nfs} rw,relatime shared:9 - nfs4 fileserver:/export/em rw,vers=4.2
+"""
+
+
+def test_auto_mode_polls_on_nfs_and_uses_inotify_on_a_local_disk(tmp_path: Path, clock: FakeClock):
+    nfs, local = tmp_path / "nfs", tmp_path / "local"
+    (nfs / "session1").mkdir(parents=True)
+    local.mkdir()
+    table = parse_mountinfo(NFS_MOUNTINFO.format(nfs=nfs))
+    settings = fast_settings(tmp_path, mode="auto")
+    with (
+        Watcher(tmp_path / "state", Published(), settings, clock=clock, mounts=lambda: table) as watcher,
+        capture_logs() as logs,
+    ):
+        watcher.start_session("proj", "remote", nfs / "session1")
+        watcher.start_session("proj", "here", local)
+        watcher.step()
+        modes = {info.session: (info.state, info.mode, info.reason) for info in watcher.sessions()}
+    assert modes["remote"][:2] == ("watching", "poll")
+    assert "nfs4" in modes["remote"][2]
+    assert modes["here"][:2] == ("watching", "inotify")
+    assert "ext4" in modes["here"][2]
+    chosen = {e["session"]: (e["mode"], e["reason"]) for e in logs if e["event"] == "session_watching"}
+    assert chosen == {"remote": modes["remote"][1:], "here": modes["here"][1:]}
+
+
+def test_session_commands(tmp_path: Path, folder: Path, clock: FakeClock):
+    with make_watcher(tmp_path, Published(), clock) as watcher:
+        watcher.handle(SessionCommand(action="start", project="proj", session="sess", folder=str(folder)))
+        [info] = watcher.sessions()
+        assert (info.folder, info.pattern, info.recursive, info.state) == (folder, "*.mrc", True, "pending")
+        watcher.handle(SessionCommand(action="start", project="proj", session="sess", folder=str(folder)))
+        assert watcher.sessions() == [info]  # a redelivered command changes nothing
+        watcher.handle(
+            SessionCommand(action="start", project="proj", session="sess", folder=str(folder), pattern="*.tif*")
+        )
+        [changed] = watcher.sessions()
+        assert changed.pattern == "*.tif*"
+        with pytest.raises(InputError, match="names no folder"):
+            watcher.handle(SessionCommand(action="start", project="proj", session="other"))
+        watcher.handle(SessionCommand(action="stop", project="proj", session="sess"))
+        assert watcher.sessions() == []
+
+
+def test_session_whose_folder_is_gone_at_restart_is_retried(tmp_path: Path, folder: Path, clock: FakeClock):
+    published = Published()
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+    write_micrograph(folder / "mic_0001.mrc")
+    hidden = folder.with_name("unmounted")
+    os.rename(folder, hidden)  # as if its filesystem were not mounted yet when the watcher restarts
+    with make_watcher(tmp_path, published, clock) as watcher, capture_logs() as logs:
+        watcher.step()
+        [info] = watcher.sessions()
+        assert info.state == "unavailable"
+        assert "does not exist" in info.reason
+        os.rename(hidden, folder)
+        watcher.step()
+        assert watcher.sessions()[0].state == "unavailable"  # not before the retry time
+        clock.advance(POLL)
+        settle(watcher, clock)
+        assert watcher.sessions()[0].state == "watching"
+    assert published.paths() == [str(folder / "mic_0001.mrc")]
+    assert len([e for e in logs if e["event"] == "session_unavailable"]) == 1  # logged once, not every retry
