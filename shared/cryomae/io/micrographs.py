@@ -332,8 +332,8 @@ def read_micrograph(path: str | Path) -> Micrograph:
     return Micrograph(data=_checked_image(p, pixels), path=p, pixel_size=pixel_size)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data to disk, so a rename never exposes an empty file after a crash."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to disk, so a rename never exposes an empty file after a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -352,7 +352,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

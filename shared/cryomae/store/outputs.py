@@ -67,7 +67,7 @@ from cryomae.io.coordinates import (
     write_autopick_star,
     write_coordinate_index,
 )
-from cryomae.io.micrographs import atomic_output
+from cryomae.io.micrographs import atomic_output, fsync_path
 from cryomae.messages import PicksReady, Rethreshold
 
 INDEX_NAME = "autopick.star"
@@ -642,7 +642,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically and make the rename durable (fsync of the folder), so order on disk is kept."""
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, allow_nan=False)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -653,12 +653,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(path, "damaged session state: expected a JSON object")
     return data
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
