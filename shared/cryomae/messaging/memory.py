@@ -1,0 +1,361 @@
+"""The single-workstation transport: every queue inside one process, with RabbitMQ's delivery semantics.
+
+``MemoryBroker`` gives the services the same queues, retry limit, dead-letter queues, single-active-consumer
+queues and broadcast as ``RabbitBroker`` (see ``cryomae.messaging.base``), so that watcher, picker, writer and
+trainer can run as threads of one process without a RabbitMQ server. It is thread-safe: one lock guards every
+queue, and consumers wait on its condition variable (no polling).
+
+Messages live in memory only: if the process crashes, messages still queued or in hand are lost. Restarts
+stay safe because nothing else depends on them: the watcher's session ledger re-announces micrographs that
+have no picks yet, and the writer's outputs are written atomically and idempotently.
+
+``judge`` (the handler outcome rules) is shared with the RabbitMQ transport.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import structlog
+
+from cryomae.errors import CryomaeError, TransientError
+from cryomae.messages import Message
+from cryomae.messaging import topology
+from cryomae.messaging.base import (
+    DELIVERY_LIMIT,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    Broker,
+    Consumer,
+    Envelope,
+    Handler,
+)
+
+log = structlog.get_logger("cryomae.messaging")
+
+CLOSE_TIMEOUT = 30.0  # seconds ``close`` lets each consumer finish the message in hand
+# Headers that describe an earlier dead-lettering; dropped when a message is moved (replayed).
+DEATH_HEADERS = frozenset(
+    {
+        REASON_HEADER,
+        QUEUE_HEADER,
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What becomes of a delivered message once its handler has run."""
+
+    action: Literal["ack", "requeue", "dead_letter"]
+    reason: str = ""
+
+
+def judge(handler: Handler, envelope: Envelope) -> Outcome:
+    """Run ``handler`` and decide the message's fate by the rules of ``cryomae.messaging.base``.
+
+    Returns normally: ack. ``CryomaeError`` other than ``TransientError`` (bad input): dead-letter now.
+    ``TransientError`` or any other exception: requeue, unless this was delivery number ``DELIVERY_LIMIT``,
+    in which case dead-letter with the error as the reason.
+    """
+    try:
+        handler(envelope)
+    except TransientError as exc:
+        error = str(exc) or type(exc).__name__
+    except CryomaeError as exc:
+        reason = str(exc) or type(exc).__name__
+        log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
+        return Outcome("dead_letter", reason)
+    except Exception as exc:
+        # Not one of ours: possibly a bug, so the traceback is logged; retried like a transient failure.
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("handler failed unexpectedly", queue=envelope.queue, deliveries=envelope.delivery_count + 1)
+    else:
+        return Outcome("ack")
+    deliveries = envelope.delivery_count + 1
+    if deliveries >= DELIVERY_LIMIT:
+        reason = f"{error} (gave up after {deliveries} deliveries)"
+        log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
+        return Outcome("dead_letter", reason)
+    log.warning("message requeued", queue=envelope.queue, deliveries=deliveries, error=error)
+    return Outcome("requeue", error)
+
+
+_HEADER_TYPES = (str, bytes, int, Decimal, datetime, type(None))  # what AMQP (pika) can carry; bool is an int
+
+
+def check_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of message headers, refusing values AMQP cannot carry (so both transports accept the same)."""
+
+    def check(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                check(f"{key}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                check(f"{key}[{i}]", v)
+        elif not isinstance(value, _HEADER_TYPES):
+            raise TypeError(f"header {key!r}: a {type(value).__name__} cannot be sent in AMQP headers (use a string)")
+
+    for key, value in (headers or {}).items():
+        check(str(key), value)
+    return dict(headers or {})
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Headers of a moved message: the application's own, without those of an earlier dead-lettering."""
+    return {k: v for k, v in headers.items() if k not in DEATH_HEADERS}
+
+
+@dataclass
+class _Item:
+    body: bytes
+    headers: dict[str, Any]
+    deliveries: int = 0  # deliveries so far
+
+
+@dataclass
+class _Queue:
+    single_active: bool = False
+    ready: deque[_Item] = field(default_factory=deque)
+    consumers: list[_MemoryConsumer] = field(default_factory=list)  # in arrival order; [0] is the active one
+
+
+class MemoryBroker(Broker):
+    """All queues in this process; see the module docstring for what a crash loses."""
+
+    def __init__(self, namespace: str = "cryomae") -> None:
+        self.namespace = namespace
+        self._cond = threading.Condition()
+        self._queues: dict[str, _Queue] = {}
+        self._subscriptions: list[_Queue] = []
+        self._consumers: list[_MemoryConsumer] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker(namespace={self.namespace!r})"
+
+    # -- queues (callers hold self._cond) --------------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(single_active=name in topology.SINGLE_ACTIVE)
+        return queue
+
+    def _dead_letter(self, source: str, item: _Item, reason: str) -> None:
+        headers = {**item.headers, REASON_HEADER: reason, QUEUE_HEADER: source}
+        self._queue(topology.dead_letters(source)).ready.append(_Item(item.body, headers))
+        self._cond.notify_all()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise TransientError(f"{what}: the in-memory broker is closed")
+
+    # -- Broker ----------------------------------------------------------------------------------------------
+
+    def declare(self) -> None:
+        with self._cond:
+            for name in topology.WORK_QUEUES:
+                self._queue(name)
+                self._queue(topology.dead_letters(name))
+            self._queue(topology.dead_letters(topology.MODELS))
+
+    def publish(self, queue: str, message: Message, headers: Mapping[str, Any] | None = None) -> None:
+        with self._cond:
+            self._check_open(f"publish to {queue}")
+            self._queue(queue).ready.append(_Item(message.body(), check_headers(headers)))
+            self._cond.notify_all()
+
+    def broadcast(self, message: Message) -> None:
+        with self._cond:
+            self._check_open("broadcast")
+            body = message.body()
+            for subscription in self._subscriptions:
+                subscription.ready.append(_Item(body, {}))
+            self._cond.notify_all()
+
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> Consumer:
+        with self._cond:
+            self._check_open(f"consume {queue}")
+            return self._start(queue, self._queue(queue), handler, prefetch)
+
+    def subscribe(self, handler: Handler) -> Consumer:
+        with self._cond:
+            self._check_open("subscribe")
+            private = _Queue()
+            self._subscriptions.append(private)
+            return self._start(topology.MODELS, private, handler, 1)
+
+    def _start(self, name: str, queue: _Queue, handler: Handler, prefetch: int) -> _MemoryConsumer:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        consumer = _MemoryConsumer(self, name, queue, handler, prefetch)
+        queue.consumers.append(consumer)
+        self._consumers.append(consumer)
+        consumer.start()
+        return consumer
+
+    def _forget(self, consumer: _MemoryConsumer) -> None:
+        """Called by a stopping consumer (holding the lock): the next one of its queue becomes active."""
+        consumer.queue.consumers.remove(consumer)
+        if consumer.queue in self._subscriptions:
+            self._subscriptions.remove(consumer.queue)
+        if consumer in self._consumers:
+            self._consumers.remove(consumer)
+        self._cond.notify_all()
+
+    def depth(self, queue: str) -> int:
+        with self._cond:
+            found = self._queues.get(queue)
+            return 0 if found is None else len(found.ready)
+
+    def peek(self, queue: str, limit: int = 100) -> list[Envelope]:
+        with self._cond:
+            found = self._queues.get(queue)
+            items = [] if found is None else list(found.ready)[:limit]
+            return [Envelope(queue, item.body, dict(item.headers), item.deliveries) for item in items]
+
+    def move(self, source: str, target: str, limit: int | None = None) -> int:
+        with self._cond:
+            self._check_open(f"move {source} to {target}")
+            found = self._queues.get(source)
+            if found is None or source == target:
+                return 0
+            count = len(found.ready) if limit is None else min(limit, len(found.ready))
+            destination = self._queue(target)
+            for _ in range(count):
+                item = found.ready.popleft()
+                destination.ready.append(_Item(item.body, replay_headers(item.headers)))
+            self._cond.notify_all()
+            return count
+
+    def purge(self, queue: str) -> int:
+        with self._cond:
+            found = self._queues.get(queue)
+            if found is None:
+                return 0
+            count = len(found.ready)
+            found.ready.clear()
+            return count
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            consumers = list(self._consumers)
+        for consumer in consumers:
+            consumer.stop(CLOSE_TIMEOUT)
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+
+class _MemoryConsumer(Consumer):
+    """``prefetch`` worker threads taking messages from one queue; all state is guarded by the broker's lock."""
+
+    def __init__(self, broker: MemoryBroker, name: str, queue: _Queue, handler: Handler, prefetch: int) -> None:
+        self.broker = broker
+        self.name = name
+        self.queue = queue
+        self._handler = handler
+        self._cond = broker._cond
+        self._stopping = False
+        self._stopped = False
+        # Messages being handled, by ticket, with the worker handling each; a ticket gone from here was
+        # abandoned by ``stop`` (its handler's result is then ignored).
+        self._in_hand: dict[int, tuple[_Item, threading.Thread]] = {}
+        self._tickets = 0
+        self._workers = [
+            threading.Thread(target=self._work, name=f"cryomae-memory-{name}-{i}", daemon=True)
+            for i in range(prefetch)
+        ]
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+
+    def _may_take(self) -> bool:
+        active = not self.queue.single_active or self.queue.consumers[0] is self
+        return active and bool(self.queue.ready)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._may_take():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                item = self.queue.ready.popleft()
+                self._tickets += 1
+                ticket = self._tickets
+                self._in_hand[ticket] = (item, threading.current_thread())
+                envelope = Envelope(self.name, item.body, dict(item.headers), item.deliveries)
+                item.deliveries += 1
+            outcome = judge(self._handler, envelope)
+            with self._cond:
+                if self._in_hand.pop(ticket, None) is not None:
+                    self._settle(item, outcome)
+                self._cond.notify_all()
+
+    def _settle(self, item: _Item, outcome: Outcome) -> None:
+        if outcome.action == "requeue":
+            self.queue.ready.appendleft(item)  # like a RabbitMQ quorum queue: a returned message goes first
+        elif outcome.action == "dead_letter":
+            self.broker._dead_letter(self.name, item, outcome.reason)
+
+    def _abandon(self, item: _Item) -> None:
+        """A message whose handler did not finish before ``stop`` gave up: as if its consumer had died."""
+        if item.deliveries >= DELIVERY_LIMIT:
+            self.broker._dead_letter(self.name, item, f"delivery limit reached ({item.deliveries} deliveries)")
+        else:
+            self.queue.ready.appendleft(item)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no more messages, wait up to ``timeout`` for those in hand, then return any left to the queue.
+
+        A handler still running after ``timeout`` is abandoned: its message is redelivered (or dead-lettered at
+        the delivery limit) and the handler's eventual result is ignored. Called from one of this consumer's
+        own handlers, it does not wait for that handler, whose message is settled when it returns.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+            while others := [ticket for ticket, (_, worker) in self._in_hand.items() if worker is not me]:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            for ticket in others:
+                log.warning("handler did not finish before stop; message returned", queue=self.name)
+                self._abandon(self._in_hand.pop(ticket)[0])
+            self.broker._forget(self)
+            self._stopped = True
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped
+
+    @property
+    def connected(self) -> bool:
+        """Always true while running: there is no connection to lose."""
+        return not self._stopped
