@@ -32,22 +32,6 @@ class BrokerSettings(BaseModel):
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat, seconds")
 
 
-class WatchSettings(BaseModel):
-    """How the watcher finds complete micrographs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["auto", "inotify", "poll"] = Field(
-        "auto", description="auto: inotify where it works, polling on network filesystems (NFS, CIFS, ...)"
-    )
-    settle_seconds: float = Field(2.0, gt=0, description="size and mtime unchanged this long = complete")
-    give_up_seconds: float = Field(
-        60.0, gt=0, description="a settled file that never passes the completeness check is published anyway "
-        "after this long, so that the picker dead-letters it with a reason"
-    )
-    poll_interval: float = Field(1.0, gt=0, description="seconds between scans in polling mode")
-
-
 class Settings(BaseSettings):
     """Everything a service or the operator CLI needs."""
 
@@ -68,7 +52,6 @@ class Settings(BaseSettings):
         description="folders micrographs may come from; a message naming a path outside them is refused "
         "(empty: the current folder only)",
     )
-    watch: WatchSettings = Field(default_factory=WatchSettings)
     pick: PickConfig = Field(default_factory=PickConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N for picking and training")

@@ -214,7 +214,11 @@ def gmm_cutoff(scores: np.ndarray, posterior_min: float = 0.5, iterations: int =
         raise InputError(None, "no scores to threshold")
     if len(np.unique(s)) < 4:
         return float(s.min())
-    mix = fit_mixture(s, iterations, tol)
+    return _mixture_cut(s, fit_mixture(s, iterations, tol), posterior_min)
+
+
+def _mixture_cut(s: np.ndarray, mix: Mixture, posterior_min: float) -> float:
+    """The lowest score above the lower mean whose upper-mode posterior is at least ``posterior_min``."""
     selected = s[(mix.posterior(s) >= posterior_min) & (s >= mix.means[0])]
     return float(selected.min()) if len(selected) else float(s.max())
 
@@ -260,5 +264,5 @@ def auto_cutoff(
         return float(s.min()), "gmm"
     mix = fit_mixture(s)
     if mix.separation >= min_separation and mix.weights[1] >= min_weight:
-        return gmm_cutoff(s, posterior_min), "gmm"
+        return _mixture_cut(s, mix, posterior_min), "gmm"
     return robust_cutoff(s, z), "robust"
