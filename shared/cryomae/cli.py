@@ -1,7 +1,10 @@
-"""The ``cryomae`` command: offline training, picking, evaluation, previews and a built-in example.
+"""The ``cryomae`` command: offline training, picking, evaluation and previews; the live services
+(``service``, ``run``, ``demo``); and the operator's commands (``project``, ``exemplars``, ``session``,
+``status``, ``dlq``, ``config``).
 
 Each sub-command is a thin layer: parse options, call the library, print for people (or JSON for scripts).
-Exit codes: 0 success, 1 an input or model problem (the message names the file), 2 bad usage.
+Exit codes: 0 success, 1 an input or model problem (the message names the file), 2 bad usage or settings,
+3 the broker cannot be reached (try again later).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import structlog
 
 from cryomae.config import PickConfig, TrainConfig
-from cryomae.errors import CryomaeError
+from cryomae.errors import ConfigError, CryomaeError, TransientError
 from cryomae.logging import configure_logging
 from cryomae.model.presets import PRESETS
 
@@ -123,9 +126,345 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ live services
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The service settings: environment, .env and secrets, then these command-line options."""
+    from cryomae.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "broker", None):
+        overrides["broker"] = {"url": args.broker}
+    for name in ("store", "outputs", "state"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "data_root", None):
+        overrides["data_roots"] = args.data_root
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    return load_settings(**overrides)
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    from cryomae.live.ops import dumps
+
+    print(dumps(data) if getattr(args, "json", False) else text)
+
+
+def _serve(args: argparse.Namespace, names: Sequence[str]) -> int:
+    from cryomae.live.app import App, serve
+
+    settings = _settings(args)
+    _log_from_settings(args, settings)
+    return serve(App(settings, names))
+
+
+def _log_from_settings(args: argparse.Namespace, settings: Any) -> None:
+    level = args.log_level or settings.log_level
+    configure_logging(level, json=True if args.log_json else settings.log_json)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    if _settings(args).broker.url.startswith("memory"):
+        raise ConfigError(
+            "a service on its own needs RabbitMQ: set CRYOMAE_BROKER__URL=amqp://user@host:5672/ (or --broker); "
+            "`cryomae run` runs every service in one process with the in-memory broker"
+        )
+    return _serve(args, [args.name])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _serve(args, args.services)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cryomae.live.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        out=args.out,
+        source=args.source,
+        count=args.count,
+        interval_s=args.interval,
+        exemplars_after=args.exemplars_after,
+        broker=args.broker or "memory://",
+        preset=args.preset,
+    )
+    report = run_demo(opts, progress=None if args.json else print)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0 if report["complete"] else 1
+
+
+def cmd_project_create(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    overrides = _set_pairs(args.set or [])
+    if args.preset:
+        overrides["preset"] = args.preset
+    out = ops.project_create(_settings(args), args.name, args.diameter, overrides, args.exist_ok)
+    _print(args, out, f"project {out['project']} at {out['path']}")
+    return 0
+
+
+def cmd_project_list(args: argparse.Namespace) -> int:
+    from cryomae.live.ops import status_projects
+
+    rows = status_projects(_settings(args))
+    lines = [f"{r['project']}: diameter {r['diameter']}, current model {r['current_version'] or '-'}" for r in rows]
+    _print(args, rows, "\n".join(lines) or "no projects")
+    return 0
+
+
+def _with_control(args: argparse.Namespace, action: Any) -> Any:
+    from cryomae.live.ops import open_control
+
+    control = open_control(_settings(args))
+    try:
+        return action(control)
+    finally:
+        control.close()
+
+
+def cmd_exemplars_add(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+
+    def act(control: Any) -> Any:
+        return ops.exemplars_add(settings, control, args.project, args.micrograph, args.coords, args.diameter)
+
+    out = act(None) if args.no_train else _with_control(args, act)
+    lines = [f"exemplar set {out['exemplar_set']}: {out['exemplars']} exemplars, diameter {out['diameter']} px"]
+    lines += [f"warning: {w}" for w in out["warnings"]]
+    if out["training"]:
+        lines.append(f"training requested ({out['training']['delivery']}); follow it with `cryomae status`")
+    for w in out["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    _print(args, out, "\n".join(lines))
+    return 0
+
+
+def cmd_session_start(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+    out = _with_control(
+        args,
+        lambda c: ops.session_start(
+            settings, c, args.project, args.session, args.folder, args.pattern, not args.no_recursive
+        ),
+    )
+    _print(args, out, f"watching {out['folder']} as {out['project']}/{out['session']} ({out['delivery']})")
+    return 0
+
+
+def cmd_session_stop(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+    out = _with_control(args, lambda c: ops.session_stop(settings, c, args.project, args.session))
+    _print(args, out, f"stop watching {out['project']}/{out['session']} ({out['delivery']})")
+    return 0
+
+
+def cmd_session_rethreshold(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+    value = None if args.threshold == "auto" else float(args.threshold)
+    out = _with_control(args, lambda c: ops.session_rethreshold(settings, c, args.project, args.session, value))
+    shown = "each micrograph's automatic cutoff" if value is None else f"score >= {value}"
+    _print(args, out, f"{out['project']}/{out['session']}: threshold -> {shown} ({out['delivery']})")
+    return 0
+
+
+def cmd_session_repick(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+    out = _with_control(args, lambda c: ops.session_repick(settings, c, args.project, args.session, args.all))
+    text = (
+        f"{out['micrographs']} micrographs of {out['project']}/{out['session']} to re-pick with model "
+        f"{out['model_version']} ({out['delivery']})"
+    )
+    if out["missing"]:
+        text += f"\n{len(out['missing'])} micrographs are no longer on disk: " + ", ".join(out["missing"][:5])
+    _print(args, out, text)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    settings = _settings(args)
+    out = _with_control(args, lambda c: ops.status(settings, c))
+    _print(args, out, ops.format_status(out))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from cryomae.live import ops
+
+    if args.action == "list":
+        out = _with_control(args, lambda c: ops.dlq_list(c, args.queue, args.limit))
+        text = ops.format_dead_letters(out)
+    elif args.action == "replay":
+        out = _with_control(args, lambda c: ops.dlq_replay(c, args.queue, args.limit))
+        done = "requested" if out["replayed"] is None else f"{out['replayed']} messages moved back"
+        text = f"{out['queue']}: replay {done} {out['note']}".rstrip()
+    else:
+        if not args.yes:
+            print(f"purging deletes the dead letters of {args.queue} for good; add --yes", file=sys.stderr)
+            return 2
+        out = _with_control(args, lambda c: ops.dlq_purge(c, args.queue))
+        done = "requested" if out["purged"] is None else f"{out['purged']} messages deleted"
+        text = f"{out['queue']}: purge {done} {out['note']}".rstrip()
+    _print(args, out, text)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from cryomae.live.ops import config_show, dumps
+
+    print(dumps(config_show(_settings(args))))
+    return 0
+
+
+def _add_live_parsers(sub: Any) -> None:
+    from cryomae.live.app import SERVICES
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("settings (override CRYOMAE_* environment variables)")
+    g.add_argument("--broker", metavar="URL", help="memory:// (one process) or amqp://user@host:5672/vhost")
+    g.add_argument("--store", type=Path, help="project and model store folder")
+    g.add_argument("--outputs", type=Path, help="folder of the per-session STAR outputs")
+    g.add_argument("--state", type=Path, help="service state folder (watcher ledger, inbox); local disk")
+    g.add_argument(
+        "--data-root", type=Path, action="append", metavar="FOLDER", help="folder micrographs may come from (repeat)"
+    )
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    s = sub.add_parser(
+        "service",
+        parents=[common],
+        help="run one live service (needs RabbitMQ)",
+        description="Run one service until SIGTERM/SIGINT; exits 1 when it fails for good (its supervisor "
+        "restarts it), 3 when the broker stays unreachable at start-up.",
+    )
+    s.add_argument("name", choices=SERVICES)
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.set_defaults(func=cmd_service)
+
+    r = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run watcher, picker, writer and trainer in one process (in-memory broker by default)",
+        description="The single-workstation mode. Operator commands (`cryomae session start`, `exemplars add`, "
+        "`status`, ...) reach it through the state folder when the broker is memory://.",
+    )
+    r.add_argument("--services", nargs="+", choices=SERVICES, default=list(SERVICES), help="subset to run")
+    r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser(
+        "demo",
+        parents=[js],
+        help="play a collection session into a watched folder and pick it live",
+        description="Writes micrographs into a watched session folder at a steady rate, registers 15 exemplars "
+        "from the first one, picks everything live and reports throughput, latency and F1 against the truth.",
+    )
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (replaced)")
+    d.add_argument(
+        "--source",
+        default="auto",
+        help="auto (../shared/data/empiar10017/bin4 when present, else synthetic), synthetic, or a dataset "
+        "folder with micrographs/ and coords/",
+    )
+    d.add_argument("--count", type=int, default=20, help="micrographs to play (default 20)")
+    d.add_argument("--interval", type=float, default=2.0, help="seconds between micrographs (default 2)")
+    d.add_argument(
+        "--exemplars-after", type=int, default=3, help="micrographs written before the exemplars are registered"
+    )
+    d.add_argument("--broker", metavar="URL", help="memory:// (default) or amqp://user:password@host:5672/")
+    d.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
+    d.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("project", help="create and list projects").add_subparsers(dest="action", required=True)
+    pc = p.add_parser("create", parents=[common, js], help="create a project")
+    pc.add_argument("name")
+    pc.add_argument("--diameter", type=float, help="default particle diameter in pixels")
+    pc.add_argument("--preset", choices=list(PRESETS), help="model preset for its training")
+    pc.add_argument("--set", action="append", metavar="KEY=VALUE", help="training hyperparameter override")
+    pc.add_argument("--exist-ok", action="store_true", help="succeed if it exists (its settings are kept)")
+    pc.set_defaults(func=cmd_project_create)
+    pl = p.add_parser("list", parents=[common, js], help="list projects")
+    pl.set_defaults(func=cmd_project_list)
+
+    e = sub.add_parser("exemplars", help="register exemplars and train").add_subparsers(dest="action", required=True)
+    ea = e.add_parser(
+        "add",
+        parents=[common, js],
+        help="validate and store exemplars marked on one micrograph, and request training",
+        description="Checks that the micrograph reads, that there is at least one exemplar and every one lies "
+        "inside the image (warns below 5), stores the set in the project and asks the trainer for a model.",
+    )
+    ea.add_argument("--project", required=True)
+    ea.add_argument("--micrograph", type=Path, required=True, help="the micrograph the particles were marked on")
+    ea.add_argument("--coords", type=Path, required=True, help="centres: RELION .star, EMAN .box or .csv")
+    ea.add_argument("--diameter", type=float, help="particle diameter in pixels (default: the project's)")
+    ea.add_argument("--no-train", action="store_true", help="store the set without requesting training")
+    ea.set_defaults(func=cmd_exemplars_add)
+
+    se = sub.add_parser("session", help="watch, stop, re-threshold and re-pick sessions").add_subparsers(
+        dest="action", required=True
+    )
+    ss = se.add_parser("start", parents=[common, js], help="start watching a session folder")
+    ss.add_argument("--project", required=True)
+    ss.add_argument("--session", required=True)
+    ss.add_argument("--folder", type=Path, required=True, help="the session folder (under a data root)")
+    ss.add_argument("--pattern", default="*.mrc", help="glob of micrograph names (default *.mrc)")
+    ss.add_argument("--no-recursive", action="store_true", help="only the folder itself, not its sub-folders")
+    ss.set_defaults(func=cmd_session_start)
+    st = se.add_parser("stop", parents=[common, js], help="stop watching a session")
+    st.add_argument("--project", required=True)
+    st.add_argument("--session", required=True)
+    st.set_defaults(func=cmd_session_stop)
+    sr = se.add_parser("rethreshold", parents=[common, js], help="change a session's cutoff without re-picking")
+    sr.add_argument("--project", required=True)
+    sr.add_argument("--session", required=True)
+    sr.add_argument("--threshold", required=True, help="a score, or auto for each micrograph's automatic cutoff")
+    sr.set_defaults(func=cmd_session_rethreshold)
+    sp = se.add_parser("repick", parents=[common, js], help="re-pick a session with the current model")
+    sp.add_argument("--project", required=True)
+    sp.add_argument("--session", required=True)
+    sp.add_argument("--all", action="store_true", help="every micrograph, not only those of older models")
+    sp.set_defaults(func=cmd_session_repick)
+
+    stt = sub.add_parser("status", parents=[common, js], help="queues, models and per-session counts")
+    stt.set_defaults(func=cmd_status)
+
+    q = sub.add_parser(
+        "dlq",
+        parents=[common, js],
+        help="list, replay or purge dead-lettered messages",
+        description="Messages that failed (with the reason) wait in a dead-letter queue per work queue.",
+    )
+    q.add_argument("action", choices=["list", "replay", "purge"])
+    q.add_argument("--queue", default="micrographs", help="micrographs (default), picks, training or watcher")
+    q.add_argument("--limit", type=int, default=None, help="at most this many (list: default 100)")
+    q.add_argument("--yes", action="store_true", help="confirm a purge")
+    q.set_defaults(func=cmd_dlq)
+
+    c = sub.add_parser("config", help="show the settings in force").add_subparsers(dest="action", required=True)
+    cs = c.add_parser("show", parents=[common], help="the settings, secrets hidden, as JSON")
+    cs.set_defaults(func=cmd_config_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cryomae", description=__doc__.splitlines()[0])
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO, or CRYOMAE_LOG_LEVEL)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -242,15 +581,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
     x.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
     x.set_defaults(func=cmd_example)
+    _add_live_parsers(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, json=True if args.log_json else None)
+    configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
     try:
         return int(args.func(args))
+    except TransientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except CryomaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cryomae.config import PickConfig, TrainConfig
+from cryomae.watching.settings import WatchSettings, WatchTuning
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets/cryomae")
 
@@ -52,10 +53,14 @@ class Settings(BaseSettings):
         description="folders micrographs may come from; a message naming a path outside them is refused "
         "(empty: the current folder only)",
     )
+    watch: WatchTuning = Field(default_factory=WatchTuning)
     pick: PickConfig = Field(default_factory=PickConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N for picking and training")
     model_check_seconds: float = Field(10.0, gt=0, description="how often a picker checks for a new model version")
+    broker_wait_seconds: float = Field(
+        120.0, ge=0, description="how long a service waits for the broker at start-up before exiting non-zero"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
 
@@ -69,6 +74,10 @@ class Settings(BaseSettings):
     def roots(self) -> list[Path]:
         """The allowed data roots, resolved (the current folder when none are set)."""
         return [p.expanduser().resolve() for p in (self.data_roots or [Path.cwd()])]
+
+    def watch_settings(self) -> WatchSettings:
+        """The watcher's settings: the ``watch`` section with the data roots."""
+        return WatchSettings(data_roots=self.roots(), **self.watch.model_dump())
 
     def broker_url(self) -> str:
         """The broker URL with the password from the settings put in (never log this)."""

@@ -215,13 +215,20 @@ class _Record:
 class SessionOutputs:
     """The STAR outputs of one session folder, e.g. ``<outputs>/<project>/<session>/``.
 
-    Opening creates the folder and repairs what a crash left (see the module docstring). ``name_root``: write
+    Opening creates the folder and repairs what a crash left (see the module docstring); with ``read_only``
+    (``cryomae status`` beside a running writer) it only reads the state, changes nothing and refuses to write.
+    ``name_root``: write
     ``rlnMicrographName`` relative to this folder instead of the path as sent. ``clock`` gives the time for
     latencies and records (``time.time`` by default).
     """
 
     def __init__(
-        self, root: str | Path, *, name_root: str | Path | None = None, clock: Callable[[], float] = time.time
+        self,
+        root: str | Path,
+        *,
+        name_root: str | Path | None = None,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         self.root = Path(os.path.abspath(root))
         self.index_path = self.root / INDEX_NAME
@@ -240,6 +247,11 @@ class SessionOutputs:
         self._threshold: float | None = None
         self._owner: tuple[str, str] | None = None  # (project, session) of the messages applied here
         self._pending = False
+        self.read_only = read_only
+        if read_only:
+            if self._records_dir.is_dir():
+                self._load()
+            return
         for folder in (self.coordinates_dir, self._records_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._remove_temp_files()
@@ -475,6 +487,8 @@ class SessionOutputs:
 
     def _begin(self, keys: list[str] | None) -> None:
         """Mark STAR files as about to change (``None``: all of them) before the state changes."""
+        if self.read_only:
+            raise InputError(self.root, "opened read-only: the session's outputs cannot be changed from here")
         _write_json(self._pending_file, {"format": _FORMAT, "keys": keys, "all": keys is None})
         self._pending = True
 

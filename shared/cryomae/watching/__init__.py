@@ -8,7 +8,7 @@ ledger of published files and watched sessions (``ledger``), the filesystem type
 
 from cryomae.watching.filesystems import Mount, parse_mountinfo, parse_mounts, read_mounts
 from cryomae.watching.sessions import SessionInfo, SessionStats, check_folder
-from cryomae.watching.settings import WatchMode, WatchSettings
+from cryomae.watching.settings import WatchMode, WatchSettings, WatchTuning
 from cryomae.watching.watcher import Publish, Watcher
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "SessionStats",
     "WatchMode",
     "WatchSettings",
+    "WatchTuning",
     "Watcher",
     "check_folder",
     "parse_mountinfo",

@@ -197,3 +197,29 @@ class Ledger:
                 "SELECT project, session, folder, pattern, recursive, started_at FROM sessions ORDER BY started_at"
             ).fetchall()
         return [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+
+
+def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, str], Summary]]:
+    """The watched sessions and every session's publication counts, read without taking the lock (for
+    ``cryomae status`` in another process while the watcher runs); empty when there is no ledger yet."""
+    path = state_dir / DATABASE
+    if not path.is_file():
+        return [], {}
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
+    try:
+        rows = db.execute(
+            "SELECT project, session, folder, pattern, recursive, started_at FROM sessions ORDER BY started_at"
+        ).fetchall()
+        counts = db.execute(
+            "SELECT project, session, COUNT(*), COALESCE(SUM(1 - complete), 0), MAX(published_at) FROM published "
+            "GROUP BY project, session"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
+    finally:
+        db.close()
+    sessions = [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+    return sessions, {(c[0], c[1]): Summary(int(c[2]), int(c[3]), c[4]) for c in counts}

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 WatchMode = Literal["auto", "inotify", "poll"]
 
 
-class WatchSettings(BaseModel):
-    """How the watcher finds and judges micrographs (one instance, built in ``main()`` and passed down).
+class WatchTuning(BaseModel):
+    """How the watcher finds and judges micrographs (the service settings' ``watch`` section).
 
     ``mode``: ``inotify`` asks the kernel for events (immediate, cheap, blind to changes made by other machines
     on network filesystems); ``poll`` lists the session folder every ``poll_interval`` seconds (works everywhere);
@@ -21,9 +21,6 @@ class WatchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data_roots: list[Path] = Field(
-        min_length=1, description="absolute folders; a session folder must lie under one of them"
-    )
     mode: WatchMode = "auto"
     settle_seconds: float = Field(2.0, ge=0, description="size and mtime unchanged this long before a file counts")
     give_up_seconds: float = Field(
@@ -38,6 +35,23 @@ class WatchSettings(BaseModel):
     )
     check_interval: float = Field(0.5, gt=0, description="seconds between completeness checks of pending files")
 
+    @model_validator(mode="after")
+    def _give_up_after_settle(self) -> WatchTuning:
+        if self.give_up_seconds < self.settle_seconds:
+            raise ValueError(
+                f"give_up_seconds ({self.give_up_seconds}) must not be shorter than settle_seconds "
+                f"({self.settle_seconds})"
+            )
+        return self
+
+
+class WatchSettings(WatchTuning):
+    """The tuning plus where the watcher may look (one instance, built in ``main()`` and passed down)."""
+
+    data_roots: list[Path] = Field(
+        min_length=1, description="absolute folders; a session folder must lie under one of them"
+    )
+
     @field_validator("data_roots")
     @classmethod
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
@@ -45,12 +59,3 @@ class WatchSettings(BaseModel):
         if relative:
             raise ValueError(f"data roots must be absolute paths: {', '.join(relative)}")
         return roots
-
-    @model_validator(mode="after")
-    def _give_up_after_settle(self) -> WatchSettings:
-        if self.give_up_seconds < self.settle_seconds:
-            raise ValueError(
-                f"give_up_seconds ({self.give_up_seconds}) must not be shorter than settle_seconds "
-                f"({self.settle_seconds})"
-            )
-        return self

@@ -164,6 +164,11 @@ class Watcher:
         with self._lock:
             return [self._sessions[key].info() for key in sorted(self._sessions)]
 
+    def publications(self, project: str, session: str) -> dict[str, Publication]:
+        """Every file the watcher published for a session, by path (from the ledger)."""
+        self._check_open()
+        return self._ledger.publications(project, session)
+
     def session_stats(self, project: str, session: str) -> SessionStats:
         """Counts for a session (zeros for one the watcher never saw)."""
         self._check_open()

@@ -1,0 +1,247 @@
+"""The live services as processes: ``cryomae service NAME`` runs one, ``cryomae run`` runs them all in one.
+
+``App`` builds the chosen services over one broker from the ``Settings``, declares the topology (waiting for
+the broker up to ``broker_wait_seconds``), starts them downstream first (writer, trainer, picker, then the
+watcher, so nothing piles up) and stops them in the reverse order, letting the message in hand finish.
+``serve`` is the process's main loop: it returns 0 after SIGTERM or SIGINT and 1 when a service failed for
+good (the watcher's loop ended with an error, a consumer stopped), so that the process exits non-zero and its
+supervisor (Kubernetes, systemd, compose) restarts it.
+
+With the in-memory broker (one process), the operator CLI's requests come through the state folder's inbox
+(``cryomae.live.control``), and at start-up ``recover`` re-sends what the queues lost when the process last
+stopped: every micrograph the watcher published that has no rows in its session's outputs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from cryomae.errors import ConfigError, CryomaeError, TransientError
+from cryomae.live.common import bind, expect, get_logger, handling
+from cryomae.live.control import Inbox
+from cryomae.live.ops import WATCHER_STATE
+from cryomae.live.picker import Picker
+from cryomae.live.trainer import Trainer
+from cryomae.live.writer import Writer
+from cryomae.messages import MicrographReady, SessionCommand
+from cryomae.messaging import Broker, Consumer, Envelope, open_broker, redact_url, topology
+from cryomae.messaging.memory import MemoryBroker
+from cryomae.settings import Settings
+from cryomae.store.projects import ProjectStore
+from cryomae.watching import Watcher
+
+log = get_logger("app")
+
+SERVICES = ("writer", "trainer", "picker", "watcher")  # start order: downstream first
+
+
+class Service(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None: ...
+
+    def ready(self) -> dict[str, Any]: ...
+
+
+class WatcherService:
+    """The watcher publishing to the micrographs queue, and taking session commands from the watcher queue."""
+
+    def __init__(self, broker: Broker, settings: Settings) -> None:
+        self.broker = broker
+        self.watcher = Watcher(settings.state / WATCHER_STATE, self.publish, settings.watch_settings())
+        self._consumer: Consumer | None = None
+
+    def publish(self, message: MicrographReady) -> None:
+        self.broker.publish(topology.MICROGRAPHS, message)
+
+    def handle(self, env: Envelope) -> None:
+        command = expect(env, (SessionCommand,))
+        with handling(bind(get_logger("watcher"), command), env, action=command.action, folder=command.folder):
+            self.watcher.handle(command)
+
+    def start(self) -> None:
+        self.watcher.start()
+        self._consumer = self.broker.consume(topology.WATCHER, self.handle, prefetch=1)
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._consumer is not None:
+            self._consumer.stop(timeout)
+        self.watcher.close()
+
+    def check(self) -> None:
+        """Raise the exception that ended the watcher's loop, if it ended."""
+        self.watcher.join(0)
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "broker": self.broker.connected,
+            "watching": self.watcher.running,
+            "consumer": self._consumer is not None and self._consumer.running,
+        }
+
+
+def wait_for_broker(broker: Broker, seconds: float, url: str) -> None:
+    """Declare the topology, retrying while the broker is unreachable for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    delay = 1.0
+    while True:
+        try:
+            broker.declare()
+            return
+        except TransientError as exc:
+            if time.monotonic() + delay > deadline:
+                raise TransientError(f"broker {redact_url(url)} unreachable for {seconds:.0f} s: {exc}") from None
+            log.warning("broker_unreachable", url=redact_url(url), error=str(exc), retry_in_s=delay)
+            time.sleep(delay)  # back-off between connection attempts, not synchronisation
+            delay = min(delay * 2, 15.0)
+
+
+class App:
+    """Some or all services over one broker; ``start``/``stop``, ``check`` for failures, ``ready``."""
+
+    def __init__(self, settings: Settings, services: Sequence[str] = SERVICES, broker: Broker | None = None) -> None:
+        unknown = sorted(set(services) - set(SERVICES))
+        if unknown or not services:
+            raise ConfigError(f"unknown service(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SERVICES)}")
+        self.settings = settings
+        self.names = [s for s in SERVICES if s in services]
+        self.broker = broker or open_broker(
+            settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat
+        )
+        self.embedded = isinstance(self.broker, MemoryBroker)
+        self.store = ProjectStore(settings.store)
+        self.services: dict[str, Service] = {}
+        self.inbox: Inbox | None = None
+        self._started = False
+
+    def _build(self, name: str) -> Service:
+        s = self.settings
+        if name == "writer":
+            return Writer(self.broker, s.outputs)
+        if name == "trainer":
+            return Trainer(self.broker, self.store, s.train, s.device)
+        if name == "picker":
+            return Picker(self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds)
+        return WatcherService(self.broker, s)
+
+    def start(self) -> None:
+        wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)
+        try:
+            for name in self.names:
+                service = self._build(name)
+                self.services[name] = service
+                service.start()
+            if self.embedded:
+                if set(self.names) == set(SERVICES):
+                    self.recover()
+                self.inbox = Inbox(self.broker, self.store, self.settings.state)
+                self.inbox.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        log.info(
+            "services_started",
+            services=self.names,
+            broker=redact_url(self.settings.broker.url),
+            store=str(self.settings.store),
+            outputs=str(self.settings.outputs),
+            data_roots=[str(r) for r in self.settings.roots()],
+        )
+
+    def recover(self) -> int:
+        """One process only: re-send the watcher's published micrographs that have no rows in the outputs (the
+        in-memory queues died with the previous process). Idempotent downstream, so a repeat costs a re-pick."""
+        watcher = self.services.get("watcher")
+        writer = self.services.get("writer")
+        if not isinstance(watcher, WatcherService) or not isinstance(writer, Writer):
+            return 0
+        resent = 0
+        for info in watcher.watcher.sessions():
+            done = {m.micrograph for m in writer.session(info.project, info.session).micrographs()}
+            for path, pub in sorted(watcher.watcher.publications(info.project, info.session).items()):
+                if path in done:
+                    continue
+                self.broker.publish(
+                    topology.MICROGRAPHS,
+                    MicrographReady(
+                        project=info.project,
+                        session=info.session,
+                        path=path,
+                        size=pub.size,
+                        mtime=pub.mtime_ns / 1e9,
+                        complete_at=pub.published_at,
+                    ),
+                )
+                resent += 1
+        if resent:
+            log.info("recovered_unpicked", micrographs=resent)
+        return resent
+
+    def check(self) -> None:
+        """Raise when a service has failed for good (the caller exits non-zero)."""
+        for name, service in self.services.items():
+            if isinstance(service, WatcherService):
+                service.check()
+            state = service.ready()
+            if self._started and not all(v for k, v in state.items() if k != "broker"):
+                raise CryomaeError(f"the {name} service stopped: {state}")
+        if self.inbox is not None and self._started and not self.inbox.running:
+            raise CryomaeError("the inbox of the one-process mode stopped")
+
+    def ready(self) -> dict[str, Any]:
+        return {name: service.ready() for name, service in self.services.items()}
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the services upstream first (each finishes the message in hand), then close the broker."""
+        errors: list[BaseException] = []
+        if self.inbox is not None:
+            self.inbox.stop(timeout)
+        for name in reversed(list(self.services)):
+            try:
+                self.services[name].stop(timeout)
+            except Exception as exc:  # stop the others anyway
+                log.error("service_stop_failed", service=name, error=str(exc))
+                errors.append(exc)
+        self.services.clear()
+        self.broker.close()
+        self._started = False
+        log.info("services_stopped", services=self.names)
+        if errors:
+            raise errors[0]
+
+
+def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 1.0) -> int:
+    """Run ``app`` until SIGTERM/SIGINT (or ``stop`` is set): 0 after a requested stop, 1 after a failure."""
+    stop = stop or threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    code = 0
+    try:
+        try:
+            app.start()
+        except TransientError as exc:
+            log.error("broker_unavailable", error=str(exc))
+            code = 3
+            return code
+        while not stop.wait(check_every_s):
+            app.check()
+    except (CryomaeError, OSError) as exc:
+        log.error("service_failed", error=str(exc), error_type=type(exc).__name__)
+        code = 1
+    finally:
+        try:
+            app.stop()
+        except Exception as exc:
+            log.error("service_stop_failed", error=str(exc))
+            code = code or 1
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+

@@ -1,0 +1,348 @@
+"""What the operator CLI does, as functions returning plain data (the CLI prints it for people or as JSON).
+
+Every function takes the ``Settings`` and, where it sends or reports on messages, a ``Control``
+(``cryomae.live.control``): RabbitMQ directly, or the inbox of the ``cryomae run`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cryomae.errors import InputError
+from cryomae.live.control import BrokerControl, Control, SpoolControl
+from cryomae.live.trainer import read_status
+from cryomae.messages import MicrographReady, Rethreshold, SessionCommand, TrainRequest, decode, valid_name
+from cryomae.messaging import open_broker, topology
+from cryomae.messaging.base import QUEUE_HEADER, REASON_HEADER, Envelope
+from cryomae.settings import Settings
+from cryomae.store.outputs import SessionOutputs
+from cryomae.store.projects import ProjectStore
+from cryomae.watching import check_folder
+from cryomae.watching.ledger import read_ledger
+
+WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (cryomae.live.app uses the same)
+
+
+def open_control(settings: Settings) -> Control:
+    """RabbitMQ when the settings name it, else the running one-process mode's inbox."""
+    if settings.broker.url.startswith("memory"):
+        return SpoolControl(settings.state)
+    broker = open_broker(settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat)
+    return BrokerControl(broker, ProjectStore(settings.store))
+
+
+def _name(value: str, what: str) -> str:
+    if not valid_name(value):
+        raise InputError(None, f"invalid {what} name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _delivery(control: Control) -> str:
+    return "queued for the running `cryomae run` process" if control.deferred else "sent"
+
+
+# ------------------------------------------------------------------------------------------------ projects
+
+
+def project_create(
+    settings: Settings, name: str, diameter: float | None, train_overrides: dict[str, Any], exist_ok: bool
+) -> dict[str, Any]:
+    project = ProjectStore(settings.store).create_project(name, diameter, train_overrides, exist_ok=exist_ok)
+    return {
+        "project": project.name,
+        "path": str(project.path),
+        "diameter": project.diameter,
+        "train_overrides": project.train_overrides,
+    }
+
+
+def exemplars_add(
+    settings: Settings,
+    control: Control | None,
+    project: str,
+    micrograph: Path,
+    coords: Path,
+    diameter: float | None,
+) -> dict[str, Any]:
+    """Validate and store an exemplar set, then request training (unless ``control`` is None)."""
+    exset = ProjectStore(settings.store).add_exemplars(project, micrograph, coords, diameter)
+    out: dict[str, Any] = {
+        "project": project,
+        "exemplar_set": exset.id,
+        "exemplars": exset.count,
+        "diameter": exset.diameter,
+        "micrograph": str(exset.micrograph),
+        "warnings": list(exset.warnings),
+        "training": None,
+    }
+    if control is not None:
+        request = TrainRequest(project=project, exemplar_set=exset.id)
+        control.send(topology.TRAINING, request)
+        out["training"] = {"request": request.id, "delivery": _delivery(control)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+
+
+def session_start(
+    settings: Settings, control: Control, project: str, session: str, folder: Path, pattern: str, recursive: bool
+) -> dict[str, Any]:
+    ProjectStore(settings.store).get_project(project)  # the project must exist
+    _name(session, "session")
+    resolved = check_folder(Path(os.path.abspath(folder)), settings.roots())  # the watcher checks it again
+    command = SessionCommand(
+        action="start", project=project, session=session, folder=str(resolved), pattern=pattern, recursive=recursive
+    )
+    control.send(topology.WATCHER, command)
+    return {"project": project, "session": session, "folder": str(resolved), "delivery": _delivery(control)}
+
+
+def session_stop(settings: Settings, control: Control, project: str, session: str) -> dict[str, Any]:
+    command = SessionCommand(action="stop", project=_name(project, "project"), session=_name(session, "session"))
+    control.send(topology.WATCHER, command)
+    return {"project": project, "session": session, "delivery": _delivery(control)}
+
+
+def session_outputs_dir(settings: Settings, project: str, session: str) -> Path:
+    return settings.outputs / _name(project, "project") / _name(session, "session")
+
+
+def session_rethreshold(
+    settings: Settings, control: Control, project: str, session: str, threshold: float | None
+) -> dict[str, Any]:
+    folder = session_outputs_dir(settings, project, session)
+    if not folder.is_dir():
+        raise InputError(folder, f"no outputs for session {project}/{session} yet")
+    control.send(topology.PICKS, Rethreshold(project=project, session=session, threshold=threshold))
+    return {"project": project, "session": session, "threshold": threshold, "delivery": _delivery(control)}
+
+
+def session_repick(
+    settings: Settings, control: Control, project: str, session: str, every: bool
+) -> dict[str, Any]:
+    """Re-pick a session's micrographs picked with an older model version than the current one (``every``:
+    all of them)."""
+    current = ProjectStore(settings.store).current_version(project)
+    if current is None:
+        raise InputError(None, f"project {project!r} has no model yet; its micrographs are picked when it has one")
+    outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
+    sent, missing = 0, []
+    for entry in outputs.micrographs():
+        if not every and entry.model_version == current:
+            continue
+        try:
+            stat = os.stat(entry.micrograph)
+        except OSError:
+            missing.append(entry.micrograph)
+            continue
+        control.send(
+            topology.MICROGRAPHS,
+            MicrographReady(
+                project=project,
+                session=session,
+                path=entry.micrograph,
+                size=stat.st_size,
+                mtime=stat.st_mtime,
+                complete_at=stat.st_mtime,
+                repick=True,
+            ),
+        )
+        sent += 1
+    return {
+        "project": project,
+        "session": session,
+        "model_version": current,
+        "micrographs": sent,
+        "missing": missing,
+        "delivery": _delivery(control),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ status
+
+
+def _failed_by_session(control: Control) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for env in control.dead_letters(topology.MICROGRAPHS, 10_000) or []:
+        try:
+            msg = decode(env.body)
+        except InputError:
+            continue
+        if isinstance(msg, MicrographReady):
+            key = (msg.project, msg.session)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def status_projects(settings: Settings, depths: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Every project with its model versions, training state and micrographs waiting for a first model."""
+    store = ProjectStore(settings.store)
+    return [
+        {
+            "project": project.name,
+            "diameter": project.diameter,
+            "current_version": store.current_version(project.name),
+            "versions": store.versions(project.name),
+            "training": read_status(store, project.name),
+            "waiting": None if depths is None else depths.get(topology.waiting(project.name), 0),
+        }
+        for project in store.projects()
+    ]
+
+
+def status(settings: Settings, control: Control) -> dict[str, Any]:
+    """Queue depths, projects with their model versions and training state, and per-session counts."""
+    depths = control.depths()
+    projects = status_projects(settings, depths)
+    watched, summaries = read_ledger(settings.state / WATCHER_STATE)
+    folders = {(r.project, r.session): str(r.folder) for r in watched}
+    keys = set(folders) | set(summaries)
+    if settings.outputs.is_dir():
+        keys |= {
+            (p.name, s.name)
+            for p in settings.outputs.iterdir()
+            if p.is_dir() and valid_name(p.name)
+            for s in p.iterdir()
+            if s.is_dir() and valid_name(s.name)
+        }
+    failed = _failed_by_session(control)
+    sessions = []
+    for project, session in sorted(keys):
+        outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
+        counts = outputs.counts()
+        summary = summaries.get((project, session))
+        sessions.append(
+            {
+                "project": project,
+                "session": session,
+                "folder": folders.get((project, session)),
+                "watched": (project, session) in folders,
+                "seen": None if summary is None else summary.published,
+                "picked": counts.micrographs,
+                "failed": failed.get((project, session), 0),
+                "particles": counts.particles,
+                "threshold": counts.threshold,
+                "last_seen_at": None if summary is None else summary.last_published_at,
+            }
+        )
+    return {
+        "broker": settings.redacted()["broker"]["url"],
+        "mode": "one process (in-memory broker)" if control.deferred else "rabbitmq",
+        "running": depths is not None,
+        "queues": depths,
+        "projects": projects,
+        "sessions": sessions,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ dead letters
+
+
+def _queue(name: str) -> str:
+    if name not in topology.WORK_QUEUES:
+        raise InputError(None, f"unknown queue {name!r}; choose from {', '.join(topology.WORK_QUEUES)}")
+    return name
+
+
+def describe_dead_letter(env: Envelope) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "reason": str(env.headers.get(REASON_HEADER, "")),
+        "queue": str(env.headers.get(QUEUE_HEADER, "")),
+        "deliveries": env.delivery_count,
+    }
+    try:
+        msg = decode(env.body)
+        row.update({"id": msg.id, "kind": getattr(msg, "kind", None)})
+        for key in ("project", "session", "path", "micrograph", "exemplar_set"):
+            if hasattr(msg, key):
+                row[key] = getattr(msg, key)
+    except InputError:
+        row["body"] = env.body[:200].decode(errors="replace")
+    return row
+
+
+def dlq_list(control: Control, queue: str, limit: int) -> dict[str, Any]:
+    letters = control.dead_letters(_queue(queue), limit)
+    depths = control.depths()
+    return {
+        "queue": topology.dead_letters(queue),
+        "running": letters is not None,
+        "depth": None if depths is None else depths.get(topology.dead_letters(queue), 0),
+        "messages": [describe_dead_letter(e) for e in letters or []],
+    }
+
+
+def dlq_replay(control: Control, queue: str, limit: int | None) -> dict[str, Any]:
+    outcome = control.replay(_queue(queue), limit)
+    return {"queue": topology.dead_letters(queue), "replayed": outcome.count, "note": outcome.note}
+
+
+def dlq_purge(control: Control, queue: str) -> dict[str, Any]:
+    outcome = control.purge(_queue(queue))
+    return {"queue": topology.dead_letters(queue), "purged": outcome.count, "note": outcome.note}
+
+
+def format_status(data: dict[str, Any]) -> str:
+    """``cryomae status`` for people."""
+    lines = [f"broker: {data['broker']} ({data['mode']})"]
+    if data["queues"] is None:
+        lines.append("queues: unknown (no `cryomae run` process is running; requests wait in its inbox)")
+    else:
+        busy = {q: n for q, n in data["queues"].items() if n}
+        lines.append("queues: " + (", ".join(f"{q} {n}" for q, n in busy.items()) or "all empty"))
+    lines.append("")
+    lines.append("projects:" if data["projects"] else "projects: none")
+    for p in data["projects"]:
+        training = p["training"] or {}
+        state = training.get("state", "never trained")
+        if state == "failed":
+            state = f"failed: {training.get('error', '?')}"
+        elif state == "training" and training.get("progress"):
+            state = f"training ({training['progress']})"
+        waiting = f", {p['waiting']} micrographs waiting for a model" if p["waiting"] else ""
+        lines.append(f"  {p['project']}: model {p['current_version'] or '-'} ({len(p['versions'])} versions), "
+                     f"training {state}{waiting}")
+    lines.append("")
+    if not data["sessions"]:
+        lines.append("sessions: none")
+        return "\n".join(lines)
+    header = ("project/session", "watched", "seen", "picked", "failed", "particles")
+    rows = [
+        (
+            f"{s['project']}/{s['session']}",
+            "yes" if s["watched"] else "no",
+            "-" if s["seen"] is None else str(s["seen"]),
+            str(s["picked"]),
+            str(s["failed"]),
+            str(s["particles"]),
+        )
+        for s in data["sessions"]
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def format_dead_letters(data: dict[str, Any]) -> str:
+    """``cryomae dlq list`` for people."""
+    if not data["running"]:
+        return f"{data['queue']}: unknown (no `cryomae run` process is running)"
+    lines = [f"{data['queue']}: {data['depth']} messages"]
+    for m in data["messages"]:
+        what = m.get("path") or m.get("micrograph") or m.get("exemplar_set") or m.get("body", "")
+        lines.append(f"  {m.get('id', '?')} {m.get('kind', '?')} {what}\n    reason: {m['reason']}")
+    return "\n".join(lines)
+
+
+def config_show(settings: Settings) -> dict[str, Any]:
+    return settings.redacted()
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
