@@ -189,6 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         exemplars_after=args.exemplars_after,
         broker=args.broker or "memory://",
         preset=args.preset,
+        diameter=args.diameter,
     )
     report = run_demo(opts, progress=None if args.json else print)
     if args.json:
@@ -389,6 +390,7 @@ def _add_live_parsers(sub: Any) -> None:
     )
     d.add_argument("--broker", metavar="URL", help="memory:// (default) or amqp://user:password@host:5672/")
     d.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
+    d.add_argument("--diameter", type=float, help="particle diameter in px (a --source folder without dataset.json)")
     d.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("project", help="create and list projects").add_subparsers(dest="action", required=True)

@@ -74,9 +74,9 @@ def micrograph(i: int, project: str = "demo") -> MicrographReady:
     )
 
 
-def _delete_namespace(namespace: str) -> None:
+def delete_namespace(namespace: str, projects: tuple[str, ...] = ("demo",)) -> None:
     """Delete every queue and the exchange a test may have created in its namespace."""
-    queues = [*t.WORK_QUEUES, t.MODELS, t.waiting("demo")]
+    queues = [*t.WORK_QUEUES, t.MODELS, *(t.waiting(p) for p in projects)]
     names = {f"{namespace}.{q}" for name in queues for q in (name, t.dead_letters(name))}
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
@@ -110,7 +110,7 @@ def broker_factory(transport: str) -> Iterator[BrokerFactory]:
     for broker in opened:
         broker.close()
     if transport == "rabbitmq":
-        _delete_namespace(namespace)
+        delete_namespace(namespace)
 
 
 @pytest.fixture

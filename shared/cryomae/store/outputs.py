@@ -144,8 +144,9 @@ class MicrographEntry:
     picker_threshold: float
     model_version: str
     message_id: str
+    complete_at: float  # when the watcher judged the file complete
     picked_at: float
-    applied_at: float
+    applied_at: float  # when its rows were written: latency = applied_at - complete_at
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ class SessionOutputs:
                     picker_threshold=r.threshold,
                     model_version=r.model_version,
                     message_id=r.message_id,
+                    complete_at=r.complete_at,
                     picked_at=r.picked_at,
                     applied_at=r.applied_at,
                 )

@@ -1,0 +1,183 @@
+"""Fixtures for the live-service tests: settings in a temporary folder, synthetic micrographs with known
+centres, a tiny training configuration, and RabbitMQ namespaces that are deleted afterwards.
+
+Tests marked ``rabbitmq`` talk to the real server (``CRYOMAE_TEST_AMQP_URL``, default the local one); they are
+never skipped. Every wait polls a condition with a deadline (``wait_until``); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import starfile
+
+from cryomae.io import Coordinates, write_coordinates, write_mrc
+from cryomae.live.control import BrokerControl, Control, SpoolControl
+from cryomae.settings import Settings
+from cryomae.store.outputs import SessionOutputs
+from cryomae.store.projects import ProjectStore
+from cryomae.synthetic import make_micrograph
+from tests.messaging.conftest import AMQP_URL, delete_namespace
+
+PROJECT = "proj"
+SESSION = "sess"
+DIAMETER = 24.0
+# training small enough for a test (about a second on two CPU cores); picking quality is not judged here
+TINY_TRAINING = {
+    "preset": "test",
+    "box_factor": 1.5,
+    "pretrain_regions": 128,
+    "pretrain_epochs": 1,
+    "epochs": 2,
+    "n_unlabeled": 64,
+}
+WAIT = 120.0  # seconds a whole pipeline may take before a test fails
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Synthetic micrographs (MRC) with their true centres (STAR), written once per test session."""
+
+    folder: Path
+    micrographs: list[Path]
+    truth: list[Path]
+
+    def exemplars(self, out: Path, n: int = 15) -> Path:
+        """A coordinate file with the first ``n`` true centres of the first micrograph."""
+        table = starfile.read(self.truth[0])
+        write_coordinates(out, Coordinates(table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy()[:n]))
+        return out
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    folder = tmp_path_factory.mktemp("live-data")
+    mics, truth = [], []
+    for i in range(24):
+        m = make_micrograph(shape=(256, 256), diameter=DIAMETER, n_particles=20, seed=100 + i)
+        mics.append(folder / f"mic_{i:03d}.mrc")
+        truth.append(folder / f"mic_{i:03d}.star")
+        write_mrc(mics[-1], m.image, pixel_size=2.0)
+        write_coordinates(truth[-1], Coordinates(m.centres))
+    return Dataset(folder, mics, truth)
+
+
+@dataclass
+class Live:
+    """One test's installation: folders, settings and helpers; ``namespace`` isolates its RabbitMQ queues."""
+
+    root: Path
+    transport: str
+    namespace: str
+    dataset: Dataset
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def session_folder(self) -> Path:
+        return self.data / SESSION
+
+    @property
+    def broker_url(self) -> str:
+        return "memory://" if self.transport == "memory" else AMQP_URL
+
+    def settings(self, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "broker": {"url": self.broker_url, "namespace": self.namespace, "heartbeat": 10},
+            "store": self.root / "store",
+            "outputs": self.root / "outputs",
+            "state": self.root / "state",
+            "data_roots": [self.data, self.dataset.folder],
+            "watch": {"settle_seconds": 0.3, "check_interval": 0.1, "poll_interval": 0.5},
+            "device": "cpu",
+            "model_check_seconds": 1.0,
+            "broker_wait_seconds": 30.0,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    def env(self) -> dict[str, str]:
+        """Environment for a ``cryomae`` subprocess with the same settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRYOMAE_")}
+        env.update(
+            {
+                "CRYOMAE_BROKER__URL": self.broker_url,
+                "CRYOMAE_BROKER__NAMESPACE": self.namespace,
+                "CRYOMAE_BROKER__HEARTBEAT": "10",
+                "CRYOMAE_STORE": str(self.root / "store"),
+                "CRYOMAE_OUTPUTS": str(self.root / "outputs"),
+                "CRYOMAE_STATE": str(self.root / "state"),
+                "CRYOMAE_DATA_ROOTS": f'["{self.data}", "{self.dataset.folder}"]',
+                "CRYOMAE_WATCH__SETTLE_SECONDS": "0.3",
+                "CRYOMAE_WATCH__CHECK_INTERVAL": "0.1",
+                "CRYOMAE_DEVICE": "cpu",
+                "CRYOMAE_MODEL_CHECK_SECONDS": "1",
+                "CRYOMAE_SECRETS_DIR": str(self.root / "no-secrets"),
+                "CRYOMAE_LOG_JSON": "true",
+                **self.extra_env,
+            }
+        )
+        return env
+
+    def create_project(self) -> None:
+        ProjectStore(self.root / "store").create_project(PROJECT, DIAMETER, TINY_TRAINING)
+
+    def drop(self, index: int) -> Path:
+        """Copy micrograph ``index`` into the session folder the way a detector does: written, then renamed."""
+        self.session_folder.mkdir(parents=True, exist_ok=True)
+        source = self.dataset.micrographs[index]
+        tmp = self.session_folder / f".{source.name}.part"
+        shutil.copyfile(source, tmp)
+        target = self.session_folder / source.name
+        os.replace(tmp, target)
+        return target
+
+    def outputs(self) -> SessionOutputs:
+        return SessionOutputs(self.root / "outputs" / PROJECT / SESSION, read_only=True)
+
+    def picked(self) -> int:
+        return self.outputs().counts().micrographs
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def live(tmp_path: Path, transport: str, dataset: Dataset) -> Iterator[Live]:
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    yield Live(tmp_path, transport, namespace, dataset)
+    if transport == "rabbitmq":
+        delete_namespace(namespace, (PROJECT,))
+
+
+def control_for(live: Live, broker: object | None = None) -> Control:
+    """How an operator reaches this installation: the given broker (same process), or RabbitMQ, or the inbox."""
+    from cryomae.messaging import Broker, open_broker
+
+    store = ProjectStore(live.root / "store")
+    if isinstance(broker, Broker):
+        return BrokerControl(broker, store)
+    if live.transport == "memory":
+        return SpoolControl(live.root / "state")
+    return BrokerControl(open_broker(live.broker_url, live.namespace), store)
