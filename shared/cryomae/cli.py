@@ -607,5 +607,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _service_entry(name: str) -> Any:
+    def entry() -> int:
+        return main(["service", name, *sys.argv[1:]])
+
+    entry.__name__ = f"service_{name}"
+    entry.__doc__ = f"The ``cryomae-{name}`` console script: ``cryomae service {name}``."
+    return entry
+
+
+service_picker = _service_entry("picker")
+service_writer = _service_entry("writer")
+service_trainer = _service_entry("trainer")
+service_watcher = _service_entry("watcher")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,3 +25,6 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # pika logs every connection attempt and heartbeat at INFO through the standard library; its warnings and
+    # errors are enough (the broker transport logs reconnects itself)
+    logging.getLogger("pika").setLevel(logging.WARNING)

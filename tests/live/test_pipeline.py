@@ -59,3 +59,33 @@ def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
     assert session["particles"] == sum(counts.values())
     project = next(p for p in report["projects"] if p["project"] == PROJECT)
     assert project["training"]["state"] == "done" and project["current_version"] is not None
+
+
+def test_failed_training_keeps_the_previous_model_and_says_why(live: Live) -> None:
+    live.create_project()
+    settings = live.settings()
+    app = App(settings, ["trainer"])
+    app.start()
+    control = control_for(live, app.broker)
+    store = app.store
+    try:
+        exemplars = live.dataset.exemplars(live.root / "exemplars.star")
+        ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
+        wait_until(lambda: store.current_version(PROJECT) is not None, what="the first model")
+        first = store.current_version(PROJECT)
+        # a second exemplar set whose micrograph is damaged after it was registered
+        copy = live.root / "reference-copy.mrc"
+        copy.write_bytes(live.dataset.micrographs[1].read_bytes())
+        ops.exemplars_add(settings, control, PROJECT, copy, exemplars, None)
+        copy.write_bytes(b"not an MRC file any more")
+        wait_until(lambda: len(control.dead_letters("training") or []) == 1, what="the request dead-lettered")
+        training = ops.status(settings, control)["projects"][0]["training"]
+        letters = ops.dlq_list(control, "training", 10)["messages"]
+    finally:
+        app.stop()
+    assert store.current_version(PROJECT) == first
+    assert store.versions(PROJECT) == [first]  # nothing half-written left as a version
+    assert training["state"] == "failed"
+    assert str(copy) in training["error"]
+    assert [m["kind"] for m in letters] == ["train_request"]
+    assert str(copy) in letters[0]["reason"]

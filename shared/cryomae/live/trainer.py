@@ -66,13 +66,24 @@ class Trainer:
         msg = expect(env, (TrainRequest,))
         with handling(bind(log, msg), env, exemplar_set=msg.exemplar_set) as out:
             started = time.time()
-            status = {"state": "training", "request": msg.id, "exemplar_set": msg.exemplar_set, "started": started}
+            status: dict[str, Any] = {
+                "state": "training",
+                "request": msg.id,
+                "exemplar_set": msg.exemplar_set,
+                "started": started,
+            }
             try:
                 exemplars = self.store.exemplar_set(msg.project, msg.exemplar_set)
                 write_status(self.store, msg.project, status)
                 micrograph, coords = exemplars.read_inputs()
                 cfg = self.config_for(msg.project)
-                trained, info = train_model(micrograph, coords.xy, exemplars.diameter, cfg)
+
+                def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
+                    status["progress"] = f"{stage} {step}/{total}"
+                    status["losses"] = losses
+                    write_status(self.store, msg.project, status)
+
+                trained, info = train_model(micrograph, coords.xy, exemplars.diameter, cfg, on_progress=report)
                 info["exemplar_set"] = exemplars.to_json()
                 with self.store.staged_version(msg.project) as (version, folder):
                     save_model(folder, trained.model, trained.bank, trained.geometry, info)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,9 @@ from cryomae.training.regions import crop_regions, dihedral_views, random_augmen
 
 log = structlog.get_logger("cryomae.train")
 
+#: Called about every 10 % of a stage with (stage, step, total steps, running means of the losses).
+ProgressHook = Callable[[str, int, int, dict[str, float]], None]
+
 
 def _lr_at(step: int, total: int, base: float) -> float:
     """Linear warm-up over the first 5 % of steps, then cosine decay to 5 % of the base rate."""
@@ -48,8 +51,8 @@ def _lr_at(step: int, total: int, base: float) -> float:
 class _Progress:
     """Progress log lines about every 10 % of a stage, with the running mean of each loss."""
 
-    def __init__(self, stage: str, total: int) -> None:
-        self.stage, self.total, self.t0 = stage, total, time.perf_counter()
+    def __init__(self, stage: str, total: int, hook: ProgressHook | None = None) -> None:
+        self.stage, self.total, self.t0, self.hook = stage, total, time.perf_counter(), hook
         self.every = max(1, total // 10)
         self.sums: dict[str, float] = {}
         self.count = 0
@@ -61,6 +64,8 @@ class _Progress:
         if (i + 1) % self.every == 0 or i + 1 == self.total:
             means = {k: round(v / self.count, 5) for k, v in self.sums.items()}
             log.info(self.stage, step=i + 1, of=self.total, seconds=round(time.perf_counter() - self.t0, 1), **means)
+            if self.hook is not None:
+                self.hook(self.stage, i + 1, self.total, means)
             self.sums, self.count = {}, 0
 
 
@@ -80,6 +85,7 @@ def pretrain(
     cfg: TrainConfig,
     rng: np.random.Generator,
     device: torch.device,
+    on_progress: ProgressHook | None = None,
 ) -> list[float]:
     """Reconstruction-only pre-training on random regions of the given resampled images."""
     size = model.preset.img_size
@@ -96,7 +102,7 @@ def pretrain(
     if total == 0:
         return []
     opt = _optimizer(model, cfg.pretrain_lr, cfg.weight_decay)
-    progress, history, step = _Progress("pretrain", total), [], 0
+    progress, history, step = _Progress("pretrain", total, on_progress), [], 0
     model.train()
     for _ in range(cfg.pretrain_epochs):
         order = rng.permutation(n)
@@ -131,6 +137,7 @@ def scs_train(
     cfg: TrainConfig,
     rng: np.random.Generator,
     device: torch.device,
+    on_progress: ProgressHook | None = None,
 ) -> list[dict[str, float]]:
     """Training on exemplars [m, 2] (resampled-image coordinates) and n unlabeled regions with eq. 6."""
     size = model.preset.img_size
@@ -142,7 +149,7 @@ def scs_train(
         return []
     m = len(exemplars)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
-    progress, history, step = _Progress("scs_train", total), [], 0
+    progress, history, step = _Progress("scs_train", total, on_progress), [], 0
     model.train()
     for _ in range(cfg.epochs):
         order = rng.permutation(cfg.n_unlabeled)
@@ -194,8 +201,10 @@ def train_model(
     diameter: float,
     cfg: TrainConfig,
     unlabeled: Sequence[Micrograph] = (),
+    on_progress: ProgressHook | None = None,
 ) -> tuple[TrainedModel, dict[str, Any]]:
     """Train a project's model from one reference micrograph and its exemplars [m, 2] (original pixels).
+    ``on_progress`` hears about every 10 % of each stage (the trainer service reports it).
 
     Returns the trained model and the information for its manifest (hyperparameters, provenance, timings).
     """
@@ -234,9 +243,9 @@ def train_model(
         extra_micrographs=len(extra),
     )
     t1 = time.perf_counter()
-    pre_hist = pretrain(model, [ref, *extra], cfg, rng, device)
+    pre_hist = pretrain(model, [ref, *extra], cfg, rng, device, on_progress)
     t2 = time.perf_counter()
-    scs_hist = scs_train(model, ref, exemplars, cfg, rng, device)
+    scs_hist = scs_train(model, ref, exemplars, cfg, rng, device, on_progress)
     t3 = time.perf_counter()
     bank = exemplar_bank(model, ref, exemplars, cfg.bank_views, device)
     model.eval()

@@ -1,0 +1,8 @@
+"""The picker service as a process: `python services/picker.py` is `cryomae service picker` (settings from CRYOMAE_*)."""
+
+import sys
+
+from cryomae.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["service", "picker", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""The trainer service as a process: `python services/trainer.py` is `cryomae service trainer` (settings from CRYOMAE_*)."""
+
+import sys
+
+from cryomae.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["service", "trainer", *sys.argv[1:]]))

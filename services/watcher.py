@@ -1,0 +1,8 @@
+"""The watcher service as a process: `python services/watcher.py` is `cryomae service watcher` (settings from CRYOMAE_*)."""
+
+import sys
+
+from cryomae.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["service", "watcher", *sys.argv[1:]]))

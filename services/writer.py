@@ -1,0 +1,8 @@
+"""The writer service as a process: `python services/writer.py` is `cryomae service writer` (settings from CRYOMAE_*)."""
+
+import sys
+
+from cryomae.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["service", "writer", *sys.argv[1:]]))
