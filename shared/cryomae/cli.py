@@ -181,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cryomae.live.demo import DemoOptions, run_demo
 
+    # the demo prints its own progress; the services' per-message log lines only with --log-level INFO
+    configure_logging(args.log_level or "WARNING", json=True if args.log_json else None)
     opts = DemoOptions(
         out=args.out,
         source=args.source,
@@ -190,6 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker=args.broker or "memory://",
         preset=args.preset,
         diameter=args.diameter,
+        train_overrides=_set_pairs(args.set or []),
     )
     report = run_demo(opts, progress=None if args.json else print)
     if args.json:
@@ -384,13 +387,14 @@ def _add_live_parsers(sub: Any) -> None:
         "folder with micrographs/ and coords/",
     )
     d.add_argument("--count", type=int, default=20, help="micrographs to play (default 20)")
-    d.add_argument("--interval", type=float, default=2.0, help="seconds between micrographs (default 2)")
+    d.add_argument("--interval", type=float, default=5.0, help="seconds between micrographs (default 5)")
     d.add_argument(
         "--exemplars-after", type=int, default=3, help="micrographs written before the exemplars are registered"
     )
     d.add_argument("--broker", metavar="URL", help="memory:// (default) or amqp://user:password@host:5672/")
     d.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
     d.add_argument("--diameter", type=float, help="particle diameter in px (a --source folder without dataset.json)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="training hyperparameter override (repeat)")
     d.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("project", help="create and list projects").add_subparsers(dest="action", required=True)

@@ -19,9 +19,8 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from cryomae.evaluation.metrics import evaluate
 from cryomae.io import Coordinates, read_coordinates, write_coordinates, write_mrc
 from cryomae.live import ops
 from cryomae.live.app import App
-from cryomae.live.control import BrokerControl
+from cryomae.live.control import BrokerControl, queue_names
 from cryomae.settings import Settings
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
 from cryomae.store.projects import ProjectStore
@@ -49,11 +48,12 @@ class DemoOptions:
     out: Path = Path("runs/demo")
     source: str = "auto"  # auto, synthetic, or a folder with micrographs/*.mrc and coords/*.star
     count: int = 20
-    interval_s: float = 2.0
+    interval_s: float = 5.0
     exemplars_after: int = 3
     broker: str = "memory://"
     preset: str = "fast"
     diameter: float | None = None
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # on top of the preset and the source's
     timeout_s: float = 1800.0
 
 
@@ -181,7 +181,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         raise ConfigError(f"the demo needs at least 2 micrographs, {source.name} has {len(source.micrographs)}")
     session_folder = out / "microscope" / SESSION
     session_folder.mkdir(parents=True)
-    namespace = "cryomae-demo" if opts.broker.startswith("memory") else f"cryomae-demo-{uuid.uuid4().hex[:8]}"
+    namespace = "cryomae-demo"  # its own queues on a shared RabbitMQ; emptied below, so runs never mix
     settings = Settings(
         broker={"url": opts.broker, "namespace": namespace},
         store=out / "store",
@@ -191,12 +191,14 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         watch={"settle_seconds": 1.0, "check_interval": 0.2},
     )
     ProjectStore(settings.store).create_project(
-        PROJECT, source.diameter, {"preset": opts.preset, **source.train_overrides}
+        PROJECT, source.diameter, {"preset": opts.preset, **source.train_overrides, **opts.train_overrides}
     )
     say(f"demo: {count} micrographs from {source.name}, one every {opts.interval_s:g} s, into {session_folder}")
     say(f"demo: broker {opts.broker.split('@')[-1]}, outputs in {settings.outputs / PROJECT / SESSION}")
     app = App(settings)
     app.start()
+    for queue in queue_names(app.store):  # what an earlier demo run left on RabbitMQ
+        app.broker.purge(queue)
     control = BrokerControl(app.broker, ProjectStore(settings.store))
     written: list[Path] = []
     feeder_error: list[BaseException] = []
