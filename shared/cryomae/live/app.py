@@ -132,12 +132,12 @@ class App:
         wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)
         try:
             for name in self.names:
-                service = self._build(name)
-                self.services[name] = service
+                self.services[name] = self._build(name)
+            if self.embedded and set(self.names) == set(SERVICES):
+                self.recover()  # before the watcher starts, so that nothing it publishes now is sent twice
+            for service in self.services.values():
                 service.start()
             if self.embedded:
-                if set(self.names) == set(SERVICES):
-                    self.recover()
                 self.inbox = Inbox(self.broker, self.store, self.settings.state)
                 self.inbox.start()
         except BaseException:
