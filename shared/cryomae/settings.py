@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     broker_wait_seconds: float = Field(
         120.0, ge=0, description="how long a service waits for the broker at start-up before exiting non-zero"
     )
+    metrics_port: int | None = Field(
+        9400, ge=0, le=65535, description="HTTP port of /metrics, /healthz and /readyz (0: any free port; null: off)"
+    )
+    metrics_host: str = Field("0.0.0.0", description="address the metrics and health endpoint listens on")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
 

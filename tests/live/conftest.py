@@ -133,6 +133,7 @@ class Live:
                 "CRYOMAE_MODEL_CHECK_SECONDS": "1",
                 "CRYOMAE_SECRETS_DIR": str(self.root / "no-secrets"),
                 "CRYOMAE_LOG_JSON": "true",
+                "CRYOMAE_METRICS_PORT": "0",
                 **self.extra_env,
             }
         )

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cryomae.errors import ConfigError, CryomaeError, TransientError
-from cryomae.live.common import bind, expect, get_logger, handling
+from cryomae.live import metrics
+from cryomae.live.common import get_logger, handling
 from cryomae.live.control import Inbox
+from cryomae.live.metrics import HealthServer, register_gpu_metrics
 from cryomae.live.ops import WATCHER_STATE
 from cryomae.live.picker import Picker
 from cryomae.live.trainer import Trainer
@@ -57,14 +59,17 @@ class WatcherService:
 
     def publish(self, message: MicrographReady) -> None:
         self.broker.publish(topology.MICROGRAPHS, message)
+        metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
 
     def handle(self, env: Envelope) -> None:
-        command = expect(env, (SessionCommand,))
-        with handling(bind(get_logger("watcher"), command), env, action=command.action, folder=command.folder):
-            self.watcher.handle(command)
+        with handling(get_logger("watcher"), env, (SessionCommand,)) as h:
+            h.fields.update(action=h.message.action, folder=h.message.folder)
+            self.watcher.handle(h.message)
+            metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
 
     def start(self) -> None:
         self.watcher.start()
+        metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
         self._consumer = self.broker.consume(topology.WATCHER, self.handle, prefetch=1)
 
     def stop(self, timeout: float | None = None) -> None:
@@ -116,6 +121,7 @@ class App:
         self.store = ProjectStore(settings.store)
         self.services: dict[str, Service] = {}
         self.inbox: Inbox | None = None
+        self.health: HealthServer | None = None  # set by serve()
         self._started = False
 
     def _build(self, name: str) -> Service:
@@ -129,6 +135,7 @@ class App:
         return WatcherService(self.broker, s)
 
     def start(self) -> None:
+        register_gpu_metrics()
         wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)
         try:
             for name in self.names:
@@ -188,12 +195,16 @@ class App:
             if isinstance(service, WatcherService):
                 service.check()
             state = service.ready()
-            if self._started and not all(v for k, v in state.items() if k != "broker"):
-                raise CryomaeError(f"the {name} service stopped: {state}")
+            threads = {k: v for k, v in state.items() if k in ("consumer", "consumers", "watching")}
+            if self._started and not all(threads.values()):
+                raise CryomaeError(f"the {name} service stopped: {threads}")
         if self.inbox is not None and self._started and not self.inbox.running:
             raise CryomaeError("the inbox of the one-process mode stopped")
 
     def ready(self) -> dict[str, Any]:
+        """Each service's readiness checks (empty until started: not ready)."""
+        if not self._started:
+            return {}
         return {name: service.ready() for name, service in self.services.items()}
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -216,8 +227,20 @@ class App:
 
 
 def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 1.0) -> int:
-    """Run ``app`` until SIGTERM/SIGINT (or ``stop`` is set): 0 after a requested stop, 1 after a failure."""
+    """Run ``app`` until SIGTERM/SIGINT (or ``stop`` is set): 0 after a requested stop, 1 after a failure, 3
+    when the broker stayed unreachable at start-up. Serves /metrics, /healthz and /readyz meanwhile."""
     stop = stop or threading.Event()
+    health = None
+    if app.settings.metrics_port is not None:
+        try:
+            health = HealthServer(app.settings.metrics_host, app.settings.metrics_port, app.ready)
+        except OSError as exc:
+            where = f"{app.settings.metrics_host}:{app.settings.metrics_port}"
+            log.error("http_listen_failed", address=where, error=str(exc))
+            raise ConfigError(f"cannot serve metrics on {where} ({exc}); set CRYOMAE_METRICS_PORT") from None
+        health.start()
+        log.info("http_listening", port=health.port, endpoints=["/metrics", "/healthz", "/readyz"])
+    app.health = health
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -232,6 +255,8 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
             return code
         while not stop.wait(check_every_s):
             app.check()
+            if health is not None:
+                health.beat()
     except (CryomaeError, OSError) as exc:
         log.error("service_failed", error=str(exc), error_type=type(exc).__name__)
         code = 1
@@ -243,5 +268,7 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
             code = code or 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if health is not None:
+            health.stop()
     return code
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from cryomae.errors import CryomaeError, InputError, TransientError
+from cryomae.live import metrics
 from cryomae.messages import Message, decode
-from cryomae.messaging.base import Envelope
+from cryomae.messaging.base import DELIVERY_LIMIT, Envelope
 
 M = TypeVar("M", bound=Message)
 
@@ -37,33 +39,59 @@ def inside_roots(path: str, roots: Sequence[Path]) -> Path:
     return resolved
 
 
-def outcome_of(exc: BaseException | None) -> str:
-    """The outcome word of the canonical log line; mirrors the broker's decision (messaging.base)."""
+def outcome_of(exc: BaseException | None, delivery_count: int = 0) -> str:
+    """The outcome word of the canonical log line; mirrors the broker's decision (messaging.base): a retryable
+    failure of the last allowed delivery is dead-lettered too."""
     if exc is None:
         return "ok"
     if isinstance(exc, TransientError) or not isinstance(exc, CryomaeError):
-        return "retry"
+        return "dead_letter" if delivery_count + 1 >= DELIVERY_LIMIT else "retry"
     return "dead_letter"
 
 
+@dataclass
+class Handled(Generic[M]):
+    """What a handler works with inside ``handling``: the decoded message, its bound logger, the log fields."""
+
+    message: M
+    log: Any
+    fields: dict[str, Any]
+
+
 @contextmanager
-def handling(log: Any, env: Envelope, **context: Any) -> Iterator[dict[str, Any]]:
-    """One JSON line per handled message with its ids, duration and outcome (the handler adds to the dict)."""
-    fields: dict[str, Any] = {"queue": env.queue, "delivery": env.delivery_count, **context}
+def handling(log: Any, env: Envelope, kinds: tuple[type[M], ...]) -> Iterator[Handled[M]]:
+    """Decode a delivery and handle it with one JSON log line (ids, duration, outcome and what the handler adds
+    to ``fields``) and the message metrics (``cryomae.live.metrics``). A body that does not decode is logged
+    and counted too (and dead-lettered by the broker)."""
+    fields: dict[str, Any] = {"queue": env.queue, "delivery": env.delivery_count}
     t0 = time.perf_counter()
+    bound = log
     try:
-        yield fields
+        message = expect(env, kinds)
+        bound = bind(log, message, env.queue)
+        yield Handled(message, bound, fields)
     except BaseException as exc:
-        fields["outcome"] = outcome_of(exc)
+        fields["outcome"] = outcome_of(exc, env.delivery_count)
         fields["error"] = str(exc)
-        log.warning("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+        bound.warning("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+        count(env.queue, fields["outcome"])
         raise
     fields.setdefault("outcome", "ok")
-    log.info("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+    bound.info("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+    count(env.queue, fields["outcome"])
 
 
-def bind(log: Any, message: Message) -> Any:
-    """The logger with the message's ids bound."""
+def count(queue: str, outcome: str) -> None:
+    """Count a handled message (and a dead letter) for the metrics."""
+    metrics.MESSAGES_HANDLED.labels(queue, outcome).inc()
+    if outcome == "dead_letter":
+        metrics.DEAD_LETTERED.labels(queue).inc()
+
+
+def bind(log: Any, message: Message, queue: str | None = None) -> Any:
+    """The logger with the message's ids bound (and, given the queue, its wait in the queue observed)."""
+    if queue is not None:
+        metrics.QUEUE_WAIT.labels(queue).observe(max(0.0, time.time() - message.created))
     ctx = {"message_id": message.id, "kind": getattr(message, "kind", None)}
     for key in ("project", "session"):
         if hasattr(message, key):

@@ -17,8 +17,10 @@ import torch
 
 from cryomae.config import PickConfig
 from cryomae.device import resolve_device
+from cryomae.errors import CryomaeError
 from cryomae.io import read_micrograph
-from cryomae.live.common import bind, expect, get_logger, handling, inside_roots
+from cryomae.live import metrics
+from cryomae.live.common import get_logger, handling, inside_roots
 from cryomae.messages import MicrographReady, ModelPublished, PicksReady
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -50,52 +52,77 @@ class Picker:
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._versions: dict[str, str] = {}  # model version in use per project (metrics)
+        self._versions_lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------------- handlers
 
     def handle(self, env: Envelope) -> None:
         """Pick one micrograph and publish every candidate with the cutoff (acked by the broker afterwards)."""
-        msg = expect(env, (MicrographReady,))
-        mlog = bind(log, msg)
-        with handling(mlog, env, micrograph=msg.path) as out:
-            path = inside_roots(msg.path, self.roots)
-            got = self.cache.get(msg.project)
-            if got is None:
-                self.broker.publish(topology.waiting(msg.project), msg)
-                out["outcome"] = "parked"
-                if self.store.current_version(msg.project) is not None:  # a model appeared meanwhile
-                    self.release(msg.project)
+        with handling(log, env, (MicrographReady,)) as h:
+            msg, out = h.message, h.fields
+            out["micrograph"] = msg.path
+            try:
+                self._pick(msg, out)
+            except Exception as exc:
+                metrics.MICROGRAPHS_FAILED.labels(metrics.failure_reason(exc)).inc()
+                raise
+
+    def _pick(self, msg: MicrographReady, out: dict[str, Any]) -> None:
+        path = inside_roots(msg.path, self.roots)
+        got = self.cache.get(msg.project)
+        if got is None:
+            self.broker.publish(topology.waiting(msg.project), msg)
+            out["outcome"] = "parked"
+            if self.store.current_version(msg.project) is not None:  # a model appeared meanwhile
+                self.release(msg.project)
+            return
+        version, trained = got
+        self._in_use(msg.project, version)
+        t0 = time.perf_counter()
+        image = read_micrograph(path)
+        t1 = time.perf_counter()
+        result = pick_micrograph(trained, image.data, self.cfg, self.device)
+        xy = result.candidates_xy
+        picks = PicksReady(
+            project=msg.project,
+            session=msg.session,
+            micrograph=str(path),
+            micrograph_id=msg.id,
+            model_version=version,
+            diameter=trained.geometry.diameter,
+            threshold=result.threshold,
+            x=[float(v) for v in xy[:, 0]],
+            y=[float(v) for v in xy[:, 1]],
+            scores=[float(v) for v in result.candidate_scores],
+            shape=(int(image.shape[0]), int(image.shape[1])),
+            complete_at=msg.complete_at,
+            timings={"read_s": t1 - t0, **{f"{k}_s": v for k, v in result.timings.items()}},
+        )
+        self.broker.publish(topology.PICKS, picks)
+        n_picks = int(result.selected.sum())
+        metrics.PICK_SECONDS.observe(time.perf_counter() - t0)
+        metrics.MICROGRAPHS_PICKED.labels(msg.project).inc()
+        metrics.PARTICLES_PER_MICROGRAPH.labels(msg.project).observe(n_picks)
+        out.update(model_version=version, picks=n_picks, candidates=len(xy))
+
+    def _in_use(self, project: str, version: str) -> None:
+        """Export the model version in use for a project (one label set per project)."""
+        with self._versions_lock:
+            old = self._versions.get(project)
+            if old == version:
                 return
-            version, trained = got
-            t0 = time.perf_counter()
-            image = read_micrograph(path)
-            t1 = time.perf_counter()
-            result = pick_micrograph(trained, image.data, self.cfg, self.device)
-            xy = result.candidates_xy
-            picks = PicksReady(
-                project=msg.project,
-                session=msg.session,
-                micrograph=str(path),
-                micrograph_id=msg.id,
-                model_version=version,
-                diameter=trained.geometry.diameter,
-                threshold=result.threshold,
-                x=[float(v) for v in xy[:, 0]],
-                y=[float(v) for v in xy[:, 1]],
-                scores=[float(v) for v in result.candidate_scores],
-                shape=(int(image.shape[0]), int(image.shape[1])),
-                complete_at=msg.complete_at,
-                timings={"read_s": t1 - t0, **{f"{k}_s": v for k, v in result.timings.items()}},
-            )
-            self.broker.publish(topology.PICKS, picks)
-            out.update(model_version=version, picks=int(result.selected.sum()), candidates=len(xy))
+            if old is not None:
+                metrics.MODEL_VERSION.remove(project, old)
+            metrics.MODEL_VERSION.labels(project, version).set(1)
+            self._versions[project] = version
 
     def on_model(self, env: Envelope) -> None:
         """A new model version: reload it at the next micrograph and release the project's parked ones."""
-        msg = expect(env, (ModelPublished,))
-        with handling(bind(log, msg), env, version=msg.version) as out:
-            self.cache.invalidate(msg.project)
-            out["released"] = self.release(msg.project)
+        with handling(log, env, (ModelPublished,)) as h:
+            h.fields["version"] = h.message.version
+            self.cache.invalidate(h.message.project)
+            h.fields["released"] = self.release(h.message.project)
 
     def release(self, project: str) -> int:
         """Move a project's parked micrographs back to the work queue."""
@@ -114,7 +141,27 @@ class Picker:
 
     # -------------------------------------------------------------------------------------------- running
 
+    def preload(self) -> None:
+        """Load the current model of every project that has one (readiness waits for this)."""
+        for project in self.store.projects():
+            try:
+                got = self.cache.get(project.name)
+            except CryomaeError as exc:  # a broken model must not stop the picker; its micrographs fail alone
+                log.error("model_preload_failed", project=project.name, error=str(exc))
+                continue
+            if got is not None:
+                self._in_use(project.name, got[0])
+
+    def models_loaded(self) -> bool:
+        """Whether every project's current model is in hand (as of the store now)."""
+        return all(
+            self.cache.loaded(p.name) is not None
+            for p in self.store.projects()
+            if self.store.current_version(p.name) is not None
+        )
+
     def start(self, prefetch: int = 1) -> None:
+        self.preload()
         self._consumers.append(self.broker.subscribe(self.on_model))
         self.sweep()
         self._consumers.append(self.broker.consume(topology.MICROGRAPHS, self.handle, prefetch=prefetch))
@@ -136,4 +183,8 @@ class Picker:
         self._consumers.clear()
 
     def ready(self) -> dict[str, Any]:
-        return {"broker": self.broker.connected, "consumers": all(c.running for c in self._consumers)}
+        return {
+            "broker": self.broker.connected,
+            "consumers": bool(self._consumers) and all(c.running for c in self._consumers),
+            "models_loaded": self.models_loaded(),
+        }

@@ -16,7 +16,8 @@ from typing import Any
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
-from cryomae.live.common import bind, expect, get_logger, handling
+from cryomae.live import metrics
+from cryomae.live.common import get_logger, handling
 from cryomae.messages import ModelPublished, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -63,8 +64,9 @@ class Trainer:
         return TrainConfig(**{**self.defaults.model_dump(exclude_defaults=True), **project_cfg, "device": self.device})
 
     def handle(self, env: Envelope) -> None:
-        msg = expect(env, (TrainRequest,))
-        with handling(bind(log, msg), env, exemplar_set=msg.exemplar_set) as out:
+        with handling(log, env, (TrainRequest,)) as h:
+            msg, out = h.message, h.fields
+            out["exemplar_set"] = msg.exemplar_set
             started = time.time()
             status: dict[str, Any] = {
                 "state": "training",
@@ -82,16 +84,25 @@ class Trainer:
                     status["progress"] = f"{stage} {step}/{total}"
                     status["losses"] = losses
                     write_status(self.store, msg.project, status)
+                    # pre-training is the first half of the progress, SCS training the second
+                    done = (0.0 if stage == "pretrain" else 0.5) + 0.5 * step / max(total, 1)
+                    metrics.TRAINING_PROGRESS.labels(msg.project).set(done)
+                    for name, value in losses.items():
+                        metrics.TRAINING_LOSS.labels(msg.project, stage, name).set(value)
 
                 trained, info = train_model(micrograph, coords.xy, exemplars.diameter, cfg, on_progress=report)
                 info["exemplar_set"] = exemplars.to_json()
                 with self.store.staged_version(msg.project) as (version, folder):
                     save_model(folder, trained.model, trained.bank, trained.geometry, info)
             except Exception as exc:
+                metrics.TRAININGS.labels("failed").inc()
                 self._failed(msg.project, status, exc)
                 raise
             self.broker.broadcast(ModelPublished(project=msg.project, version=version))
             seconds = time.time() - started
+            metrics.TRAININGS.labels("done").inc()
+            metrics.TRAINING_SECONDS.observe(seconds)
+            metrics.TRAINING_PROGRESS.labels(msg.project).set(1.0)
             write_status(
                 self.store,
                 msg.project,

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cryomae.live.common import bind, expect, get_logger, handling
+from cryomae.live import metrics
+from cryomae.live.common import get_logger, handling
 from cryomae.messages import PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -37,17 +38,21 @@ class Writer:
             return self._sessions[key]
 
     def handle(self, env: Envelope) -> None:
-        msg = expect(env, (PicksReady, Rethreshold))
-        mlog = bind(log, msg)
-        if not isinstance(msg, PicksReady):
-            assert isinstance(msg, Rethreshold)
-            with handling(mlog, env, threshold=msg.threshold) as out:
+        with handling(log, env, (PicksReady, Rethreshold)) as h:
+            msg, out = h.message, h.fields
+            if isinstance(msg, Rethreshold):
+                out["threshold"] = msg.threshold
                 changed = self.session(msg.project, msg.session).apply_rethreshold(msg)
                 out.update(micrographs_changed=changed.micrographs_changed, particles=changed.particles)
-            return
-        with handling(mlog, env, micrograph=msg.micrograph, model_version=msg.model_version) as out:
+                return
+            assert isinstance(msg, PicksReady)
+            out.update(micrograph=msg.micrograph, model_version=msg.model_version)
             result = self.session(msg.project, msg.session).apply(msg)
             out.update(result=result.outcome, rows=result.rows, latency_s=round(result.latency_s, 3))
+            metrics.MICROGRAPHS_WRITTEN.labels(msg.project, result.outcome).inc()
+            if result.outcome == "new":
+                metrics.PARTICLES_WRITTEN.labels(msg.project).inc(result.rows)
+                metrics.LATENCY.observe(result.latency_s)
 
     def start(self) -> None:
         self._consumer = self.broker.consume(topology.PICKS, self.handle, prefetch=1)

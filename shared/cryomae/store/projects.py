@@ -589,6 +589,12 @@ class ModelCache:
             entry.generation += 1
             entry.failed = None
 
+    def loaded(self, project: str) -> str | None:
+        """The version in hand for a project (None: nothing loaded yet); reads no file."""
+        with self._lock:
+            entry = self._entries.get(project)
+            return None if entry is None or entry.model is None else entry.version
+
     def get(self, project: str) -> tuple[str, TrainedModel] | None:
         """(version, model) of the project's current model, or None before its first model is published."""
         with self._lock:
