@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,7 +158,12 @@ def _serve(args: argparse.Namespace, names: Sequence[str]) -> int:
 
     settings = _settings(args)
     _log_from_settings(args, settings)
-    return serve(App(settings, names))
+    code = serve(App(settings, names))
+    # Everything is stopped and flushed; leave without the interpreter's teardown, in which native threads
+    # (torch's pools) can abort the process and turn a clean stop into exit 134 for the supervisor.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _log_from_settings(args: argparse.Namespace, settings: Any) -> None:

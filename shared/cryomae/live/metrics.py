@@ -15,6 +15,7 @@ session names, queue names, and a small set of failure reasons (``REASONS``).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -125,8 +126,12 @@ def _gpu_memory() -> None:
     used = Gauge("cryomae_gpu_memory_used_bytes", "GPU memory held by this process's tensors", ["device"])
     reserved = Gauge("cryomae_gpu_memory_reserved_bytes", "GPU memory reserved by this process's allocator", ["device"])
     for i in range(torch.cuda.device_count()):
-        used.labels(f"cuda:{i}").set_function(lambda i=i: float(torch.cuda.memory_allocated(i)))
-        reserved.labels(f"cuda:{i}").set_function(lambda i=i: float(torch.cuda.memory_reserved(i)))
+        used.labels(f"cuda:{i}").set_function(functools.partial(_cuda_bytes, torch.cuda.memory_allocated, i))
+        reserved.labels(f"cuda:{i}").set_function(functools.partial(_cuda_bytes, torch.cuda.memory_reserved, i))
+
+
+def _cuda_bytes(query: Callable[[int], int], device: int) -> float:
+    return float(query(device))
 
 
 _gpu_registered = False
@@ -144,8 +149,11 @@ def register_gpu_metrics() -> None:
 class HealthServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a background thread (``port`` 0: any free port)."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, host: str, port: int, ready: Callable[[], dict[str, Any]], stale_after_s: float = LIVENESS_STALE_S
+    ) -> None:
         self._ready = ready
+        self.stale_after_s = stale_after_s
         self._beat = time.monotonic()
         server = self
 
@@ -156,7 +164,7 @@ class HealthServer:
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     age = time.monotonic() - server._beat
-                    ok = age < LIVENESS_STALE_S
+                    ok = age < server.stale_after_s
                     self._json(200 if ok else 503, {"alive": ok, "last_check_s": round(age, 1)})
                 elif path == "/readyz":
                     state = server.readiness()
