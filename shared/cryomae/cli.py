@@ -342,7 +342,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _add_live_parsers(sub: Any) -> None:
-    from cryomae.live.app import SERVICES
+    from cryomae.messaging.topology import SERVICES
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("settings (override CRYOMAE_* environment variables)")

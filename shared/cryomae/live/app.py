@@ -38,7 +38,7 @@ from cryomae.watching import Watcher
 
 log = get_logger("app")
 
-SERVICES = ("writer", "trainer", "picker", "watcher")  # start order: downstream first
+SERVICES = topology.SERVICES
 
 
 class Service(Protocol):

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 
 from cryomae import __version__
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError, TransientError
+from cryomae.messaging import topology
 
 LIVENESS_STALE_S = 60.0
 
@@ -97,6 +98,16 @@ TRAINING_SECONDS = Histogram(
     "cryomae_training_duration_seconds", "Wall time of a successful training", buckets=(10, 30, 60, 120, 300, 600, 1800)
 )
 SESSIONS_WATCHED = Gauge("cryomae_sessions_watched", "Session folders the watcher watches")
+
+# Label values known in advance start at 0 in every process, so that the first event after a start is an
+# increase (PromQL's increase() cannot see a series that is born at 1): the alert rules on dead letters,
+# failures and failed trainings rely on it.
+for _queue in topology.WORK_QUEUES:
+    DEAD_LETTERED.labels(_queue)
+for _reason in REASONS:
+    MICROGRAPHS_FAILED.labels(_reason)
+for _outcome in ("done", "failed"):
+    TRAININGS.labels(_outcome)
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -13,7 +13,6 @@ from typing import Any
 
 from cryomae.errors import InputError
 from cryomae.live.control import BrokerControl, Control, SpoolControl
-from cryomae.live.trainer import read_status
 from cryomae.messages import MicrographReady, Rethreshold, SessionCommand, TrainRequest, decode, valid_name
 from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import QUEUE_HEADER, REASON_HEADER, Envelope
@@ -187,7 +186,7 @@ def status_projects(settings: Settings, depths: dict[str, int] | None = None) ->
             "diameter": project.diameter,
             "current_version": store.current_version(project.name),
             "versions": store.versions(project.name),
-            "training": read_status(store, project.name),
+            "training": store.training_status(project.name),
             "waiting": None if depths is None else depths.get(topology.waiting(project.name), 0),
         }
         for project in store.projects()

@@ -9,8 +9,6 @@ is at fault (InputError) or lets the broker retry it otherwise.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Any
 
@@ -26,26 +24,6 @@ from cryomae.store.projects import ProjectStore
 from cryomae.training.train import train_model
 
 log = get_logger("trainer")
-STATUS_FILE = "training.json"
-
-
-def write_status(store: ProjectStore, project: str, status: dict[str, Any]) -> None:
-    """The project's training status (for ``cryomae status``), replaced atomically."""
-    path = store.get_project(project).path / STATUS_FILE
-    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_status(store: ProjectStore, project: str) -> dict[str, Any] | None:
-    path = store.get_project(project).path / STATUS_FILE
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        return {"state": "unknown", "error": f"{path}: {exc}"}
-    return data
 
 
 class Trainer:
@@ -76,14 +54,14 @@ class Trainer:
             }
             try:
                 exemplars = self.store.exemplar_set(msg.project, msg.exemplar_set)
-                write_status(self.store, msg.project, status)
+                self.store.write_training_status(msg.project, status)
                 micrograph, coords = exemplars.read_inputs()
                 cfg = self.config_for(msg.project)
 
                 def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
                     status["progress"] = f"{stage} {step}/{total}"
                     status["losses"] = losses
-                    write_status(self.store, msg.project, status)
+                    self.store.write_training_status(msg.project, status)
                     # pre-training is the first half of the progress, SCS training the second
                     done = (0.0 if stage == "pretrain" else 0.5) + 0.5 * step / max(total, 1)
                     metrics.TRAINING_PROGRESS.labels(msg.project).set(done)
@@ -103,8 +81,7 @@ class Trainer:
             metrics.TRAININGS.labels("done").inc()
             metrics.TRAINING_SECONDS.observe(seconds)
             metrics.TRAINING_PROGRESS.labels(msg.project).set(1.0)
-            write_status(
-                self.store,
+            self.store.write_training_status(
                 msg.project,
                 {**status, "state": "done", "version": version, "finished": time.time(), "seconds": seconds},
             )
@@ -113,7 +90,7 @@ class Trainer:
     def _failed(self, project: str, status: dict[str, Any], exc: BaseException) -> None:
         failed = {**status, "state": "failed", "error": str(exc), "finished": time.time()}
         with contextlib.suppress(CryomaeError):  # an unknown project has nowhere to keep a status
-            write_status(self.store, project, failed)
+            self.store.write_training_status(project, failed)
 
     def start(self) -> None:
         self._consumer = self.broker.consume(topology.TRAINING, self.handle, prefetch=1)

@@ -12,6 +12,8 @@ TRAINING = "training"  # TrainRequest: CLI -> trainer
 WATCHER = "watcher"  # SessionCommand: CLI -> watcher (single active consumer)
 MODELS = "models"  # fanout exchange: ModelPublished -> every picker
 
+SERVICES = ("writer", "trainer", "picker", "watcher")  # the live services, in start order (downstream first)
+
 WORK_QUEUES = (MICROGRAPHS, PICKS, TRAINING, WATCHER)
 SINGLE_ACTIVE = frozenset({PICKS, WATCHER})
 

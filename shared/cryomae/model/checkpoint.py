@@ -8,7 +8,6 @@ sha256 of the weights file). Loading recomputes the checksum before any tensor i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -21,12 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cryomae.errors import CheckpointError
+from cryomae.model.layout import MANIFEST, WEIGHTS, sha256_file
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import Preset
 from cryomae.preprocess import Geometry
 
-WEIGHTS = "weights.safetensors"
-MANIFEST = "manifest.json"
 BANK_KEY = "exemplar_bank"
 FORMAT_VERSION = 2
 
@@ -43,15 +41,6 @@ class TrainedModel:
     @property
     def preset(self) -> Preset:
         return self.model.preset
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model(

@@ -39,10 +39,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-import torch
 from pydantic import ValidationError
 
 from cryomae.config import TrainConfig
@@ -50,12 +49,18 @@ from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputErro
 from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
 from cryomae.io.micrographs import Micrograph, atomic_output, read_micrograph
 from cryomae.messages import valid_name
-from cryomae.model.checkpoint import MANIFEST, WEIGHTS, TrainedModel, load_model, sha256_file
+from cryomae.model.layout import MANIFEST, WEIGHTS, sha256_file
+
+if TYPE_CHECKING:  # torch is imported only to load a model, so that the operator CLI starts fast
+    import torch
+
+    from cryomae.model.checkpoint import TrainedModel
 
 log = structlog.get_logger("cryomae.store")
 
 PROJECTS = "projects"
 PROJECT_FILE = "project.json"
+TRAINING_STATUS = "training.json"  # written by the trainer service
 CURRENT_FILE = "current.json"
 EXEMPLARS = "exemplars"
 EXEMPLAR_FILE = "exemplar_set.json"
@@ -273,6 +278,21 @@ class ProjectStore:
         names = sorted(p.name for p in parent.iterdir() if valid_name(p.name) and (p / PROJECT_FILE).is_file())
         return [self.get_project(n) for n in names]
 
+    def write_training_status(self, project: str, status: dict[str, Any]) -> None:
+        """The project's training status (``training.json``: state, progress, error), replaced atomically."""
+        _write_json(self.get_project(project).path / TRAINING_STATUS, status)
+
+    def training_status(self, project: str) -> dict[str, Any] | None:
+        """The last training status written for a project (None: never trained)."""
+        path = self.get_project(project).path / TRAINING_STATUS
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            return {"state": "unknown", "error": f"{path}: {exc}"}
+        return data
+
     # ------------------------------------------------------------------------------------------ exemplar sets
 
     def add_exemplars(
@@ -480,6 +500,8 @@ class ProjectStore:
         path = self.get_project(project).path / MODELS / version
         if not path.is_dir():
             raise CheckpointError(f"{path}: no version {version!r} in project {project!r}")
+        from cryomae.model.checkpoint import load_model
+
         return load_model(path, device)
 
     def load_current(self, project: str, device: torch.device | str = "cpu") -> TrainedModel | None:
