@@ -253,6 +253,8 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
             log.error("broker_unavailable", error=str(exc))
             code = 3
             return code
+        if health is not None:
+            health.beat()
         while not stop.wait(check_every_s):
             app.check()
             if health is not None:

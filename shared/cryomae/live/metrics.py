@@ -3,8 +3,9 @@
 Every process (``cryomae service NAME`` or ``cryomae run``) serves, on ``metrics_port`` (9400 by default):
 
 - ``/metrics``: the metrics below (Prometheus text format), plus the client library's process metrics;
-- ``/healthz``: liveness, 200 while the service's main loop is turning (503 when it has not checked in for
-  ``LIVENESS_STALE_S`` seconds: a hung process that a probe should restart);
+- ``/healthz``: liveness, 200 while the service starts (its start-up has its own time limits: the broker wait)
+  and while its main loop is turning; 503 when the loop has not checked in for ``LIVENESS_STALE_S`` seconds (a
+  hung process that a probe should restart);
 - ``/readyz``: readiness, 200 when the broker is connected, every consumer runs and, for a picker, the current
   model of every project that has one is loaded; 503 otherwise. Both answer JSON with the details.
 
@@ -165,7 +166,7 @@ class HealthServer:
     ) -> None:
         self._ready = ready
         self.stale_after_s = stale_after_s
-        self._beat = time.monotonic()
+        self._beat: float | None = None  # None: still starting
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -174,9 +175,13 @@ class HealthServer:
                 if path == "/metrics":
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    age = time.monotonic() - server._beat
-                    ok = age < server.stale_after_s
-                    self._json(200 if ok else 503, {"alive": ok, "last_check_s": round(age, 1)})
+                    beat = server._beat
+                    if beat is None:
+                        self._json(200, {"alive": True, "starting": True})
+                    else:
+                        age = time.monotonic() - beat
+                        ok = age < server.stale_after_s
+                        self._json(200 if ok else 503, {"alive": ok, "last_check_s": round(age, 1)})
                 elif path == "/readyz":
                     state = server.readiness()
                     self._json(200 if state["ready"] else 503, state)
