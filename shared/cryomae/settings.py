@@ -40,7 +40,9 @@ class Settings(BaseSettings):
         env_prefix="CRYOMAE_",
         env_nested_delimiter="__",
         env_file=".env",
-        extra="forbid",
+        # a .env file may hold other tools' variables (docker compose reads the same file); nested sections
+        # still refuse unknown keys, so a misspelt CRYOMAE_WATCH__... fails loudly
+        extra="ignore",
     )
 
     broker: BrokerSettings = Field(default_factory=BrokerSettings)

@@ -1,0 +1,66 @@
+"""The services' settings: environment, nesting, .env, secrets folder, validation and the redacted view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cryomae.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("CRYOMAE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CRYOMAE_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_environment_with_nesting_and_options_on_top(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CRYOMAE_BROKER__URL", "amqp://cryomae@rabbit:5672/facility")
+    monkeypatch.setenv("CRYOMAE_PICK__THRESHOLD", "robust")
+    monkeypatch.setenv("CRYOMAE_WATCH__MODE", "poll")
+    monkeypatch.setenv("CRYOMAE_DATA_ROOTS", f'["{tmp_path}"]')
+    monkeypatch.setenv("CRYOMAE_STORE", "/srv/store")
+    s = load_settings(store=Path("/override/store"))
+    assert s.broker.url == "amqp://cryomae@rabbit:5672/facility"
+    assert s.broker.namespace == "cryomae"  # nested defaults kept when one nested value is set
+    assert s.pick.threshold == "robust"
+    assert s.watch_settings().mode == "poll" and s.watch_settings().data_roots == [tmp_path.resolve()]
+    assert s.store == Path("/override/store")  # the CLI's option wins over the environment
+
+
+def test_dotenv_file_may_hold_other_tools_variables_but_nested_typos_fail(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DATA_DIR=/x\nCRYOMAE_OUTPUTS=/srv/outputs\n")
+    assert load_settings().outputs == Path("/srv/outputs")
+    (tmp_path / ".env").write_text("CRYOMAE_WATCH__SETLE_SECONDS=3\n")
+    with pytest.raises(ValidationError, match="SETLE_SECONDS|setle_seconds"):
+        load_settings()
+
+
+def test_password_from_the_secrets_folder_is_used_and_never_shown(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "cryomae_broker_password").write_text("s3cr:et/\n")
+    monkeypatch.setenv("CRYOMAE_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("CRYOMAE_BROKER__URL", "amqp://cryomae@rabbit:5672/")
+    s = load_settings()
+    assert s.broker_url() == "amqp://cryomae:s3cr%3Aet%2F@rabbit:5672/"
+    shown = s.redacted()
+    assert "s3cr" not in str(shown) and shown["broker_password"] == "********"
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYOMAE_BROKER__URL", "redis://localhost")
+    with pytest.raises(ValidationError, match="memory://, amqp:// or amqps://"):
+        load_settings()
+    monkeypatch.setenv("CRYOMAE_BROKER__URL", "memory://")
+    monkeypatch.setenv("CRYOMAE_PICK__STRIDE_FRACTION", "5")
+    with pytest.raises(ValidationError, match="stride_fraction"):
+        load_settings()
