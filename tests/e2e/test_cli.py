@@ -535,12 +535,34 @@ def test_help_of_every_sub_command_mentions_each_option(command, capsys):
         assert any(n in OPTIONS[command] for n in names), f"{command}: {names} not in the test's list"
 
 
+# the live services' and operator's commands (tested in tests/live)
+LIVE = {
+    "service": [],
+    "run": [],
+    "demo": [],
+    "project": ["create", "list"],
+    "exemplars": ["add"],
+    "session": ["start", "stop", "rethreshold", "repick"],
+    "status": [],
+    "dlq": [],
+    "config": ["show"],
+}
+
+
+@pytest.mark.parametrize("argv", [[c, *([a] if a else [])] for c, subs in LIVE.items() for a in subs or [None]])
+def test_help_of_every_live_command(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    assert f"usage: cryomae {' '.join(argv)}" in capsys.readouterr().out
+
+
 def test_top_level_help_lists_every_sub_command(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert set(_subparsers()) == set(OPTIONS)
-    for command in OPTIONS:
+    assert set(_subparsers()) == set(OPTIONS) | set(LIVE)
+    for command in [*OPTIONS, *LIVE]:
         assert command in text
     assert "--log-level" in text and "--log-json" in text
