@@ -393,7 +393,7 @@ def _add_live_parsers(sub: Any) -> None:
         "folder with micrographs/ and coords/",
     )
     d.add_argument("--count", type=int, default=20, help="micrographs to play (default 20)")
-    d.add_argument("--interval", type=float, default=5.0, help="seconds between micrographs (default 5)")
+    d.add_argument("--interval", type=float, default=8.0, help="seconds between micrographs (default 8)")
     d.add_argument(
         "--exemplars-after", type=int, default=3, help="micrographs written before the exemplars are registered"
     )

@@ -536,7 +536,7 @@ def test_help_of_every_sub_command_mentions_each_option(command, capsys):
 
 
 # the live services' and operator's commands (tested in tests/live)
-LIVE = {
+LIVE: dict[str, list[str]] = {
     "service": [],
     "run": [],
     "demo": [],
@@ -549,7 +549,10 @@ LIVE = {
 }
 
 
-@pytest.mark.parametrize("argv", [[c, *([a] if a else [])] for c, subs in LIVE.items() for a in subs or [None]])
+LIVE_ARGV = [[c, a] for c, subs in LIVE.items() for a in subs] + [[c] for c, subs in LIVE.items() if not subs]
+
+
+@pytest.mark.parametrize("argv", LIVE_ARGV)
 def test_help_of_every_live_command(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main([*argv, "--help"])
