@@ -118,5 +118,10 @@ class PickConfig(BaseModel):
         description="no picks where the local mean level lies more than this many robust standard "
         "deviations from the micrograph's typical ice (carbon, contamination); None keeps them",
     )
+    shared_tokens: bool = Field(
+        True,
+        description="score windows from one convolution of the whole micrograph with the patch embedding when "
+        "the feature is taken at layer 0 (same scores, far less work); False embeds every window separately",
+    )
     batch_size: int = Field(2048, ge=1)
     device: str = "auto"

@@ -65,6 +65,183 @@ class PickResult:
         return self.candidate_scores[self.selected]
 
 
+def _standardizer(
+    feats_mean: torch.Tensor, feats_std: torch.Tensor, cfg: PickConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre and scale applied to every feature (window and exemplar) before the cosine."""
+    mu = torch.zeros_like(feats_mean) if cfg.feature_norm == "none" else feats_mean
+    sd = feats_std.clamp_min(1e-6) if cfg.feature_norm == "standardize" else torch.ones_like(feats_mean)
+    return mu, sd
+
+
+def _reduce(sims: torch.Tensor, cfg: PickConfig) -> torch.Tensor:
+    """Cosine similarities [n, B] to the bank -> one score per window [n]."""
+    return sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
+
+
+def shared_token_stride(preset_patch: int, stride: int) -> int:
+    """The token-grid step that serves every window at ``stride``: the greatest common divisor of the patch
+    size and the window stride (all patch origins of all windows lie on that grid)."""
+    return math.gcd(preset_patch, stride)
+
+
+def scoring_flops(
+    trained: TrainedModel, image_shape: tuple[int, int], stride: int, cfg: PickConfig
+) -> dict[str, float]:
+    """Multiply-adds of scoring one micrograph of ``image_shape`` (resampled and padded model pixels) by
+    embedding every window separately ("windowed") and, at layer 0, by one convolution ("shared").
+
+    Windowed: the encoder up to the feature layer on every window (patch embedding + blocks) plus the cosine
+    with the bank. Shared: the embedding on the token grid plus the matrix products of ``_shared_token_scores``.
+    The transformer blocks count 12 * D^2 per token (qkv, projection, 8 x D^2 MLP) and 2 * L * D (attention).
+    """
+    preset = trained.preset
+    s, p, d, tokens = preset.img_size, preset.patch_size, preset.embed_dim, preset.tokens
+    h, w = image_shape
+    n_win = ((h - s) // stride + 1) * ((w - s) // stride + 1)
+    layer = preset.feature_layer if 0 <= preset.feature_layer <= preset.depth else preset.depth
+    per_window = tokens * p * p * d + layer * (tokens + 1) * (12 * d * d + 2 * (tokens + 1) * d)
+    n_bank = 1 if cfg.score == "mean" else int(trained.bank.shape[0])
+    feat_dim = int(trained.bank.shape[1])
+    out = {"windows": float(n_win), "windowed": float(n_win * (per_window + feat_dim * n_bank))}
+    if preset.feature_layer == 0 and preset.feature in ("flat", "mean"):
+        g = shared_token_stride(p, stride)
+        cells = ((h - p) // g + 1) * ((w - p) // g + 1)
+        per_cell = p * p * d + (d * (n_bank * tokens + 2 * tokens) if preset.feature == "flat" else 0)
+        mean_extra = n_win * d * (tokens + n_bank) if preset.feature == "mean" else 0
+        out["shared"] = float(cells * per_cell + mean_extra)
+    return out
+
+
+def shared_tokens_apply(
+    trained: TrainedModel, image_shape: tuple[int, int], stride: int, cfg: PickConfig, device: torch.device
+) -> bool:
+    """Whether ``compute_score_map`` uses the convolutional (shared-token) evaluation: allowed by the config,
+    the feature is taken from the patch embedding (layer 0, where a window's tokens do not depend on its other
+    patches) pooled by ``flat`` or ``mean``, it needs fewer multiply-adds than embedding every window, and its
+    token map fits in memory (a quarter of free GPU memory, or 2 GiB on the CPU)."""
+    if not cfg.shared_tokens:
+        return False
+    flops = scoring_flops(trained, image_shape, stride, cfg)
+    if "shared" not in flops or flops["shared"] >= flops["windowed"]:
+        return False
+    preset = trained.preset
+    g = shared_token_stride(preset.patch_size, stride)
+    cells = (image_shape[0] // g + 1) * (image_shape[1] // g + 1)
+    n_bank = 1 if cfg.score == "mean" else int(trained.bank.shape[0])
+    # bytes: the token map, its centred copy and square, two float64 integral images, the per-token maps
+    need = cells * (preset.embed_dim * 7 + preset.tokens * (n_bank + 3)) * 4
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
+    return need <= budget
+
+
+def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, cfg: PickConfig) -> torch.Tensor:
+    """Window scores [Gy, Gx] from one convolution of the whole (padded) image with the patch embedding.
+
+    At layer 0 a window's token for patch (r, c) is the patch embedding of the image square at the window's
+    origin + (r, c) * patch, plus a position embedding: the same square, hence the same token, serves every
+    window that contains it. The embedding is computed once on the grid of step g = gcd(patch, stride), and
+    each window's feature is assembled from strided views of that token map, never materialised per window.
+    Exactly the score of the windowed evaluation (up to float rounding).
+    """
+    model = trained.model
+    preset = model.preset
+    s, p = preset.img_size, preset.patch_size
+    grid = s // p
+    g = shared_token_stride(p, stride)
+    m = stride // g  # token-map cells between neighbouring windows
+    k = p // g  # token-map cells between neighbouring patches of one window
+    gy = (img.shape[0] - s) // stride + 1
+    gx = (img.shape[1] - s) // stride + 1
+    proj = model.patch_embed.proj
+    with autocast(img.device):
+        tok = F.conv2d(img[None, None], proj.weight, proj.bias, stride=g)[0].float()  # [D, Ty, Tx]
+    pos = model.pos_embed[0, 1:].float()  # [L, D]
+    d = tok.shape[0]
+
+    def token_view(r: int, c: int) -> torch.Tensor:
+        """Token (r, c) of every window: [D, Gy, Gx], a strided view plus its position embedding."""
+        view = tok[:, r * k : r * k + (gy - 1) * m + 1 : m, c * k : c * k + (gx - 1) * m + 1 : m]
+        return view + pos[r * grid + c][:, None, None]
+
+    bank = trained.bank.to(img.device).float()
+    n = gy * gx
+    if preset.feature == "mean":
+        feat = torch.zeros(d, gy, gx, device=img.device)
+        for r in range(grid):
+            for c in range(grid):
+                feat += token_view(r, c)
+        feats = (feat / (grid * grid)).reshape(d, n).T  # [N, D]
+        mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
+        bank = F.normalize((bank - mu) / sd, dim=-1)
+        return _reduce(F.normalize((feats - mu) / sd, dim=-1) @ bank.T, cfg).reshape(gy, gx)
+
+    # flat: the feature is the window's L tokens in turn, standardised per (token, channel). Write token l of
+    # window w as x_l(w) = t(w + o_l) + e_l with t the mean-centred token map, o_l the token's offset in the
+    # window and e_l = (token-map mean + position embedding - window mean) a constant; then its dot product
+    # with a bank vector and its squared norm are linear in t and t^2, so three matrix products over the
+    # token map give per-token maps, and each window's sums are L strided additions of [Gy, Gx] maps.
+    centre = tok.mean(dim=(1, 2), keepdim=True)
+    tc = tok - centre  # [D, Ty, Tx]
+    offsets = [(r * k, c * k) for r in range(grid) for c in range(grid)]
+    n = gy * gx
+
+    def window_view(mp: torch.Tensor, o: tuple[int, int]) -> torch.Tensor:
+        """The cells of map mp [..., Ty, Tx] that token offset o takes for every window: [..., Gy, Gx]."""
+        return mp[..., o[0] : o[0] + (gy - 1) * m + 1 : m, o[1] : o[1] + (gx - 1) * m + 1 : m]
+
+    # per-token mean and spread over the windows, from integral images of t and t^2 (float64) of each
+    # residue class of the token grid modulo the window step
+    sums: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    mean_l, std_l = [], []
+    for o in offsets:
+        cls = (o[0] % m, o[1] % m)
+        if cls not in sums:
+            sub = tc[:, cls[0] :: m, cls[1] :: m].double()
+            pad = (1, 0, 1, 0)
+            sums[cls] = (
+                F.pad(sub.cumsum(1).cumsum(2), pad),
+                F.pad(sub.square().cumsum(1).cumsum(2), pad),
+            )
+        i0, j0 = o[0] // m, o[1] // m
+        tot = [ii[:, i0 + gy, j0 + gx] - ii[:, i0, j0 + gx] - ii[:, i0 + gy, j0] + ii[:, i0, j0] for ii in sums[cls]]
+        mean = tot[0] / n
+        var = (tot[1] - n * mean.square()) / max(n - 1, 1)
+        mean_l.append(mean)
+        std_l.append(var.clamp_min(0).sqrt())
+    del sums
+    pos = model.pos_embed[0, 1:].double()  # [L, D]
+    win_mean = torch.stack(mean_l) + centre.reshape(1, d).double() + pos  # [L, D] mean of x_l over windows
+    mu, sd = _standardizer(win_mean.reshape(1, -1), torch.stack(std_l).reshape(1, -1), cfg)
+    mu, sd = mu.reshape(len(offsets), d), sd.reshape(len(offsets), d)
+    e = centre.reshape(1, d).double() + pos - mu  # [L, D]
+    bank_z = (bank.double().reshape(bank.shape[0], len(offsets), d) - mu) / sd
+    bank_n = F.normalize(bank_z.reshape(bank.shape[0], -1), dim=-1).reshape(bank_z.shape)  # [B, L, D]
+    if cfg.score == "mean":
+        bank_n = bank_n.mean(dim=0, keepdim=True)  # the mean cosine is the cosine's numerator with the mean
+    nb = bank_n.shape[0]
+    inv = 1.0 / sd  # [L, D]
+    w_dot = (bank_n * inv).permute(2, 0, 1).reshape(d, nb * len(offsets))  # [D, B*L]
+    w_lin = (2 * e * inv.square()).T  # [D, L]
+    w_sq = inv.square().T  # [D, L]
+    x = tc.reshape(d, -1).T  # [T, D]
+    ty, tx = tc.shape[1:]
+    lin = (x @ torch.cat([w_dot, w_lin], dim=1).float()).T  # [B*L + L, T]
+    quad = (x.square() @ w_sq.float()).T  # [L, T]
+    dot_maps = lin[: nb * len(offsets)].reshape(nb, len(offsets), ty, tx)
+    lin_maps = lin[nb * len(offsets) :].reshape(len(offsets), ty, tx)
+    quad_maps = quad.reshape(len(offsets), ty, tx)
+    const_dot = (bank_n * e * inv).sum(dim=2).sum(dim=1).float()  # [B]
+    const_sq = (e.square() * inv.square()).sum().float()
+    dots = const_dot[:, None, None].expand(nb, gy, gx).clone()
+    sq = torch.full((gy, gx), float(const_sq), device=img.device)
+    for idx, o in enumerate(offsets):
+        dots += window_view(dot_maps[:, idx], o)
+        sq += window_view(lin_maps[idx], o) + window_view(quad_maps[idx], o)
+    scores = dots / sq.clamp_min(0).sqrt().clamp_min(1e-12)  # [B or 1, Gy, Gx]
+    return scores.amax(dim=0) if cfg.score == "max" else scores[0]
+
+
 @torch.no_grad()
 def compute_score_map(
     trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
@@ -77,6 +254,10 @@ def compute_score_map(
     pad = s // 2
     prepared, level = prepare_with_background(image, trained.geometry, dev)
     img = F.pad(prepared, (pad, pad, pad, pad))  # [Hs + 2p, Ws + 2p]
+    offset = (s - 1) / 2 - pad
+    if shared_tokens_apply(trained, (img.shape[0], img.shape[1]), stride, cfg, dev):
+        out = _shared_token_scores(trained, img, stride, cfg)
+        return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy())
     windows = img.unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s], a view
     gy, gx = windows.shape[:2]
     rows = max(1, cfg.batch_size // gx)
@@ -86,21 +267,16 @@ def compute_score_map(
         with autocast(dev):
             chunks.append(model.features(batch).float())
     feats = torch.cat(chunks)  # [Gy*Gx, D]
-    bank = trained.bank.to(dev).float()
-    mu = torch.zeros_like(bank[:1])
-    sd = torch.ones_like(bank[:1])
-    if cfg.feature_norm != "none":
-        mu = feats.mean(dim=0, keepdim=True)
-    if cfg.feature_norm == "standardize":
-        sd = feats.std(dim=0, keepdim=True).clamp_min(1e-6)
-    bank = F.normalize((bank - mu) / sd, dim=-1)  # [B, D]
+    mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
+    bank = F.normalize((trained.bank.to(dev).float() - mu) / sd, dim=-1)  # [B, D]
+    if cfg.score == "mean":
+        bank = bank.mean(dim=0, keepdim=True)  # the mean of the cosines is one dot product with the mean
     out = torch.empty(feats.shape[0], device=dev)
     step = max(1, cfg.batch_size * 8)
     for i in range(0, feats.shape[0], step):  # in chunks: no second copy of all window features
-        sims = F.normalize((feats[i : i + step] - mu) / sd, dim=-1) @ bank.T  # [n, B]
-        out[i : i + step] = sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
+        out[i : i + step] = _reduce(F.normalize((feats[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
     out = out.reshape(gy, gx)
-    return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=(s - 1) / 2 - pad, level=level.cpu().numpy())
+    return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy())
 
 
 def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:

@@ -1,0 +1,95 @@
+"""The convolutional (shared-token) evaluation gives the windowed evaluation's scores, and is used only where
+it is cheaper and allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from cryomae.config import PickConfig
+from cryomae.model.checkpoint import TrainedModel
+from cryomae.model.mae import MaskedAutoencoder
+from cryomae.model.presets import get_preset
+from cryomae.picking.picker import compute_score_map, scoring_flops, shared_tokens_apply
+from cryomae.preprocess import Geometry
+
+CPU = torch.device("cpu")
+
+
+def _trained(
+    feature: Literal["mean", "cls", "flat"] = "flat", layer: int = 0, img_size: int = 32, n_bank: int = 6
+) -> TrainedModel:
+    torch.manual_seed(0)
+    preset = dataclasses.replace(get_preset("test"), feature=feature, feature_layer=layer, img_size=img_size)
+    model = MaskedAutoencoder(preset).eval()
+    image = torch.randn(n_bank, 1, img_size, img_size)
+    bank = model.features(image) + 0.1 * torch.randn(n_bank, 1)  # exemplar-like features with a spread
+    return TrainedModel(model, bank, Geometry(diameter=20.0, box_factor=1.0, img_size=img_size), {})
+
+
+def _micrograph(seed: int = 1, size: int = 160) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(size, size + 12)).astype(np.float32)
+    yy, xx = np.mgrid[:size, : size + 12]
+    for cy, cx in rng.uniform(20, size - 20, size=(12, 2)):  # blobs: a score map with structure
+        img -= 2.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40.0)
+    return img
+
+
+@pytest.mark.parametrize(
+    ("feature", "overrides"),
+    [
+        ("flat", {}),
+        ("flat", {"score": "max"}),
+        ("flat", {"feature_norm": "center"}),
+        ("flat", {"feature_norm": "none"}),
+        ("flat", {"stride_fraction": 0.5}),  # stride 16, patch 8: windows 2 token-grid cells apart
+        ("flat", {"stride_fraction": 0.25}),  # stride 8 = patch: one token per patch position
+        ("mean", {}),
+        ("mean", {"score": "max"}),
+    ],
+)
+def test_shared_tokens_give_the_windowed_scores(feature: Literal["mean", "flat"], overrides: dict[str, object]) -> None:
+    trained = _trained(feature)
+    image = _micrograph()
+    fast = PickConfig(device="cpu", **overrides)
+    slow = fast.model_copy(update={"shared_tokens": False})
+    s = trained.preset.img_size
+    stride = max(1, round(s * fast.stride_fraction))
+    padded = (round(image.shape[0] * trained.geometry.scale) + s, round(image.shape[1] * trained.geometry.scale) + s)
+    assert shared_tokens_apply(trained, padded, stride, fast, CPU)
+    assert not shared_tokens_apply(trained, padded, stride, slow, CPU)
+    a = compute_score_map(trained, image, fast)
+    b = compute_score_map(trained, image, slow)
+    assert a.scores.shape == b.scores.shape
+    assert a.scores.std() > 0.01  # a real map, not a constant
+    np.testing.assert_allclose(a.scores, b.scores, atol=2e-5)
+    assert np.argmax(a.scores) == np.argmax(b.scores)
+
+
+def test_deeper_feature_layers_are_scored_window_by_window() -> None:
+    # after a transformer block every token depends on the whole window: no sharing is possible
+    trained = _trained(layer=1)
+    assert "shared" not in scoring_flops(trained, (200, 200), 3, PickConfig())
+    assert not shared_tokens_apply(trained, (200, 200), 3, PickConfig(), CPU)
+
+
+def test_shared_tokens_are_skipped_where_they_cost_more() -> None:
+    # stride 7 with patch 8: the token grid has step 1, 49x denser than the windows; one token per window
+    # would be cheaper window by window
+    trained = _trained(img_size=8)
+    flops = scoring_flops(trained, (400, 400), 7, PickConfig())
+    assert flops["shared"] > flops["windowed"]
+    assert not shared_tokens_apply(trained, (400, 400), 7, PickConfig(), CPU)
+
+
+def test_flop_count_of_the_patch_embedding() -> None:
+    trained = _trained(img_size=24)
+    p, d, tokens = 8, trained.preset.embed_dim, trained.preset.tokens
+    flops = scoring_flops(trained, (24 + 3 * 10, 24 + 3 * 10), 3, PickConfig())
+    assert flops["windows"] == 11 * 11
+    assert flops["windowed"] == 11 * 11 * (tokens * p * p * d + tokens * d)  # mean score: one bank vector
