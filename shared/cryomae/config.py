@@ -118,6 +118,12 @@ class PickConfig(BaseModel):
         description="no picks where the local mean level lies more than this many robust standard "
         "deviations from the micrograph's typical ice (carbon, contamination); None keeps them",
     )
+    search: Literal["full", "coarse_to_fine"] = Field(
+        "full",
+        description="window-by-window scoring: every window at the stride (full), or every coarse_factor-th "
+        "window and then the fine windows around the coarse peaks (coarse_to_fine)",
+    )
+    coarse_factor: int = Field(2, ge=1, le=8, description="coarse stride / stride in the coarse_to_fine search")
     shared_tokens: bool = Field(
         True,
         description="score windows from one convolution of the whole micrograph with the patch embedding when "

@@ -42,6 +42,7 @@ from cryomae.errors import CryomaeError
 from cryomae.evaluation.metrics import evaluate, match_picks
 from cryomae.io import MICROGRAPH_SUFFIXES, read_coordinates, read_micrograph
 from cryomae.logging import configure_logging
+from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.presets import PRESETS
 from cryomae.picking.picker import pick_micrograph
 from cryomae.preprocess import away_from_edges
@@ -244,15 +245,29 @@ def _read_timed(path: Path) -> tuple[np.ndarray, float]:
     return data, time.perf_counter() - t0
 
 
-def run_cryomae(split: Split, preset: str, train_cfg: TrainConfig, pick_cfg: PickConfig, label: str) -> Row:
-    """Train on the reference, pick every query (one micrograph in memory at a time), score."""
-    say(f"{label}: training cryomae {preset} on {split.reference.name} ({N_EXEMPLARS} exemplars)")
+def train_on_split(split: Split, train_cfg: TrainConfig, label: str) -> tuple[TrainedModel, dict[str, Any], float]:
+    """Train on the reference with the protocol exemplars: (model, manifest information, wall seconds)."""
+    say(f"{label}: training cryomae {train_cfg.preset} on {split.reference.name} ({N_EXEMPLARS} exemplars)")
     reference = read_micrograph(split.reference)
     t0 = time.perf_counter()
     trained, info = train_model(reference, split.exemplars_xy, split.diameter, train_cfg)
     train_s = time.perf_counter() - t0
-    del reference
-    say(f"{label}: trained in {train_s:.1f} s; picking {len(split.queries)} queries")
+    say(f"{label}: trained in {train_s:.1f} s")
+    return trained, info, train_s
+
+
+def run_cryomae(
+    split: Split,
+    preset: str,
+    train_cfg: TrainConfig,
+    pick_cfg: PickConfig,
+    label: str,
+    trained_model: tuple[TrainedModel, dict[str, Any], float] | None = None,
+) -> Row:
+    """Train on the reference (or take ``trained_model`` from ``train_on_split``), pick every query (one
+    micrograph in memory at a time), score."""
+    trained, info, train_s = trained_model or train_on_split(split, train_cfg, label)
+    say(f"{label}: picking {len(split.queries)} queries with cryomae {preset}")
 
     picks: dict[str, Points] = {}
     candidates: dict[str, Points] = {}
@@ -313,7 +328,7 @@ def run_cryomae(split: Split, preset: str, train_cfg: TrainConfig, pick_cfg: Pic
         },
         per_micrograph=per_mic,
     )
-    del trained
+    del trained, trained_model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

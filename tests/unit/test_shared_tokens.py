@@ -15,7 +15,8 @@ from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
 from cryomae.picking.picker import compute_score_map, scoring_flops, shared_tokens_apply
-from cryomae.preprocess import Geometry
+from cryomae.preprocess import Geometry, prepare
+from cryomae.training.train import exemplar_bank
 
 CPU = torch.device("cpu")
 
@@ -93,3 +94,30 @@ def test_flop_count_of_the_patch_embedding() -> None:
     flops = scoring_flops(trained, (24 + 3 * 10, 24 + 3 * 10), 3, PickConfig())
     assert flops["windows"] == 11 * 11
     assert flops["windowed"] == 11 * 11 * (tokens * p * p * d + tokens * d)  # mean score: one bank vector
+
+
+def test_coarse_to_fine_finds_the_full_search_peaks_with_fewer_windows() -> None:
+    from cryomae.picking.picker import pick_micrograph
+
+    trained = _trained()
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(240, 240)).astype(np.float32)
+    yy, xx = np.mgrid[:240, :240]
+    centres = rng.uniform(30, 210, size=(10, 2))
+    for cy, cx in centres:  # particle-sized blobs: broad score peaks
+        image -= 3.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
+    geo = trained.geometry
+    prepared = prepare(image, geo)
+    trained.bank = exemplar_bank(trained.model, prepared, geo.to_model(centres[:4, ::-1]), 8, CPU)
+    windowed = PickConfig(device="cpu", threshold=0.0, shared_tokens=False)  # the search matters window by window
+    full = pick_micrograph(trained, image, windowed)
+    c2f = pick_micrograph(trained, image, windowed.model_copy(update={"search": "coarse_to_fine"}))
+    assert full.n_evaluated == full.n_windows
+    assert c2f.n_windows == full.n_windows
+    assert c2f.n_evaluated < 0.8 * full.n_windows
+    # the best pick of the full search is found again, and most of its strongest ones, within a fine stride
+    top = full.candidates_xy[:10]
+    d = np.linalg.norm(top[:, None, :] - c2f.candidates_xy[None, :, :], axis=2).min(axis=1)
+    stride_px = round(trained.preset.img_size * 0.125) / trained.geometry.scale
+    assert d[0] <= stride_px
+    assert np.mean(d <= 1.5 * stride_px) >= 0.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
+from cryomae.model.mae import MaskedAutoencoder
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import auto_cutoff, gmm_cutoff, knn_cutoff, otsu_cutoff, robust_cutoff
 from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
@@ -35,6 +37,7 @@ class ScoreMap:
     stride: int  # model pixels between neighbouring windows
     offset: float  # resampled-image coordinate of the centre of cell 0
     level: np.ndarray | None = None  # [H', W'] local mean level of the resampled micrograph (carbon, ice)
+    evaluated: int | None = None  # windows the encoder saw (coarse-to-fine search: fewer than the cells)
 
     def centres(self, rows_cols: np.ndarray) -> np.ndarray:
         """Grid positions [P, 2] (row, col), possibly fractional -> resampled-image (x, y) [P, 2]."""
@@ -50,6 +53,7 @@ class PickResult:
     candidate_scores: np.ndarray  # [C]
     threshold: float
     n_windows: int
+    n_evaluated: int  # windows scored by the encoder (equals n_windows unless the search was coarse-to-fine)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -260,23 +264,86 @@ def compute_score_map(
         return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy())
     windows = img.unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s], a view
     gy, gx = windows.shape[:2]
-    rows = max(1, cfg.batch_size // gx)
+    evaluated = None
+    if cfg.search == "coarse_to_fine" and cfg.coarse_factor > 1:
+        out, evaluated = _coarse_to_fine(trained, windows, stride, cfg)
+    else:
+        rows_cols = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
+        feats = _window_features(model, windows, rows_cols, cfg)
+        score, _ = _window_scores(trained, feats, cfg)
+        out = score(feats).reshape(gy, gx)
+    return ScoreMap(
+        scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy(), evaluated=evaluated
+    )
+
+
+def _window_features(
+    model: MaskedAutoencoder, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
+) -> torch.Tensor:
+    """Encoder features [n, D] of the windows at grid positions rows_cols [n, 2] of the view [Gy, Gx, s, s],
+    in batches of ``cfg.batch_size`` (each batch gathered from the view, never all windows at once)."""
+    s = windows.shape[-1]
     chunks = []
-    for r in range(0, gy, rows):
-        batch = windows[r : r + rows].reshape(-1, 1, s, s)
-        with autocast(dev):
+    for i in range(0, len(rows_cols), cfg.batch_size):
+        rc = rows_cols[i : i + cfg.batch_size]
+        batch = windows[rc[:, 0], rc[:, 1]].reshape(-1, 1, s, s)
+        with autocast(windows.device):
             chunks.append(model.features(batch).float())
-    feats = torch.cat(chunks)  # [Gy*Gx, D]
+    return torch.cat(chunks)
+
+
+def _window_scores(
+    trained: TrainedModel, feats: torch.Tensor, cfg: PickConfig
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """Standardise by these window features' statistics; returns (score function of features [n, D] -> [n],
+    the standardised and normalised bank)."""
     mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
-    bank = F.normalize((trained.bank.to(dev).float() - mu) / sd, dim=-1)  # [B, D]
+    bank = F.normalize((trained.bank.to(feats.device).float() - mu) / sd, dim=-1)  # [B, D]
     if cfg.score == "mean":
         bank = bank.mean(dim=0, keepdim=True)  # the mean of the cosines is one dot product with the mean
-    out = torch.empty(feats.shape[0], device=dev)
     step = max(1, cfg.batch_size * 8)
-    for i in range(0, feats.shape[0], step):  # in chunks: no second copy of all window features
-        out[i : i + step] = _reduce(F.normalize((feats[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
-    out = out.reshape(gy, gx)
-    return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy())
+
+    def score(f: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(f.shape[0], device=f.device)
+        for i in range(0, f.shape[0], step):  # in chunks: no second copy of all window features
+            out[i : i + step] = _reduce(F.normalize((f[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
+        return out
+
+    return score, bank
+
+
+def _coarse_to_fine(
+    trained: TrainedModel, windows: torch.Tensor, stride: int, cfg: PickConfig
+) -> tuple[torch.Tensor, int]:
+    """Score every ``coarse_factor``-th window in each direction, then every fine window around the coarse
+    peaks (within one coarse step); the cells not visited take the nearest coarse score.
+    Returns the fine score map [Gy, Gx] and the number of windows scored."""
+    model = trained.model
+    dev = windows.device
+    gy, gx = windows.shape[:2]
+    f = cfg.coarse_factor
+    cy, cx = (gy + f - 1) // f, (gx + f - 1) // f
+    coarse_rc = torch.cartesian_prod(torch.arange(cy, device=dev) * f, torch.arange(cx, device=dev) * f)
+    coarse_feats = _window_features(model, windows, coarse_rc, cfg)
+    score, _ = _window_scores(trained, coarse_feats, cfg)  # the coarse windows' statistics serve for all
+    coarse = score(coarse_feats).reshape(cy, cx)
+    del coarse_feats
+    geo = trained.geometry
+    cells = cfg.nms_distance * geo.diameter * geo.scale / (stride * f)
+    peaks, _ = peak_nms(coarse.cpu().numpy(), cells)
+    fine = torch.repeat_interleave(torch.repeat_interleave(coarse, f, dim=0), f, dim=1)[:gy, :gx].clone()
+    evaluated = len(coarse_rc)
+    if len(peaks):
+        centre = torch.as_tensor(peaks, device=dev) * f  # [P, 2] fine grid positions of the coarse peaks
+        offsets = torch.cartesian_prod(torch.arange(-f + 1, f, device=dev), torch.arange(-f + 1, f, device=dev))
+        around = (centre[:, None, :] + offsets[None]).reshape(-1, 2)
+        around[:, 0].clamp_(0, gy - 1)
+        around[:, 1].clamp_(0, gx - 1)
+        flat = torch.unique(around[:, 0] * gx + around[:, 1])
+        rc = torch.stack([flat // gx, flat % gx], dim=1)
+        fine[rc[:, 0], rc[:, 1]] = score(_window_features(model, windows, rc, cfg))
+        evaluated += len(rc)
+    return fine, evaluated
 
 
 def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
@@ -329,5 +396,6 @@ def pick_micrograph(
         candidate_scores=scores,
         threshold=float(threshold),
         n_windows=int(smap.scores.size),
+        n_evaluated=int(smap.scores.size if smap.evaluated is None else smap.evaluated),
         timings={"score_map": t1 - t0, "peaks_threshold": t2 - t1, "total": t2 - t0},
     )
