@@ -121,3 +121,16 @@ def test_coarse_to_fine_finds_the_full_search_peaks_with_fewer_windows() -> None
     stride_px = round(trained.preset.img_size * 0.125) / trained.geometry.scale
     assert d[0] <= stride_px
     assert np.mean(d <= 1.5 * stride_px) >= 0.5
+
+
+def test_features_too_large_to_keep_are_scored_in_two_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cryomae.picking.picker as picker
+
+    trained = _trained(layer=1)
+    image = _micrograph()
+    cfg = PickConfig(device="cpu", batch_size=256)
+    kept = compute_score_map(trained, image, cfg).scores
+    monkeypatch.setattr(picker, "_feature_budget", lambda device: 0)  # nothing may be kept: stream twice
+    streamed = compute_score_map(trained, image, cfg).scores
+    assert kept.std() > 0.01
+    np.testing.assert_allclose(streamed, kept, atol=2e-5)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,36 +269,36 @@ def compute_score_map(
         out, evaluated = _coarse_to_fine(trained, windows, stride, cfg)
     else:
         rows_cols = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
-        feats = _window_features(model, windows, rows_cols, cfg)
-        score, _ = _window_scores(trained, feats, cfg)
-        out = score(feats).reshape(gy, gx)
+        out = _score_windows(trained, windows, rows_cols, cfg).reshape(gy, gx)
     return ScoreMap(
         scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy(), evaluated=evaluated
     )
 
 
-def _window_features(
+def _iter_window_features(
     model: MaskedAutoencoder, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
-) -> torch.Tensor:
-    """Encoder features [n, D] of the windows at grid positions rows_cols [n, 2] of the view [Gy, Gx, s, s],
-    in batches of ``cfg.batch_size`` (each batch gathered from the view, never all windows at once)."""
+) -> Iterator[torch.Tensor]:
+    """Encoder features [b, D] of the windows at grid positions rows_cols [n, 2] of the view [Gy, Gx, s, s],
+    batch by batch (each batch gathered from the view, never all windows at once)."""
     s = windows.shape[-1]
-    chunks = []
     for i in range(0, len(rows_cols), cfg.batch_size):
         rc = rows_cols[i : i + cfg.batch_size]
         batch = windows[rc[:, 0], rc[:, 1]].reshape(-1, 1, s, s)
         with autocast(windows.device):
-            chunks.append(model.features(batch).float())
-    return torch.cat(chunks)
+            yield model.features(batch).float()
+
+
+def _feature_budget(device: torch.device) -> int:
+    """Bytes the window features of one micrograph may take: a quarter of free GPU memory, or 2 GiB."""
+    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
 
 
 def _window_scores(
-    trained: TrainedModel, feats: torch.Tensor, cfg: PickConfig
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """Standardise by these window features' statistics; returns (score function of features [n, D] -> [n],
-    the standardised and normalised bank)."""
-    mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
-    bank = F.normalize((trained.bank.to(feats.device).float() - mu) / sd, dim=-1)  # [B, D]
+    trained: TrainedModel, mean: torch.Tensor, std: torch.Tensor, cfg: PickConfig
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The score function of window features [n, D] -> [n], standardising by the windows' mean and spread."""
+    mu, sd = _standardizer(mean.reshape(1, -1).float(), std.reshape(1, -1).float(), cfg)
+    bank = F.normalize((trained.bank.to(mu.device).float() - mu) / sd, dim=-1)  # [B, D]
     if cfg.score == "mean":
         bank = bank.mean(dim=0, keepdim=True)  # the mean of the cosines is one dot product with the mean
     step = max(1, cfg.batch_size * 8)
@@ -309,7 +309,29 @@ def _window_scores(
             out[i : i + step] = _reduce(F.normalize((f[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
         return out
 
-    return score, bank
+    return score
+
+
+def _score_windows(
+    trained: TrainedModel, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
+) -> torch.Tensor:
+    """Scores [n] of the windows at rows_cols [n, 2]. The features are kept when they fit the memory budget;
+    otherwise (large flat features, e.g. the paper preset's 150,528 numbers per window) a first pass gathers
+    their mean and spread and a second recomputes them to score."""
+    model = trained.model
+    n, d = len(rows_cols), int(trained.bank.shape[1])
+    if n * d * 4 <= _feature_budget(windows.device):
+        feats = torch.cat(list(_iter_window_features(model, windows, rows_cols, cfg)))  # [n, D]
+        return _window_scores(trained, feats.mean(dim=0), feats.std(dim=0), cfg)(feats)
+    s1 = torch.zeros(d, dtype=torch.float64, device=windows.device)
+    s2 = torch.zeros(d, dtype=torch.float64, device=windows.device)
+    for f in _iter_window_features(model, windows, rows_cols, cfg):
+        s1 += f.sum(dim=0, dtype=torch.float64)
+        s2 += f.double().square().sum(dim=0)
+    mean = s1 / n
+    std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+    score = _window_scores(trained, mean, std, cfg)
+    return torch.cat([score(f) for f in _iter_window_features(model, windows, rows_cols, cfg)])
 
 
 def _coarse_to_fine(
@@ -324,8 +346,9 @@ def _coarse_to_fine(
     f = cfg.coarse_factor
     cy, cx = (gy + f - 1) // f, (gx + f - 1) // f
     coarse_rc = torch.cartesian_prod(torch.arange(cy, device=dev) * f, torch.arange(cx, device=dev) * f)
-    coarse_feats = _window_features(model, windows, coarse_rc, cfg)
-    score, _ = _window_scores(trained, coarse_feats, cfg)  # the coarse windows' statistics serve for all
+    coarse_feats = torch.cat(list(_iter_window_features(model, windows, coarse_rc, cfg)))
+    # the coarse windows' statistics serve for all
+    score = _window_scores(trained, coarse_feats.mean(dim=0), coarse_feats.std(dim=0), cfg)
     coarse = score(coarse_feats).reshape(cy, cx)
     del coarse_feats
     geo = trained.geometry
@@ -341,7 +364,7 @@ def _coarse_to_fine(
         around[:, 1].clamp_(0, gx - 1)
         flat = torch.unique(around[:, 0] * gx + around[:, 1])
         rc = torch.stack([flat // gx, flat % gx], dim=1)
-        fine[rc[:, 0], rc[:, 1]] = score(_window_features(model, windows, rc, cfg))
+        fine[rc[:, 0], rc[:, 1]] = torch.cat([score(f) for f in _iter_window_features(model, windows, rc, cfg)])
         evaluated += len(rc)
     return fine, evaluated
 
