@@ -144,9 +144,9 @@ def one_case(
     estimate_s = 2 * macs / rate
     extrapolated = estimate_s > max_seconds
     work = image
-    if extrapolated:  # a centred crop with about max_seconds / 4 of the work, at least 4 windows across
-        frac = max(4 * s / shape[0], min(1.0, np.sqrt(max_seconds / 4 / estimate_s)))
-        side = max(int(image.shape[0] * frac), int(4 * trained.geometry.box))
+    if extrapolated:  # a centred crop with about max_seconds / 4 of the work by the FLOP estimate, >= one box
+        frac = min(1.0, np.sqrt(max_seconds / 4 / estimate_s))
+        side = max(int(image.shape[0] * frac), int(np.ceil(trained.geometry.box)))
         y0, x0 = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
         work = image[y0 : y0 + side, x0 : x0 + side]
     pick_micrograph(trained, work[: work.shape[0] // 2, : work.shape[1] // 2], cfg)  # warm-up

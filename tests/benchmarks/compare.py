@@ -1,0 +1,346 @@
+"""Side-by-side benchmark: cryomae (each preset), Topaz (pretrained and trained on the 15 exemplars) and a
+difference-of-Gaussians picker, on every development dataset, with one scoring rule, in one run.
+
+The protocol is the data README's few-shot protocol (``accuracy.py`` implements it): micrographs sorted by
+name, the first is the reference, 15 exemplars drawn with ``default_rng(0)`` from its ground truth, every other
+micrograph a query. Every picker is scored the same way (the paper's rule: diameter-sized boxes, IoU >= 0.5,
+one-to-one, pooled over the queries): F1 at the picker's own threshold, AP over its whole ranking, and the
+seconds per micrograph of reading plus picking on this machine.
+
+- cryomae: trained on the reference with the 15 exemplars (default configuration), automatic per-micrograph
+  cutoff. A picker spec is ``PRESET[@LAYER][:KEY=VALUE,...]`` with PickConfig overrides, e.g.
+  ``fast:stride_fraction=0.25``; specs sharing a preset and layer share one training.
+- Topaz 0.3.20 in its own virtual environment under the cache folder (installed on first use; nothing of Topaz
+  enters the project's dependencies): the general pretrained ``resnet16_u64`` model, and a model trained with
+  Topaz's PU learning on the same 15 exemplars (see ``topaz_runner.py``).
+- DoG: polarity and threshold calibrated on the 15 exemplars (``accuracy.run_dog``).
+
+Writes docs/benchmarks.md (tables, the speed tables of ``speed.py`` when docs/benchmarks-speed.json exists, and
+the plot), docs/benchmarks.json and docs/benchmarks-f1-time.png.
+
+    .venv/bin/python tests/benchmarks/compare.py
+    .venv/bin/python tests/benchmarks/compare.py --datasets sim/apoferritin --pickers fast,dog --max-queries 3
+
+This file is not collected by pytest (it is not named ``test_*.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the project root importable for ``tests.benchmarks``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tests.benchmarks.topaz_runner as topaz_runner
+from cryomae.config import PickConfig, TrainConfig
+from cryomae.device import resolve_device
+from cryomae.errors import CryomaeError
+from cryomae.evaluation.metrics import evaluate
+from cryomae.logging import configure_logging
+from cryomae.model.presets import get_preset
+from tests.benchmarks.accuracy import (
+    DEFAULT_DATA_ROOT,
+    PROJECT_ROOT,
+    BenchmarkError,
+    Points,
+    Row,
+    Split,
+    command_line,
+    discover_datasets,
+    few_shot_split,
+    git_commit,
+    machine,
+    oracle_f1,
+    result_line,
+    run_cryomae,
+    run_dog,
+    say,
+    train_on_split,
+)
+
+DOCS = PROJECT_ROOT / "docs"
+TOPAZ_PRETRAINED, TOPAZ_TRAINED, DOG_SPEC = "topaz", "topaz-trained", "dog"
+DEFAULT_PICKERS = f"fast,small,fast:stride_fraction=0.25,{TOPAZ_PRETRAINED},{TOPAZ_TRAINED},{DOG_SPEC}"
+
+
+def parse_spec(spec: str) -> tuple[str, int | None, dict[str, Any]]:
+    """``PRESET[@LAYER][:KEY=VALUE,...]`` -> (preset, feature layer or None, PickConfig overrides)."""
+    head, _, tail = spec.partition(":")
+    name, _, layer = head.partition("@")
+    try:
+        get_preset(name)
+    except KeyError as exc:
+        raise BenchmarkError(f"picker {spec!r}: {exc.args[0]}") from None
+    overrides: dict[str, Any] = {}
+    for pair in filter(None, tail.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BenchmarkError(f"picker {spec!r}: expected KEY=VALUE after ':', got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, int(layer) if layer else None, overrides
+
+
+def topaz_row(split: Split, result: topaz_runner.TopazResult, label: str) -> Row:
+    """Score Topaz's picks like every other picker's: at its own threshold, AP over its whole ranking."""
+    empty = (np.zeros((0, 2)), np.zeros(0))
+    ranked: dict[str, Points] = {q.stem: result.picks.get(q.stem, empty) for q in split.queries}
+    kept = {s: (xy[sc >= result.threshold], sc[sc >= result.threshold]) for s, (xy, sc) in ranked.items()}
+    at = evaluate(dict(kept), split.truth, split.diameter)
+    every = evaluate(dict(ranked), split.truth, split.diameter)
+    return Row(
+        picker=label,
+        precision=at.pooled.precision,
+        recall=at.pooled.recall,
+        f1=at.pooled.f1,
+        tp=at.pooled.tp,
+        n_picks=at.pooled.n_picks,
+        n_truth=at.pooled.n_truth,
+        ap=every.average_precision,
+        n_queries=len(split.queries),
+        pick_s_per_micrograph=result.seconds_per_micrograph,
+        train_s=result.train_seconds,
+        oracle=oracle_f1(ranked, split.truth, split.diameter),
+        details={
+            "threshold": result.threshold,
+            "downsample": result.downsample,
+            "radius": result.radius,
+            **result.details,
+        },
+    )
+
+
+def run_dataset(name: str, split: Split, pickers: list[str], device: str, workdir: Path) -> list[Row]:
+    rows: list[Row] = []
+    trained: dict[tuple[str, int | None], Any] = {}
+    topaz_exe: Path | None = None
+    for spec in pickers:
+        if spec in (TOPAZ_PRETRAINED, TOPAZ_TRAINED):
+            topaz_exe = topaz_exe or topaz_runner.ensure_topaz(log=say)
+            work = Path(tempfile.mkdtemp(prefix=f"{spec}-", dir=workdir))
+            if spec == TOPAZ_PRETRAINED:
+                result = topaz_runner.topaz_pretrained(split.queries, split.diameter, work, topaz=topaz_exe, log=say)
+                row = topaz_row(split, result, "Topaz resnet16_u64 (pretrained)")
+            else:
+                result = topaz_runner.topaz_trained(
+                    split.reference, split.exemplars_xy, split.queries, split.diameter, work, topaz=topaz_exe, log=say
+                )
+                row = topaz_row(split, result, "Topaz trained on the 15 exemplars")
+        elif spec == DOG_SPEC:
+            row = run_dog(split, name)
+        else:
+            preset, layer, overrides = parse_spec(spec)
+            train_cfg = TrainConfig(preset=preset, feature_layer=layer, device=device)
+            pick_cfg = PickConfig(**{"device": device, **overrides})
+            key = (preset, layer)
+            if key not in trained:
+                trained.clear()  # one model in memory at a time
+                trained[key] = train_on_split(split, train_cfg, name)
+            row = run_cryomae(split, preset, train_cfg, pick_cfg, name, trained_model=trained[key])
+            row.picker = f"cryomae {spec}"
+        rows.append(row)
+        say(result_line(name, row))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- reports
+
+
+def plot(results: dict[str, list[Row]], out: Path) -> None:
+    """F1 at each picker's own threshold against seconds per micrograph, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
+    pickers = sorted({r.picker for rows in results.values() for r in rows})
+    markers = dict(zip(pickers, "osD^v<>ph*X", strict=False))
+    for ax, name in zip(axes[0], names, strict=True):
+        for r in results[name]:
+            ax.scatter(r.pick_s_per_micrograph, r.f1, marker=markers.get(r.picker, "o"), s=50, label=r.picker)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per micrograph (log)")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("F1 at the picker's own threshold")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _f(v: float | None, d: int = 3) -> str:
+    return "—" if v is None else f"{v:.{d}f}"
+
+
+def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[str, Split], png: Path | None) -> str:
+    m = meta["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured figures only; each section names the machine and the command that produced it. "
+        "Reproduce everything with `bash scripts/benchmarks.sh` (see tests/benchmarks/README.md).",
+        "",
+        "## Accuracy and speed side by side",
+        "",
+        f"Machine: {meta['device']} — {m['cpu_model'] or m['processor']}, {m['cpu_count']} CPU cores, torch "
+        f"{m['torch']}, GPU: {m['cuda_device'] or 'none'}. Commit {meta['commit']}, {meta['date']}, "
+        f"{meta['total_s'] / 60:.0f} min in all.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Protocol: the data README's few-shot protocol (first micrograph by name = reference, its 15 exemplars "
+        "drawn with `default_rng(0)`, every other micrograph a query). Scoring, the same for every picker: boxes "
+        "of the particle diameter, a pick is true at IoU >= 0.5 with an unmatched ground-truth box, pooled over "
+        "the queries. **F1** at the picker's own threshold (cryomae: its automatic per-micrograph cutoff; Topaz: "
+        "score 0, i.e. p = 0.5; DoG: the threshold calibrated on the exemplars), **AP** over the picker's whole "
+        "ranking, **oracle F1**: the best F1 over one global threshold chosen with the ground truth (an upper "
+        "bound, not a result). **s / micrograph**: reading plus picking (Topaz: its preprocessing plus "
+        "extraction), mean over the queries, on this machine; **train s**: training from the 15 exemplars.",
+        "",
+    ]
+    summary: dict[str, dict[str, Row]] = {}
+    for name, rows in results.items():
+        s = splits[name]
+        lines += [
+            f"### {name}",
+            "",
+            f"Particle diameter {s.diameter:g} px; reference {s.reference.name}; {len(s.queries)} queries, "
+            f"{s.n_truth:,} ground-truth particles.",
+            "",
+            "| picker | F1 | precision | recall | AP | oracle F1 | s / micrograph | train s | picks |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            oracle = r.oracle["f1"] if r.oracle else None
+            lines.append(
+                f"| {r.picker} | **{r.f1:.3f}** | {r.precision:.3f} | {r.recall:.3f} | {_f(r.ap)} | {_f(oracle)} | "
+                f"{r.pick_s_per_micrograph:.2f} | {_f(r.train_s, 1)} | {r.n_picks:,} |"
+            )
+            summary.setdefault(r.picker, {})[name] = r
+        lines.append("")
+    names = list(results)
+    lines += [
+        "### Summary: F1 / seconds per micrograph",
+        "",
+        "| picker | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for picker, by in summary.items():
+        cells = [f"{by[n].f1:.3f} / {by[n].pick_s_per_micrograph:.2f} s" if n in by else "—" for n in names]
+        lines.append(f"| {picker} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if png is not None:
+        lines += [f"![F1 against seconds per micrograph]({png.name})", ""]
+    speed_json = DOCS / "benchmarks-speed.json"
+    if speed_json.is_file():
+        from tests.benchmarks.speed import markdown as speed_markdown
+
+        lines += ["## Speed per preset", "", speed_markdown(json.loads(speed_json.read_text())), ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: all)")
+    p.add_argument(
+        "--pickers", default=DEFAULT_PICKERS, help=f"comma-separated picker specs (default: {DEFAULT_PICKERS})"
+    )
+    p.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each dataset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def _split_pickers(text: str) -> list[str]:
+    """Comma-separated specs; commas inside a spec's ``:KEY=VALUE,...`` part stay with it."""
+    out: list[str] = []
+    for part in text.split(","):
+        if out and "=" in part and ":" not in part and ":" in out[-1]:
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    pickers = _split_pickers(args.pickers)
+    for spec in pickers:
+        if spec not in (TOPAZ_PRETRAINED, TOPAZ_TRAINED, DOG_SPEC):
+            _, _, overrides = parse_spec(spec)
+            PickConfig(**overrides)  # fail now on a bad option, not after an hour
+    available = {d.name: d for d in discover_datasets(args.data_root.resolve())}
+    names = args.datasets.split(",") if args.datasets else sorted(available)
+    missing = [n for n in names if n not in available]
+    if missing or not names:
+        raise BenchmarkError(f"unknown dataset(s) {missing or names}; found: {', '.join(sorted(available))}")
+    device = resolve_device(args.device)
+    meta: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(),
+        "commit": git_commit(),
+        "machine": machine(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "pickers": pickers,
+        "max_queries": args.max_queries,
+        "topaz_version": topaz_runner.TOPAZ_VERSION,
+    }
+    results: dict[str, list[Row]] = {}
+    splits: dict[str, Split] = {}
+    t0 = time.perf_counter()
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_name(out.stem + "-f1-time.png")
+    with tempfile.TemporaryDirectory(prefix="cryomae-compare-") as tmp:
+        for name in names:
+            split = few_shot_split(available[name], args.max_queries)
+            say(f"== {name}: diameter {split.diameter:g} px, {len(split.queries)} queries, {split.n_truth} truth")
+            splits[name] = split
+            results[name] = run_dataset(name, split, pickers, args.device, Path(tmp))
+            meta["total_s"] = time.perf_counter() - t0
+            plot(results, png)
+            out.write_text(markdown(meta, results, splits, png))
+            out.with_suffix(".json").write_text(
+                json.dumps(
+                    {"meta": meta, "results": {n: [asdict(r) for r in rows] for n, rows in results.items()}},
+                    indent=1,
+                    default=str,
+                )
+            )
+    say(f"report written to {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("INFO" if args.verbose else "WARNING")
+    try:
+        return run(args)
+    except (BenchmarkError, CryomaeError, pydantic.ValidationError, topaz_runner.TopazError) as exc:
+        print(f"compare.py: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Fast tests of the Topaz benchmark runner's pure helpers (no Topaz install, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.benchmarks.topaz_runner import TopazError, cache_dir, downsample_factor, read_topaz_coordinates
+
+HEADER = "image_name\tx_coord\ty_coord\tscore\n"
+
+
+@pytest.mark.parametrize(
+    ("diameter", "factor"),
+    [
+        (27.0, 1),  # empiar10017/bin4: 27 px beats 13.5 px
+        (108.0, 5),  # empiar10017/full: 21.6 px beats 27 px
+        (44.1, 2),  # sim/apoferritin: 22.05 px
+        (40.0, 2),  # sim/gltph_micelle: 20 px beats 40 px
+        (5.0, 1),  # never below 1
+        (240.0, 10),  # exactly 24 px
+        (32.0, 1),  # tie 32 px vs 16 px (both 8 away): the smaller factor
+        (36.0, 2),  # 18 px beats 36 px
+    ],
+)
+def test_downsample_factor(diameter: float, factor: int) -> None:
+    assert downsample_factor(diameter) == factor
+
+
+@pytest.mark.parametrize("diameter", [0.0, -3.0, float("nan")])
+def test_downsample_factor_rejects_bad_diameter(diameter: float) -> None:
+    with pytest.raises(ValueError, match="diameter"):
+        downsample_factor(diameter)
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "extracted.txt"
+    path.write_text(HEADER + body)
+    return path
+
+
+def test_reads_several_micrographs_sorted_by_score(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "mic_a\t10\t20\t-1.5\nmic_b\t5\t6\t0.25\nmic_a\t30\t40\t2.0\nmic_a\t50\t60\t0.5\n",
+    )
+    picks = read_topaz_coordinates(path)
+    assert sorted(picks) == ["mic_a", "mic_b"]
+    xy, scores = picks["mic_a"]
+    assert xy.dtype == np.float64 and scores.dtype == np.float64
+    np.testing.assert_array_equal(scores, [2.0, 0.5, -1.5])
+    np.testing.assert_array_equal(xy, [[30, 40], [50, 60], [10, 20]])  # x (column) first, rows follow the scores
+    xy_b, scores_b = picks["mic_b"]
+    assert xy_b.shape == (1, 2)
+    np.testing.assert_array_equal(xy_b, [[5, 6]])
+    np.testing.assert_array_equal(scores_b, [0.25])
+
+
+def test_scales_coordinates_not_scores(tmp_path: Path) -> None:
+    path = _write(tmp_path, "m\t3\t7\t1.25\nm\t11\t0\t-4\n")
+    xy, scores = read_topaz_coordinates(path, factor=4)["m"]
+    np.testing.assert_array_equal(xy, [[12, 28], [44, 0]])
+    np.testing.assert_array_equal(scores, [1.25, -4.0])
+
+
+def test_header_only_means_no_picks(tmp_path: Path) -> None:
+    assert read_topaz_coordinates(_write(tmp_path, "")) == {}
+
+
+def test_column_order_follows_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "reordered.txt"
+    path.write_text("score\ty_coord\tx_coord\timage_name\n0.5\t9\t2\tm\n")
+    xy, scores = read_topaz_coordinates(path)["m"]
+    np.testing.assert_array_equal(xy, [[2, 9]])
+    np.testing.assert_array_equal(scores, [0.5])
+
+
+@pytest.mark.parametrize("text", ["", "a\tb\tc\n", HEADER + "m\t1\tnot-a-number\t0.1\n", HEADER + "m\t1\n"])
+def test_malformed_files_raise(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(TopazError, match=r"bad\.txt"):
+        read_topaz_coordinates(path)
+
+
+def test_cache_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CRYOMAE_BENCH_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("CRYOMAE_BENCH_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "cryomae-bench"
