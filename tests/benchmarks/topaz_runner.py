@@ -47,7 +47,7 @@ TOPAZ_VERSION = "0.3.20"
 TORCH_PIN = "torch==2.14.1"  # pip takes these from the machine's local disk; other specs download GBs
 TORCHVISION_PIN = "torchvision==0.29.1"
 PYTHON = "python3.11"
-TARGET_DIAMETER_PX = 24.0  # Topaz's models see particles best at about this diameter after binning
+TARGET_DIAMETER_PX = 24.0  # binning target for the particle diameter (see downsample_factor)
 EXTRACTION_FLOOR = -6.0  # Topaz's default ``extract -t``: keeps scores > -6 (p > 0.0025)
 DECISION_THRESHOLD = 0.0  # logit 0 = p 0.5, see the module docstring
 THREADS = 2

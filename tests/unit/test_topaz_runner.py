@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.benchmarks import topaz_runner
 from tests.benchmarks.topaz_runner import TopazError, cache_dir, downsample_factor, read_topaz_coordinates
 
 HEADER = "image_name\tx_coord\ty_coord\tscore\n"
@@ -90,3 +95,75 @@ def test_cache_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("CRYOMAE_BENCH_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "cryomae-bench"
+
+
+def test_failed_command_names_it_and_its_stderr() -> None:
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('first\\nboom\\n'); sys.exit(3)"]
+    with pytest.raises(TopazError, match=r"exit 3.*boom") as info:
+        topaz_runner._run(cmd, log=lambda _: None)
+    assert "sys.exit(3)" in str(info.value)
+
+
+class _FakeInstaller:
+    """Stands in for the subprocesses of ensure_topaz: makes the files a real install would make."""
+
+    def __init__(self, fail_pip: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_pip = fail_pip
+
+    def __call__(
+        self, cmd: Sequence[object], log: object, *, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(c) for c in cmd]
+        self.calls.append(argv)
+        if argv[1:3] == ["-m", "venv"]:
+            (Path(argv[3]) / "bin").mkdir(parents=True)
+            (Path(argv[3]) / "bin" / "python").touch()
+        elif "pip" in argv:
+            if self.fail_pip:
+                raise TopazError("command failed (exit 1): pip install: no matching distribution")
+            (Path(argv[0]).parent / "topaz").touch()
+        out = json.dumps({"topaz": topaz_runner.TOPAZ_VERSION, "torch": "2.14.1", "torchvision": "0.29.1"})
+        return subprocess.CompletedProcess(argv, 0, stdout=out + "\n", stderr="")
+
+
+def test_ensure_topaz_rebuilds_an_unfinished_venv_and_is_idempotent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = tmp_path / f"topaz-{topaz_runner.TOPAZ_VERSION}" / "venv" / "leftover.txt"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    fake = _FakeInstaller()
+    monkeypatch.setattr(topaz_runner, "_run", fake)
+    exe = topaz_runner.ensure_topaz(tmp_path, log=lambda _: None)
+    assert exe == tmp_path / f"topaz-{topaz_runner.TOPAZ_VERSION}" / "venv" / "bin" / "topaz"
+    assert exe.is_file() and not stale.exists()
+    pip = next(c for c in fake.calls if "pip" in c)
+    assert pip[-3:] == [f"topaz-em=={topaz_runner.TOPAZ_VERSION}", "torch==2.14.1", "torchvision==0.29.1"]
+    assert any("import json, topaz, torch, torchvision" in " ".join(c) for c in fake.calls)
+    n_calls = len(fake.calls)
+    assert topaz_runner.ensure_topaz(tmp_path, log=lambda _: None) == exe
+    assert len(fake.calls) == n_calls  # the marker says "installed": nothing runs again
+
+
+def test_ensure_topaz_failure_leaves_no_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(topaz_runner, "_run", _FakeInstaller(fail_pip=True))
+    with pytest.raises(TopazError, match="no matching distribution"):
+        topaz_runner.ensure_topaz(tmp_path, log=lambda _: None)
+    assert not (tmp_path / f"topaz-{topaz_runner.TOPAZ_VERSION}" / "installed.json").exists()
+    fake = _FakeInstaller()
+    monkeypatch.setattr(topaz_runner, "_run", fake)
+    topaz_runner.ensure_topaz(tmp_path, log=lambda _: None)  # the next call starts again from a fresh venv
+    assert fake.calls[0][1:3] == ["-m", "venv"]
+
+
+def test_topaz_pi_counts_the_disc_once() -> None:
+    assert topaz_runner.disc_pixels(0) == 1
+    assert topaz_runner.disc_pixels(1) == 5
+    assert topaz_runner.disc_pixels(3) == 29
+    assert topaz_runner.topaz_pi(360, 3, (1024, 1024)) == pytest.approx(360 * 29 / 1024**2)
+
+
+def test_expected_particles_is_a_quarter_of_the_area_in_particle_boxes() -> None:
+    assert topaz_runner.expected_particles((1024, 1024), 27.0) == 360
+    assert topaz_runner.expected_particles((100, 100), 1000.0) == 1
