@@ -11,6 +11,7 @@ local maxima of that map at least ``nms_distance * diameter`` apart (or every wi
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,13 +118,25 @@ def scoring_flops(
     return out
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes one micrograph's intermediate maps may take: a quarter of the free GPU memory, or on the CPU a
+    quarter of the memory available now (at least 1 GiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) // 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 8 << 30
+    return max(1 << 30, available // 4)
+
+
 def shared_tokens_apply(
     trained: TrainedModel, image_shape: tuple[int, int], stride: int, cfg: PickConfig, device: torch.device
 ) -> bool:
     """Whether ``compute_score_map`` uses the convolutional (shared-token) evaluation: allowed by the config,
     the feature is taken from the patch embedding (layer 0, where a window's tokens do not depend on its other
     patches) pooled by ``flat`` or ``mean``, it needs fewer multiply-adds than embedding every window, and its
-    token map fits in memory (a quarter of free GPU memory, or 2 GiB on the CPU)."""
+    token maps fit ``memory_budget``."""
     if not cfg.shared_tokens:
         return False
     flops = scoring_flops(trained, image_shape, stride, cfg)
@@ -135,8 +148,7 @@ def shared_tokens_apply(
     n_bank = 1 if cfg.score == "mean" else int(trained.bank.shape[0])
     # bytes: the token map, its centred copy and square, two float64 integral images, the per-token maps
     need = cells * (preset.embed_dim * 7 + preset.tokens * (n_bank + 3)) * 4
-    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
-    return need <= budget
+    return need <= memory_budget(device)
 
 
 def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, cfg: PickConfig) -> torch.Tensor:
@@ -289,8 +301,8 @@ def _iter_window_features(
 
 
 def _feature_budget(device: torch.device) -> int:
-    """Bytes the window features of one micrograph may take: a quarter of free GPU memory, or 2 GiB."""
-    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
+    """Bytes the window features of one micrograph may take (see ``memory_budget``)."""
+    return memory_budget(device)
 
 
 def _window_scores(
