@@ -251,6 +251,13 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
     lines.append("")
     if png is not None:
         lines += [f"![F1 against seconds per micrograph]({png.name})", ""]
+    extra = DOCS / "benchmarks-topaz-trained.md"
+    if extra.is_file() and png is not None and png.parent == DOCS and png.stem != f"{extra.stem}-f1-time":
+        lines += [
+            "Topaz trained with its PU learning on the 15 exemplars is a separate run (5 minutes of training per "
+            "dataset on a CPU): [benchmarks-topaz-trained.md](benchmarks-topaz-trained.md).",
+            "",
+        ]
     speed_json = DOCS / "benchmarks-speed.json"
     if speed_json.is_file():
         from tests.benchmarks.speed import markdown as speed_markdown
