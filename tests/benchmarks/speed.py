@@ -322,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in presets:
         parse_preset(p)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    for size in sizes:
+        if size not in SIZES:
+            raise SystemExit(f"speed.py: error: size {size} is not one of {', '.join(map(str, SIZES))}")
+        folder = args.data_root / SIZES[size][0] / "micrographs"
+        if not folder.is_dir():
+            raise SystemExit(f"speed.py: error: {folder} is not a folder (set --data-root)")
     train_presets = (
         args.train_presets.split(",")
         if args.train_presets is not None
