@@ -130,7 +130,7 @@ def test_features_too_large_to_keep_are_scored_in_two_passes(monkeypatch: pytest
     image = _micrograph()
     cfg = PickConfig(device="cpu", batch_size=256)
     kept = compute_score_map(trained, image, cfg).scores
-    monkeypatch.setattr(picker, "_feature_budget", lambda device: 0)  # nothing may be kept: stream twice
+    monkeypatch.setattr(picker, "memory_budget", lambda device: 0)  # nothing may be kept: stream twice
     streamed = compute_score_map(trained, image, cfg).scores
     assert kept.std() > 0.01
     np.testing.assert_allclose(streamed, kept, atol=2e-5)

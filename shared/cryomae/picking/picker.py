@@ -119,15 +119,27 @@ def scoring_flops(
 
 
 def memory_budget(device: torch.device) -> int:
-    """Bytes one micrograph's intermediate maps may take: a quarter of the free GPU memory, or on the CPU a
-    quarter of the memory available now (at least 1 GiB)."""
+    """Bytes one micrograph's intermediate maps (token maps, or window features kept for scoring) may take: a
+    quarter of the free GPU memory, or on the CPU a quarter of the memory available now (at least 1 GiB)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0]) // 4
+    return max(1 << 30, _available_memory() // 4)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available without swapping: MemAvailable (it counts the reclaimable page cache, so a
+    long-running service with a full cache keeps the same budget), else the free pages, else 8 GiB."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        available = 8 << 30
-    return max(1 << 30, available // 4)
+        return 8 << 30
 
 
 def shared_tokens_apply(
@@ -172,22 +184,21 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
     proj = model.patch_embed.proj
     with autocast(img.device):
         tok = F.conv2d(img[None, None], proj.weight, proj.bias, stride=g)[0].float()  # [D, Ty, Tx]
-    pos = model.pos_embed[0, 1:].float()  # [L, D]
     d = tok.shape[0]
+    n = gy * gx
+    offsets = [(r * k, c * k) for r in range(grid) for c in range(grid)]  # token l's cell offset in a window
 
-    def token_view(r: int, c: int) -> torch.Tensor:
-        """Token (r, c) of every window: [D, Gy, Gx], a strided view plus its position embedding."""
-        view = tok[:, r * k : r * k + (gy - 1) * m + 1 : m, c * k : c * k + (gx - 1) * m + 1 : m]
-        return view + pos[r * grid + c][:, None, None]
+    def window_view(mp: torch.Tensor, o: tuple[int, int]) -> torch.Tensor:
+        """The cells of map mp [..., Ty, Tx] that token offset o takes for every window: [..., Gy, Gx]."""
+        return mp[..., o[0] : o[0] + (gy - 1) * m + 1 : m, o[1] : o[1] + (gx - 1) * m + 1 : m]
 
     bank = trained.bank.to(img.device).float()
-    n = gy * gx
     if preset.feature == "mean":
+        pos = model.pos_embed[0, 1:].float()  # [L, D]
         feat = torch.zeros(d, gy, gx, device=img.device)
-        for r in range(grid):
-            for c in range(grid):
-                feat += token_view(r, c)
-        feats = (feat / (grid * grid)).reshape(d, n).T  # [N, D]
+        for idx, o in enumerate(offsets):
+            feat += window_view(tok, o) + pos[idx][:, None, None]
+        feats = (feat / len(offsets)).reshape(d, n).T  # [N, D]
         mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
         bank = F.normalize((bank - mu) / sd, dim=-1)
         return _reduce(F.normalize((feats - mu) / sd, dim=-1) @ bank.T, cfg).reshape(gy, gx)
@@ -199,12 +210,6 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
     # token map give per-token maps, and each window's sums are L strided additions of [Gy, Gx] maps.
     centre = tok.mean(dim=(1, 2), keepdim=True)
     tc = tok - centre  # [D, Ty, Tx]
-    offsets = [(r * k, c * k) for r in range(grid) for c in range(grid)]
-    n = gy * gx
-
-    def window_view(mp: torch.Tensor, o: tuple[int, int]) -> torch.Tensor:
-        """The cells of map mp [..., Ty, Tx] that token offset o takes for every window: [..., Gy, Gx]."""
-        return mp[..., o[0] : o[0] + (gy - 1) * m + 1 : m, o[1] : o[1] + (gx - 1) * m + 1 : m]
 
     # per-token mean and spread over the windows, from integral images of t and t^2 (float64) of each
     # residue class of the token grid modulo the window step
@@ -300,11 +305,6 @@ def _iter_window_features(
             yield model.features(batch).float()
 
 
-def _feature_budget(device: torch.device) -> int:
-    """Bytes the window features of one micrograph may take (see ``memory_budget``)."""
-    return memory_budget(device)
-
-
 def _window_scores(
     trained: TrainedModel, mean: torch.Tensor, std: torch.Tensor, cfg: PickConfig
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -332,7 +332,7 @@ def _score_windows(
     their mean and spread and a second recomputes them to score."""
     model = trained.model
     n, d = len(rows_cols), int(trained.bank.shape[1])
-    if n * d * 4 <= _feature_budget(windows.device):
+    if n * d * 4 <= memory_budget(windows.device):
         feats = torch.cat(list(_iter_window_features(model, windows, rows_cols, cfg)))  # [n, D]
         return _window_scores(trained, feats.mean(dim=0), feats.std(dim=0), cfg)(feats)
     s1 = torch.zeros(d, dtype=torch.float64, device=windows.device)
@@ -376,7 +376,7 @@ def _coarse_to_fine(
         around[:, 1].clamp_(0, gx - 1)
         flat = torch.unique(around[:, 0] * gx + around[:, 1])
         rc = torch.stack([flat // gx, flat % gx], dim=1)
-        fine[rc[:, 0], rc[:, 1]] = torch.cat([score(f) for f in _iter_window_features(model, windows, rc, cfg)])
+        fine[rc[:, 0], rc[:, 1]] = torch.cat([score(b) for b in _iter_window_features(model, windows, rc, cfg)])
         evaluated += len(rc)
     return fine, evaluated
 
