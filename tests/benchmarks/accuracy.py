@@ -39,7 +39,7 @@ from cryomae.baselines.dog import calibrate_dog, dog_pick
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import resolve_device
 from cryomae.errors import CryomaeError
-from cryomae.evaluation.metrics import evaluate, match_picks
+from cryomae.evaluation.metrics import Score, evaluate, match_picks
 from cryomae.io import MICROGRAPH_SUFFIXES, read_coordinates, read_micrograph
 from cryomae.logging import configure_logging
 from cryomae.model.checkpoint import TrainedModel
@@ -192,6 +192,23 @@ class Row:
     details: dict[str, Any] = field(default_factory=dict)
     per_micrograph: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def scored(cls, picker: str, pooled: Score, ap: float | None, n_queries: int, pick_s: float, **rest: Any) -> Row:
+        """A row from the pooled scores at the picker's own threshold; ``rest`` are the other fields."""
+        return cls(
+            picker=picker,
+            precision=pooled.precision,
+            recall=pooled.recall,
+            f1=pooled.f1,
+            tp=pooled.tp,
+            n_picks=pooled.n_picks,
+            n_truth=pooled.n_truth,
+            ap=ap,
+            n_queries=n_queries,
+            pick_s_per_micrograph=pick_s,
+            **rest,
+        )
+
 
 def oracle_f1(candidates: dict[str, Points], truth: dict[str, np.ndarray], diameter: float) -> dict[str, Any]:
     """Best pooled F1 over one global threshold on the candidate scores, sweeping their unique quantiles.
@@ -304,17 +321,12 @@ def run_cryomae(
     for rec in per_mic:
         rec["score"] = at_threshold.per_micrograph[Path(rec["micrograph"]).stem].to_dict()
     pooled = at_threshold.pooled
-    row = Row(
-        picker=f"cryomae {preset}",
-        precision=pooled.precision,
-        recall=pooled.recall,
-        f1=pooled.f1,
-        tp=pooled.tp,
-        n_picks=pooled.n_picks,
-        n_truth=pooled.n_truth,
-        ap=all_candidates.average_precision,
-        n_queries=len(split.queries),
-        pick_s_per_micrograph=float(np.mean(seconds)),
+    row = Row.scored(
+        f"cryomae {preset}",
+        pooled,
+        all_candidates.average_precision,
+        len(split.queries),
+        float(np.mean(seconds)),
         train_s=train_s,
         oracle=oracle_f1(candidates, split.truth, split.diameter),
         details={
@@ -388,17 +400,12 @@ def run_dog(split: Split, label: str) -> Row:
         "ap": evaluate(_scored(peaks), split.truth, split.diameter).average_precision,
         "oracle": oracle_f1(peaks, split.truth, split.diameter),
     }
-    return Row(
-        picker=DOG,
-        precision=ev.pooled.precision,
-        recall=ev.pooled.recall,
-        f1=ev.pooled.f1,
-        tp=ev.pooled.tp,
-        n_picks=ev.pooled.n_picks,
-        n_truth=ev.pooled.n_truth,
-        ap=ev.average_precision,
-        n_queries=len(split.queries),
-        pick_s_per_micrograph=float(np.mean(seconds)),
+    return Row.scored(
+        DOG,
+        ev.pooled,
+        ev.average_precision,
+        len(split.queries),
+        float(np.mean(seconds)),
         train_s=calibrate_s,
         details={
             "pick_s_median": float(np.median(seconds)),

@@ -93,7 +93,10 @@ def parse_spec(spec: str) -> tuple[str, int | None, dict[str, Any]]:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    return name, int(layer) if layer else None, overrides
+    try:
+        return name, int(layer) if layer else None, overrides
+    except ValueError:
+        raise BenchmarkError(f"picker {spec!r}: the feature layer after '@' must be an integer") from None
 
 
 def topaz_row(split: Split, result: topaz_runner.TopazResult, label: str) -> Row:
@@ -103,17 +106,12 @@ def topaz_row(split: Split, result: topaz_runner.TopazResult, label: str) -> Row
     kept = {s: (xy[sc >= result.threshold], sc[sc >= result.threshold]) for s, (xy, sc) in ranked.items()}
     at = evaluate(dict(kept), split.truth, split.diameter)
     every = evaluate(dict(ranked), split.truth, split.diameter)
-    return Row(
-        picker=label,
-        precision=at.pooled.precision,
-        recall=at.pooled.recall,
-        f1=at.pooled.f1,
-        tp=at.pooled.tp,
-        n_picks=at.pooled.n_picks,
-        n_truth=at.pooled.n_truth,
-        ap=every.average_precision,
-        n_queries=len(split.queries),
-        pick_s_per_micrograph=result.seconds_per_micrograph,
+    return Row.scored(
+        label,
+        at.pooled,
+        every.average_precision,
+        len(split.queries),
+        result.seconds_per_micrograph,
         train_s=result.train_seconds,
         oracle=oracle_f1(ranked, split.truth, split.diameter),
         details={

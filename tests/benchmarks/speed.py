@@ -76,8 +76,11 @@ def _exemplars(reference: Path) -> np.ndarray:
 def parse_preset(spec: str) -> tuple[str, int | None]:
     """``name`` or ``name@layer`` (feature layer override, e.g. ``paper@-1`` = the paper's last-layer latent)."""
     name, _, layer = spec.partition("@")
-    get_preset(name)
-    return name, int(layer) if layer else None
+    try:
+        get_preset(name)
+        return name, int(layer) if layer else None
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"speed.py: error: preset {spec!r}: {exc}") from None
 
 
 def untrained(spec: str, reference: Path, diameter: float, device: torch.device) -> TrainedModel:
@@ -219,6 +222,13 @@ def _child(args: list[str]) -> dict[str, Any]:
     return result
 
 
+def _peak_memory(case: dict[str, Any]) -> str:
+    """The GPU allocator's peak where a GPU was used, else the process's peak resident memory."""
+    if "peak_gpu_bytes" in case:
+        return f"{case['peak_gpu_bytes'] / 2**30:.2f} GiB GPU"
+    return f"{case['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The speed tables as Markdown."""
     m = report["machine"]
@@ -237,13 +247,11 @@ def markdown(report: dict[str, Any]) -> str:
         if "error" in c:
             lines.append(f"| {c['args']} | error: {c['error']} |")
             continue
-        mem = c.get("peak_gpu_bytes", c["peak_rss_bytes"]) / 2**30
-        where = "GPU" if "peak_gpu_bytes" in c else "RSS"
         ext = " (extrapolated)" if c["extrapolated"] else ""
         lines.append(
             f"| {c['preset']} | {c['size']}² | {c['stride_px']} | {c['windows']:,} | {c['path']} | "
             f"{c['pick_s']:.2f}{ext} | {c['score_map_s']:.2f} | {c['windows_per_s']:,.0f} | {c['flops'] / 1e9:,.1f} | "
-            f"{100 * c['achieved_fraction']:.1f} % | {mem:.2f} GiB {where} |"
+            f"{100 * c['achieved_fraction']:.1f} % | {_peak_memory(c)} |"
         )
     if report["training"]:
         lines += [
@@ -256,10 +264,9 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {t['args']} | error: {t['error']} | | |")
                 continue
             ts = t["timings_s"]
-            mem = t.get("peak_gpu_bytes", t["peak_rss_bytes"]) / 2**30
             lines.append(
                 f"| {t['preset']} | {t['train_s']:.1f} | {ts['prepare']:.1f} / {ts['pretrain']:.1f} / "
-                f"{ts['scs_train']:.1f} | {mem:.2f} GiB |"
+                f"{ts['scs_train']:.1f} | {_peak_memory(t)} |"
             )
     return "\n".join(lines) + "\n"
 
