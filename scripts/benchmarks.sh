@@ -4,7 +4,7 @@
 # ${CRYOMAE_BENCH_CACHE:-~/.cache/cryomae-bench} on first use). Takes about 35 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { python3.11 -m venv .venv && .venv/bin/python -m pip install -q -e '.[dev]'; }
+bash scripts/install.sh dev
 .venv/bin/python tests/benchmarks/speed.py --max-seconds 30
 .venv/bin/python tests/benchmarks/compare.py --max-queries 3 --datasets empiar10017/bin4 --pickers topaz-trained \
   --out docs/benchmarks-topaz-trained.md

@@ -4,8 +4,5 @@
 # Extra arguments go to `cryomae demo` (e.g. --broker amqp://guest:guest@127.0.0.1:5672/ --count 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+bash scripts/install.sh
 .venv/bin/cryomae demo "$@"

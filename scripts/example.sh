@@ -3,8 +3,5 @@
 # synthetic micrographs -> train on 15 exemplars -> pick -> evaluate -> preview.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+bash scripts/install.sh
 .venv/bin/cryomae example --out "${1:-runs/example}"

@@ -23,12 +23,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cryomae.io import Coordinates, write_coordinates, write_mrc
 from cryomae.live import metrics, ops
 from cryomae.live.app import App, serve
 from cryomae.settings import Settings
-from cryomae.synthetic import make_micrograph
-from tests.live.conftest import DIAMETER, PROJECT, SESSION, Dataset, Live, control_for, wait_until
+from tests.live.conftest import PROJECT, SESSION, Live, control_for, make_dataset, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -365,14 +363,8 @@ def scraped(tmp_path: Path) -> str:
     """/metrics of a real ``cryomae run`` process (in-memory broker) after a session picked 3 micrographs."""
     source = tmp_path / "source"
     source.mkdir()
-    mics, truth = [], []
-    for i in range(3):
-        m = make_micrograph(shape=(256, 256), diameter=DIAMETER, n_particles=20, seed=100 + i)
-        mics.append(source / f"mic_{i:03d}.mrc")
-        truth.append(source / f"mic_{i:03d}.star")
-        write_mrc(mics[-1], m.image, pixel_size=2.0)
-        write_coordinates(truth[-1], Coordinates(m.centres))
-    live = Live(tmp_path / "live", "memory", f"test-{uuid.uuid4().hex[:12]}", Dataset(source, mics, truth))
+    data = make_dataset(source, 3)
+    live = Live(tmp_path / "live", "memory", f"test-{uuid.uuid4().hex[:12]}", data)
     live.create_project()
     app = App(live.settings(metrics_port=0))
     stop = threading.Event()
@@ -383,8 +375,8 @@ def scraped(tmp_path: Path) -> str:
         control = control_for(live, app.broker)
         live.session_folder.mkdir(parents=True)
         ops.session_start(app.settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
-        ops.exemplars_add(app.settings, control, PROJECT, mics[0], live.dataset.exemplars(live.root / "ex.star"),
-                          None)
+        exemplars = live.dataset.exemplars(live.root / "ex.star")
+        ops.exemplars_add(app.settings, control, PROJECT, data.micrographs[0], exemplars, None)
         for i in range(3):
             live.drop(i)
         wait_until(lambda: live.picked() == 3, what="3 micrographs picked")

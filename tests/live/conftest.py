@@ -12,6 +12,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import starfile
 
 from cryomae.io import Coordinates, write_coordinates, write_mrc
+from cryomae.live.app import App
 from cryomae.live.control import BrokerControl, Control, SpoolControl
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
@@ -65,17 +67,21 @@ class Dataset:
         return out
 
 
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    folder = tmp_path_factory.mktemp("live-data")
+def make_dataset(folder: Path, count: int) -> Dataset:
+    """``count`` synthetic 256 x 256 micrographs (MRC) with their ground truth (STAR) in ``folder``."""
     mics, truth = [], []
-    for i in range(24):
+    for i in range(count):
         m = make_micrograph(shape=(256, 256), diameter=DIAMETER, n_particles=20, seed=100 + i)
         mics.append(folder / f"mic_{i:03d}.mrc")
         truth.append(folder / f"mic_{i:03d}.star")
         write_mrc(mics[-1], m.image, pixel_size=2.0)
         write_coordinates(truth[-1], Coordinates(m.centres))
     return Dataset(folder, mics, truth)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return make_dataset(tmp_path_factory.mktemp("live-data"), 24)
 
 
 @dataclass
@@ -182,3 +188,15 @@ def control_for(live: Live, broker: object | None = None) -> Control:
     if live.transport == "memory":
         return SpoolControl(live.root / "state")
     return BrokerControl(open_broker(live.broker_url, live.namespace), store)
+
+
+@contextmanager
+def running(live: Live, settings: Settings, services: list[str] | None = None) -> Iterator[tuple[App, Control]]:
+    """The installation's services started in this process (all, or ``services``) with the operator's way in;
+    stopped on the way out, whatever happened."""
+    app = App(settings) if services is None else App(settings, services)
+    app.start()
+    try:
+        yield app, control_for(live, app.broker)
+    finally:
+        app.stop()

@@ -11,8 +11,7 @@ import collections
 import starfile
 
 from cryomae.live import ops
-from cryomae.live.app import App
-from tests.live.conftest import PROJECT, SESSION, Live, control_for, wait_until
+from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
 
 
 def _particles_by_micrograph(live: Live) -> collections.Counter[str]:
@@ -23,10 +22,7 @@ def _particles_by_micrograph(live: Live) -> collections.Counter[str]:
 def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
     live.create_project()
     settings = live.settings()
-    app = App(settings)
-    app.start()
-    control = control_for(live, app.broker)
-    try:
+    with running(live, settings) as (app, control):
         live.session_folder.mkdir(parents=True)
         ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
         for i in range(10):
@@ -40,8 +36,6 @@ def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
             live.drop(i)
         wait_until(lambda: live.picked() == 20, what="20 micrographs in the session outputs")
         report = ops.status(settings, control)
-    finally:
-        app.stop()
 
     counts = _particles_by_micrograph(live)
     names = {str(live.session_folder / p.name) for p in live.dataset.micrographs[:20]}
@@ -64,11 +58,8 @@ def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
 def test_failed_training_keeps_the_previous_model_and_says_why(live: Live) -> None:
     live.create_project()
     settings = live.settings()
-    app = App(settings, ["trainer"])
-    app.start()
-    control = control_for(live, app.broker)
-    store = app.store
-    try:
+    with running(live, settings, ["trainer"]) as (app, control):
+        store = app.store
         exemplars = live.dataset.exemplars(live.root / "exemplars.star")
         ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
         wait_until(lambda: store.current_version(PROJECT) is not None, what="the first model")
@@ -81,8 +72,6 @@ def test_failed_training_keeps_the_previous_model_and_says_why(live: Live) -> No
         wait_until(lambda: len(control.dead_letters("training") or []) == 1, what="the request dead-lettered")
         training = ops.status(settings, control)["projects"][0]["training"]
         letters = ops.dlq_list(control, "training", 10)["messages"]
-    finally:
-        app.stop()
     assert store.current_version(PROJECT) == first
     assert store.versions(PROJECT) == [first]  # nothing half-written left as a version
     assert training["state"] == "failed"

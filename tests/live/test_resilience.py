@@ -38,7 +38,7 @@ from cryomae.messages import MicrographReady
 from cryomae.messaging import Broker, topology
 from cryomae.messaging.rabbit import RabbitBroker
 from cryomae.store.projects import ProjectStore
-from tests.live.conftest import PROJECT, SESSION, Live, control_for, wait_until
+from tests.live.conftest import PROJECT, SESSION, Live, control_for, running, wait_until
 from tests.messaging.conftest import AMQP_URL
 
 RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
@@ -282,10 +282,7 @@ def test_poison_micrographs_are_dead_lettered_with_reasons_and_the_pipeline_goes
     shutil.copyfile(source, outside)
     good = _stage(live, [2, 3])
 
-    app = App(settings)
-    app.start()
-    control = control_for(live, app.broker)
-    try:
+    with running(live, settings) as (app, control):
         _train(live, control)
         dlq = topology.dead_letters(topology.MICROGRAPHS)
         # the one to be fixed goes first, alone: it stays the first dead letter whatever the order of the others
@@ -342,8 +339,6 @@ def test_poison_micrographs_are_dead_lettered_with_reasons_and_the_pipeline_goes
         after = ops.dlq_list(control, topology.MICROGRAPHS, 100)
         assert (after["depth"], after["messages"]) == (0, [])
         assert app.broker.depth(topology.MICROGRAPHS) == 0
-    finally:
-        app.stop()
     _assert_exactly_once(live, {str(p) for p in [*good, truncated]})
 
 
@@ -355,10 +350,7 @@ def test_session_finishes_exactly_once_across_a_broker_restart(live: Live) -> No
     """Restarting RabbitMQ briefly disturbs anything else using it (as ``tests/messaging/test_rabbit.py`` does)."""
     live.create_project()
     settings = live.settings()
-    app = App(settings)
-    app.start()
-    control = control_for(live, app.broker)
-    try:
+    with running(live, settings) as (app, control):
         _train(live, control)
         live.session_folder.mkdir(parents=True)
         ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
@@ -382,8 +374,6 @@ def test_session_finishes_exactly_once_across_a_broker_restart(live: Live) -> No
         )
         report = ops.status(settings, control)
         dead = _dead_letter_depths(app.broker)
-    finally:
-        app.stop()
     particles = _assert_exactly_once(live, {str(p.resolve()) for p in dropped})
     assert dead == dict.fromkeys(dead, 0)
     session = next(s for s in report["sessions"] if s["session"] == SESSION)
