@@ -265,8 +265,10 @@ def describe_dead_letter(env: Envelope) -> dict[str, Any]:
 
 
 def dlq_list(control: Control, queue: str, limit: int) -> dict[str, Any]:
-    letters = control.dead_letters(_queue(queue), limit)
+    # depths first: peeking holds the listed letters unacknowledged for a moment, and a depth read meanwhile
+    # would not count them
     depths = control.depths()
+    letters = control.dead_letters(_queue(queue), limit)
     return {
         "queue": topology.dead_letters(queue),
         "running": letters is not None,
