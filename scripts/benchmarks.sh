@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce docs/benchmarks.md: the speed tables (speed.py) and the side-by-side comparison with Topaz and
-# DoG on every dataset in ../shared/data (compare.py; installs Topaz into its own venv under
-# ${CRYOMAE_BENCH_CACHE:-~/.cache/cryomae-bench} on first use). Takes about 35 minutes on a 2-core CPU.
+# DoG on every dataset in ../shared/data, every query (compare.py with its default pickers: cryomae fast and two
+# search variants, Topaz pretrained and trained on the 15 exemplars, DoG). Topaz is installed into its own venv
+# under ${CRYOMAE_BENCH_CACHE:-~/.cache/cryomae-bench} on first use. On a 2-core CPU: about 2 hours the first
+# time (Topaz: 10-70 s per micrograph, 5-8 minutes of training per dataset), about 20 minutes once Topaz's
+# results are cached (tests/benchmarks/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
 .venv/bin/python tests/benchmarks/speed.py --max-seconds 30
-.venv/bin/python tests/benchmarks/compare.py --max-queries 3 --datasets empiar10017/bin4 --pickers topaz-trained \
-  --out docs/benchmarks-topaz-trained.md
-.venv/bin/python tests/benchmarks/compare.py --max-queries 3 \
-  --pickers "fast,fast:stride_fraction=0.25,fast:shared_tokens=false,search=coarse_to_fine,topaz,dog"
+.venv/bin/python tests/benchmarks/compare.py

@@ -129,5 +129,10 @@ class PickConfig(BaseModel):
         description="score windows from one convolution of the whole micrograph with the patch embedding when "
         "the feature is taken at layer 0 (same scores, far less work); False embeds every window separately",
     )
-    batch_size: int = Field(2048, ge=1)
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="windows per encoder batch when windows are embedded one by one; None: on a GPU as many as "
+        "fit a quarter of its free memory (cryomae.picking.picker.window_batch_size), 2048 on the CPU",
+    )
     device: str = "auto"

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N for picking and training")
     model_check_seconds: float = Field(10.0, gt=0, description="how often a picker checks for a new model version")
+    pick_workers: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="micrographs a picker works on at once (default: 2 on a GPU, so that one is read and its "
+        "peaks thresholded on the CPU while the other is scored on the GPU; 1 on a CPU, where they would only "
+        "share the cores)",
+    )
     broker_wait_seconds: float = Field(
         120.0, ge=0, description="how long a service waits for the broker at start-up before exiting non-zero"
     )

@@ -35,7 +35,7 @@ from cryomae.io.coordinates import (
     write_coordinates,
     write_particles_star,
 )
-from cryomae.io.micrographs import read_micrograph, write_mrc
+from cryomae.io.micrographs import read_ahead, read_micrograph, write_mrc
 from cryomae.model.checkpoint import load_model, save_model
 from cryomae.picking.picker import pick_micrograph
 from cryomae.training.train import train_model
@@ -100,12 +100,10 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
     all_xy: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
     failed: list[dict[str, str]] = []
-    for path in micrographs:
-        try:
-            mic = read_micrograph(path)
-        except InputError as e:
-            log.error("micrograph_unreadable", micrograph=str(path), error=str(e))
-            failed.append({"micrograph": str(path), "error": str(e)})
+    for path, mic in read_ahead(micrographs):  # the next file is decoded while this one is picked
+        if isinstance(mic, InputError):
+            log.error("micrograph_unreadable", micrograph=str(path), error=str(mic))
+            failed.append({"micrograph": str(path), "error": str(mic)})
             continue
         result = pick_micrograph(trained, mic.data, cfg)
         stem = path.stem

@@ -27,6 +27,8 @@ This file is not collected by pytest (it is not named ``test_*.py``).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import sys
 import tempfile
@@ -50,6 +52,7 @@ from cryomae.device import resolve_device
 from cryomae.errors import CryomaeError
 from cryomae.evaluation.metrics import evaluate
 from cryomae.logging import configure_logging
+from cryomae.model.layout import sha256_file
 from cryomae.model.presets import get_preset
 from tests.benchmarks.accuracy import (
     DEFAULT_DATA_ROOT,
@@ -73,7 +76,13 @@ from tests.benchmarks.accuracy import (
 
 DOCS = PROJECT_ROOT / "docs"
 TOPAZ_PRETRAINED, TOPAZ_TRAINED, DOG_SPEC = "topaz", "topaz-trained", "dog"
-DEFAULT_PICKERS = f"fast,small,fast:stride_fraction=0.25,{TOPAZ_PRETRAINED},{TOPAZ_TRAINED},{DOG_SPEC}"
+TOPAZ_LABELS = {TOPAZ_PRETRAINED: "Topaz resnet16_u64 (pretrained)", TOPAZ_TRAINED: "Topaz trained on the 15 exemplars"}
+# ``small`` (add it with --pickers) takes 15-20 s per micrograph and 3 minutes of training per dataset on a 2-core
+# CPU for the same F1 as ``fast`` (docs/benchmarks-core.md); on a GPU add ``small,base,paper``.
+DEFAULT_PICKERS = (
+    "fast,fast:stride_fraction=0.25,fast:shared_tokens=false,search=coarse_to_fine,"
+    f"{TOPAZ_PRETRAINED},{TOPAZ_TRAINED},{DOG_SPEC}"
+)
 
 
 def parse_spec(spec: str) -> tuple[str, int | None, dict[str, Any]]:
@@ -123,22 +132,65 @@ def topaz_row(split: Split, result: topaz_runner.TopazResult, label: str) -> Row
     )
 
 
-def run_dataset(name: str, split: Split, pickers: list[str], device: str, workdir: Path) -> list[Row]:
+def topaz_cache_key(spec: str, split: Split) -> str:
+    """What a Topaz result depends on: the runner (its whole source: code and settings), the inputs (file
+    contents, diameter, exemplars) and the machine (the seconds per micrograph are this machine's)."""
+    inputs: list[Any] = [sha256_file(q) for q in split.queries]
+    if spec == TOPAZ_TRAINED:
+        inputs += [sha256_file(split.reference), np.round(split.exemplars_xy, 3).tolist()]
+    cpu = machine()
+    key = {
+        "spec": spec,
+        "runner": hashlib.sha256(inspect.getsource(topaz_runner).encode()).hexdigest(),
+        "diameter": round(split.diameter, 4),
+        "inputs": inputs,
+        "machine": [cpu["cpu_model"], cpu["cpu_count"]],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def run_topaz(spec: str, split: Split, workdir: Path, reuse: bool) -> topaz_runner.TopazResult:
+    """Run Topaz (pretrained or trained on the exemplars), or reuse the result of an identical earlier run.
+
+    Results are kept under ``<cache>/results/<key>.json`` (see :func:`topaz_cache_key`): Topaz takes 10-40 s per
+    micrograph on a 2-core CPU and minutes to train, and its result cannot change while the key stays the
+    same. A reused result says so in its details (``reused_from``: when it was measured).
+    """
+    path = topaz_runner.cache_dir() / "results" / f"{topaz_cache_key(spec, split)}.json"
+    if reuse and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            result = topaz_runner.result_from_json(record["result"])
+            result.details["reused_from"] = record["measured"]
+            say(f"{spec}: reusing the result measured {record['measured']} ({path})")
+            return result
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            say(f"{spec}: ignoring the unreadable cached result {path}: {exc}")
+    exe = topaz_runner.ensure_topaz(log=say)
+    work = Path(tempfile.mkdtemp(prefix=f"{spec}-", dir=workdir))
+    if spec == TOPAZ_PRETRAINED:
+        result = topaz_runner.topaz_pretrained(split.queries, split.diameter, work, topaz=exe, log=say)
+    else:
+        result = topaz_runner.topaz_trained(
+            split.reference, split.exemplars_xy, split.queries, split.diameter, work, topaz=exe, log=say
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    measured = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    record = {"measured": measured, "result": topaz_runner.result_to_json(result)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    return result
+
+
+def run_dataset(
+    name: str, split: Split, pickers: list[str], device: str, workdir: Path, reuse_topaz: bool = True
+) -> list[Row]:
     rows: list[Row] = []
     trained: dict[tuple[str, int | None], Any] = {}
-    topaz_exe: Path | None = None
     for spec in pickers:
         if spec in (TOPAZ_PRETRAINED, TOPAZ_TRAINED):
-            topaz_exe = topaz_exe or topaz_runner.ensure_topaz(log=say)
-            work = Path(tempfile.mkdtemp(prefix=f"{spec}-", dir=workdir))
-            if spec == TOPAZ_PRETRAINED:
-                result = topaz_runner.topaz_pretrained(split.queries, split.diameter, work, topaz=topaz_exe, log=say)
-                row = topaz_row(split, result, "Topaz resnet16_u64 (pretrained)")
-            else:
-                result = topaz_runner.topaz_trained(
-                    split.reference, split.exemplars_xy, split.queries, split.diameter, work, topaz=topaz_exe, log=say
-                )
-                row = topaz_row(split, result, "Topaz trained on the 15 exemplars")
+            row = topaz_row(split, run_topaz(spec, split, workdir, reuse_topaz), TOPAZ_LABELS[spec])
         elif spec == DOG_SPEC:
             row = run_dog(split, name)
         else:
@@ -228,14 +280,22 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
             "| picker | F1 | precision | recall | AP | oracle F1 | s / micrograph | train s | picks |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        reused = sorted({str(r.details["reused_from"]) for r in rows if r.details.get("reused_from")})
         for r in rows:
             oracle = r.oracle["f1"] if r.oracle else None
+            mark = " †" if r.details.get("reused_from") else ""
             lines.append(
-                f"| {r.picker} | **{r.f1:.3f}** | {r.precision:.3f} | {r.recall:.3f} | {_f(r.ap)} | {_f(oracle)} | "
-                f"{r.pick_s_per_micrograph:.2f} | {_f(r.train_s, 1)} | {r.n_picks:,} |"
+                f"| {r.picker}{mark} | **{r.f1:.3f}** | {r.precision:.3f} | {r.recall:.3f} | {_f(r.ap)} | "
+                f"{_f(oracle)} | {r.pick_s_per_micrograph:.2f} | {_f(r.train_s, 1)} | {r.n_picks:,} |"
             )
             summary.setdefault(r.picker, {})[name] = r
         lines.append("")
+        if reused:
+            lines += [
+                f"† the result of an identical earlier run on this machine, measured {', '.join(reused)} (same "
+                "Topaz, runner code and settings, input files and machine; `--rerun-topaz` runs it again).",
+                "",
+            ]
     names = list(results)
     lines += [
         "### Summary: F1 / seconds per micrograph",
@@ -249,13 +309,6 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
     lines.append("")
     if png is not None:
         lines += [f"![F1 against seconds per micrograph]({png.name})", ""]
-    extra = DOCS / "benchmarks-topaz-trained.md"
-    if extra.is_file() and png is not None and png.parent == DOCS and png.stem != f"{extra.stem}-f1-time":
-        lines += [
-            "Topaz trained with its PU learning on the 15 exemplars is a separate run (5 minutes of training per "
-            "dataset on a CPU): [benchmarks-topaz-trained.md](benchmarks-topaz-trained.md).",
-            "",
-        ]
     speed_json = DOCS / "benchmarks-speed.json"
     if speed_json.is_file():
         from tests.benchmarks.speed import markdown as speed_markdown
@@ -274,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each dataset")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
+    p.add_argument(
+        "--rerun-topaz",
+        action="store_true",
+        help="run Topaz even when an identical earlier run's result is cached (same code, settings, inputs, machine)",
+    )
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -322,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
             split = few_shot_split(available[name], args.max_queries)
             say(f"== {name}: diameter {split.diameter:g} px, {len(split.queries)} queries, {split.n_truth} truth")
             splits[name] = split
-            results[name] = run_dataset(name, split, pickers, args.device, Path(tmp))
+            results[name] = run_dataset(name, split, pickers, args.device, Path(tmp), not args.rerun_topaz)
             meta["total_s"] = time.perf_counter() - t0
             plot(results, png)
             out.write_text(markdown(meta, results, splits, png))

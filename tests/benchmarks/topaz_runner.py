@@ -91,6 +91,43 @@ class TopazResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def result_to_json(result: TopazResult) -> dict[str, Any]:
+    """A TopazResult as plain JSON (picks as lists), for the benchmark's result cache."""
+    return {
+        "picks": {stem: {"xy": xy.tolist(), "scores": sc.tolist()} for stem, (xy, sc) in result.picks.items()},
+        "seconds_per_micrograph": result.seconds_per_micrograph,
+        "train_seconds": result.train_seconds,
+        "downsample": result.downsample,
+        "radius": result.radius,
+        "threshold": result.threshold,
+        "details": result.details,
+    }
+
+
+def result_from_json(data: dict[str, Any]) -> TopazResult:
+    """The inverse of :func:`result_to_json`; raises KeyError/ValueError/TypeError on a malformed record."""
+    picks: Picks = {
+        stem: (
+            np.asarray(p["xy"], dtype=np.float64).reshape(-1, 2),
+            np.asarray(p["scores"], dtype=np.float64).reshape(-1),
+        )
+        for stem, p in data["picks"].items()
+    }
+    for stem, (xy, sc) in picks.items():
+        if len(xy) != len(sc):
+            raise ValueError(f"cached picks of {stem}: {len(xy)} positions but {len(sc)} scores")
+    train = data["train_seconds"]
+    return TopazResult(
+        picks,
+        float(data["seconds_per_micrograph"]),
+        None if train is None else float(train),
+        int(data["downsample"]),
+        int(data["radius"]),
+        float(data["threshold"]),
+        dict(data["details"]),
+    )
+
+
 def cache_dir() -> Path:
     """The benchmark cache folder: ``$CRYOMAE_BENCH_CACHE`` if set, else ``~/.cache/cryomae-bench``."""
     env = os.environ.get("CRYOMAE_BENCH_CACHE")

@@ -86,6 +86,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "settings": {
                 "dataRoots": ["/mnt/krios"],
                 "logLevel": "debug",
+                "pickWorkers": 3,
                 "watch": {"mode": "poll", "poll_interval": 2.5},
                 "pick": {"threshold": 0.3, "batch_size": 4096},
                 "train": {"preset": "fast", "epochs": 20, "highpass": None},
@@ -442,6 +443,7 @@ def test_environment_names_are_settings_and_load_into_them(scenario: str, tmp_pa
         assert str(settings.state) == persistence["state"]["mountPath"]
         assert settings.log_level == values["settings"]["logLevel"]
         assert settings.log_json is True
+        assert settings.pick_workers == values["settings"].get("pickWorkers")  # null (dropped by Helm): the default
         for section in ("watch", "pick", "train"):
             for key, value in values["settings"][section].items():
                 assert getattr(getattr(settings, section), key) == value, (section, key)

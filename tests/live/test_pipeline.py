@@ -21,7 +21,7 @@ def _particles_by_micrograph(live: Live) -> collections.Counter[str]:
 
 def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
     live.create_project()
-    settings = live.settings()
+    settings = live.settings(pick_workers=2)  # two micrographs in hand at once, as on a GPU
     with running(live, settings) as (app, control):
         live.session_folder.mkdir(parents=True)
         ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)

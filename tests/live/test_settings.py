@@ -64,3 +64,23 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRYOMAE_PICK__STRIDE_FRACTION", "5")
     with pytest.raises(ValidationError, match="stride_fraction"):
         load_settings()
+
+
+def test_picker_works_on_one_micrograph_at_a_time_on_a_cpu_unless_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cryomae.live.picker import Picker
+    from cryomae.messaging import open_broker
+    from cryomae.store.projects import ProjectStore
+
+    broker = open_broker("memory://", "workers-test")
+    store = ProjectStore(tmp_path / "store")
+    s = load_settings(device="cpu")
+    assert s.pick_workers is None
+    assert Picker(broker, store, s.roots(), s.pick, s.device, workers=s.pick_workers).workers == 1
+    monkeypatch.setenv("CRYOMAE_PICK_WORKERS", "3")
+    s = load_settings(device="cpu")
+    assert Picker(broker, store, s.roots(), s.pick, s.device, workers=s.pick_workers).workers == 3
+    monkeypatch.setenv("CRYOMAE_PICK_WORKERS", "0")
+    with pytest.raises(ValidationError, match="pick_workers"):
+        load_settings()

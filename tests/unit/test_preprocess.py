@@ -9,11 +9,26 @@ def test_normalize_is_robust_to_a_dark_contamination():
     rng = np.random.default_rng(0)
     img = rng.normal(5.0, 2.0, (256, 256)).astype(np.float32)
     img[:40, :40] = -500.0  # ice contamination
-    out = normalize(img)
+    out = normalize(img).numpy()
     interior = out[100:, 100:]
     assert abs(float(np.median(interior))) < 0.1
     assert 0.8 < float(interior.std()) < 1.2
     assert out.min() >= -5.0  # clipped, so it cannot dominate the scale
+
+
+def test_the_gpu_normalisation_matches_the_cpu_one():
+    import torch
+
+    from cryomae.preprocess import _normalize_on_device
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(3.0, 2.0, (300, 700)).astype(np.float32)
+    img[10:20, 10:20] = 900.0  # hot pixels, clipped by both
+    source = img.copy()
+    on_device = _normalize_on_device(torch.from_numpy(img))
+    np.testing.assert_allclose(on_device.numpy(), normalize(img).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(img, source)  # the caller's image is left alone
+    assert float(on_device.max()) == 5.0
 
 
 def test_resample_size_and_mean():

@@ -134,3 +134,30 @@ def test_features_too_large_to_keep_are_scored_in_two_passes(monkeypatch: pytest
     streamed = compute_score_map(trained, image, cfg).scores
     assert kept.std() > 0.01
     np.testing.assert_allclose(streamed, kept, atol=2e-5)
+
+
+def test_window_batch_size_follows_the_config_the_device_and_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cryomae.picking.picker as picker
+
+    shallow, deep = _trained(layer=0), _trained(layer=2)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+    assert picker.window_batch_size(deep, PickConfig(batch_size=100), gpu) == 100  # an explicit size wins
+    assert picker.window_batch_size(deep, PickConfig(), cpu) == picker.CPU_BATCH
+    monkeypatch.setattr(picker, "memory_budget", lambda device: 1 << 30)
+    big = picker.window_batch_size(deep, PickConfig(), gpu)
+    monkeypatch.setattr(picker, "memory_budget", lambda device: 1 << 28)
+    assert picker.window_batch_size(deep, PickConfig(), gpu) == pytest.approx(big / 4, rel=0.01)  # a quarter
+    assert picker.window_batch_size(shallow, PickConfig(), gpu) > big / 4  # no transformer block: cheaper
+    monkeypatch.setattr(picker, "memory_budget", lambda device: 0)
+    assert picker.window_batch_size(deep, PickConfig(), gpu) == 64  # never below 64
+    monkeypatch.setattr(picker, "memory_budget", lambda device: 1 << 50)
+    assert picker.window_batch_size(deep, PickConfig(), gpu) == 65536
+
+
+@pytest.mark.parametrize("batch_size", [97, None])
+def test_scores_do_not_depend_on_the_batch_size(batch_size: int | None) -> None:
+    trained = _trained(layer=1)
+    image = _micrograph()
+    reference = compute_score_map(trained, image, PickConfig(device="cpu", batch_size=4096)).scores
+    got = compute_score_map(trained, image, PickConfig(device="cpu", batch_size=batch_size)).scores
+    np.testing.assert_allclose(got, reference, atol=2e-5)

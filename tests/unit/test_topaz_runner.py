@@ -167,3 +167,74 @@ def test_topaz_pi_counts_the_disc_once() -> None:
 def test_expected_particles_is_a_quarter_of_the_area_in_particle_boxes() -> None:
     assert topaz_runner.expected_particles((1024, 1024), 27.0) == 360
     assert topaz_runner.expected_particles((100, 100), 1000.0) == 1
+
+
+def _result(n: int = 3) -> topaz_runner.TopazResult:
+    rng = np.random.default_rng(1)
+    picks = {
+        "mic_a": (rng.uniform(0, 100, (n, 2)), np.sort(rng.normal(size=n))[::-1].copy()),
+        "mic_b": (
+            np.zeros((0, 2)),
+            np.zeros(0),
+        ),
+    }
+    return topaz_runner.TopazResult(picks, 12.5, None, 2, 10, 0.0, {"model": "resnet16_u64"})
+
+
+def test_result_json_round_trip_keeps_every_pick() -> None:
+    before = _result()
+    after = topaz_runner.result_from_json(json.loads(json.dumps(topaz_runner.result_to_json(before))))
+    assert sorted(after.picks) == ["mic_a", "mic_b"]
+    for stem, (xy, sc) in before.picks.items():
+        np.testing.assert_array_equal(after.picks[stem][0], xy)
+        np.testing.assert_array_equal(after.picks[stem][1], sc)
+        assert after.picks[stem][0].shape == (len(sc), 2)
+    assert (after.seconds_per_micrograph, after.train_seconds, after.downsample, after.radius, after.threshold) == (
+        12.5,
+        None,
+        2,
+        10,
+        0.0,
+    )
+    assert after.details == {"model": "resnet16_u64"}
+
+
+def test_result_json_rejects_mismatched_picks() -> None:
+    record = topaz_runner.result_to_json(_result())
+    record["picks"]["mic_a"]["scores"] = record["picks"]["mic_a"]["scores"][:-1]
+    with pytest.raises(ValueError, match="mic_a"):
+        topaz_runner.result_from_json(record)
+
+
+def test_compare_reuses_an_identical_topaz_run_and_reruns_when_inputs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.benchmarks import compare
+    from tests.benchmarks.accuracy import Split
+
+    monkeypatch.setenv("CRYOMAE_BENCH_CACHE", str(tmp_path / "cache"))
+    queries = [tmp_path / "mic_a.mrc", tmp_path / "mic_b.mrc"]
+    for i, q in enumerate(queries):
+        q.write_bytes(bytes([i]) * 64)
+    split = Split(40.0, "test", tmp_path / "ref.mrc", [0], np.zeros((1, 2)), queries, 2, {})
+    calls: list[int] = []
+
+    def fake_pretrained(qs: Sequence[Path], diameter: float, work: Path, **_: object) -> topaz_runner.TopazResult:
+        calls.append(len(qs))
+        return _result(len(calls) + 2)
+
+    monkeypatch.setattr(topaz_runner, "topaz_pretrained", fake_pretrained)
+    monkeypatch.setattr(topaz_runner, "ensure_topaz", lambda **_: Path("/nonexistent/topaz"))
+    work = tmp_path / "work"
+    work.mkdir()
+    first = compare.run_topaz(compare.TOPAZ_PRETRAINED, split, work, reuse=True)
+    again = compare.run_topaz(compare.TOPAZ_PRETRAINED, split, work, reuse=True)
+    assert calls == [2]  # the second call reused the first's result
+    assert "reused_from" not in first.details and "reused_from" in again.details
+    np.testing.assert_array_equal(again.picks["mic_a"][1], first.picks["mic_a"][1])
+
+    compare.run_topaz(compare.TOPAZ_PRETRAINED, split, work, reuse=False)
+    assert calls == [2, 2]  # --rerun-topaz
+    queries[1].write_bytes(b"changed" * 8)
+    changed = compare.run_topaz(compare.TOPAZ_PRETRAINED, split, work, reuse=True)
+    assert calls == [2, 2, 2] and "reused_from" not in changed.details  # new input contents, new key

@@ -17,6 +17,7 @@ from cryomae.io.coordinates import (
 from cryomae.io.micrographs import (
     MICROGRAPH_SUFFIXES,
     Micrograph,
+    read_ahead,
     read_micrograph,
     validate_mrc_complete,
     write_mrc,
@@ -28,6 +29,7 @@ __all__ = [
     "Coordinates",
     "Micrograph",
     "check_inside",
+    "read_ahead",
     "read_coordinates",
     "read_micrograph",
     "validate_mrc_complete",

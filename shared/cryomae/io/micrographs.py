@@ -16,7 +16,9 @@ import os
 import struct
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,3 +403,41 @@ def write_mrc(
             mrc.set_data(out)
             if pixel_size is not None:
                 mrc.voxel_size = float(pixel_size)
+
+
+def read_ahead(
+    paths: Sequence[str | Path], depth: int = 1
+) -> Generator[tuple[Path, Micrograph | InputError], None, None]:
+    """Read micrographs in order, ``depth`` files ahead of the caller, in one background thread.
+
+    Yields ``(path, micrograph)`` or ``(path, InputError)`` for a file that cannot be read, so one bad file
+    does not stop the rest. Decoding (JPEG, TIFF) and validation of the next files overlap with whatever the
+    caller does with the current one (picking on the GPU); with ``depth=0`` every file is read when asked for.
+    Other exceptions propagate when their file's turn comes. Closing the generator early waits only for the
+    reads already started.
+    """
+
+    def read(p: Path) -> Micrograph | InputError:
+        try:
+            return read_micrograph(p)
+        except InputError as exc:
+            return exc
+
+    items = [Path(p) for p in paths]
+    if depth <= 0:
+        for p in items:
+            yield p, read(p)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending: deque[tuple[Path, Future[Micrograph | InputError]]] = deque()
+        nxt = 0
+        try:
+            while nxt < len(items) or pending:
+                while nxt < len(items) and len(pending) <= depth:
+                    pending.append((items[nxt], pool.submit(read, items[nxt])))
+                    nxt += 1
+                path, future = pending.popleft()
+                yield path, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

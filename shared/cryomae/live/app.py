@@ -131,7 +131,9 @@ class App:
         if name == "trainer":
             return Trainer(self.broker, self.store, s.train, s.device)
         if name == "picker":
-            return Picker(self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds)
+            return Picker(
+                self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds, workers=s.pick_workers
+            )
         return WatcherService(self.broker, s)
 
     def start(self) -> None:

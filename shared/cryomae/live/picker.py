@@ -41,6 +41,7 @@ class Picker:
         cfg: PickConfig,
         device: str = "auto",
         model_check_seconds: float = 10.0,
+        workers: int | None = None,
     ) -> None:
         self.broker = broker
         self.store = store
@@ -49,6 +50,8 @@ class Picker:
         self.device: torch.device = resolve_device(device)
         self.cache = ModelCache(store, self.device, check_interval_s=model_check_seconds)
         self.model_check_seconds = model_check_seconds
+        # on a GPU, a second micrograph's reading and peak finding (CPU) overlap with one's scoring (GPU)
+        self.workers = workers if workers is not None else (2 if self.device.type == "cuda" else 1)
         self._consumers: list[Consumer] = []
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -160,14 +163,16 @@ class Picker:
             if self.store.current_version(p.name) is not None
         )
 
-    def start(self, prefetch: int = 1) -> None:
+    def start(self) -> None:
         self.preload()
         self._consumers.append(self.broker.subscribe(self.on_model))
         self.sweep()
-        self._consumers.append(self.broker.consume(topology.MICROGRAPHS, self.handle, prefetch=prefetch))
+        self._consumers.append(self.broker.consume(topology.MICROGRAPHS, self.handle, prefetch=self.workers))
         self._sweeper = threading.Thread(target=self._sweep_loop, name="picker-sweep", daemon=True)
         self._sweeper.start()
-        log.info("picker_started", device=str(self.device), roots=[str(r) for r in self.roots])
+        log.info(
+            "picker_started", device=str(self.device), workers=self.workers, roots=[str(r) for r in self.roots]
+        )
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.model_check_seconds):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.model.checkpoint import TrainedModel
-from cryomae.model.mae import MaskedAutoencoder
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import auto_cutoff, gmm_cutoff, knn_cutoff, otsu_cutoff, robust_cutoff
 from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
@@ -124,6 +123,27 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0]) // 4
     return max(1 << 30, _available_memory() // 4)
+
+
+CPU_BATCH = 2048  # windows per encoder batch on the CPU
+
+
+def window_batch_size(trained: TrainedModel, cfg: PickConfig, device: torch.device) -> int:
+    """Windows per encoder batch: ``cfg.batch_size`` when set; else on a GPU as many as fit ``memory_budget``
+    (between 64 and 65,536), on the CPU ``CPU_BATCH``.
+
+    A window costs its pixels (float32) and, per token, the activations one transformer block holds at once in
+    bf16 (about 12 x D: qkv, attention output, the 4 x D MLP hidden layer, residual and norms; attention itself
+    is the fused kernel and keeps no tokens x tokens matrix), plus its float32 feature.
+    """
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    if device.type != "cuda":
+        return CPU_BATCH
+    preset = trained.preset
+    per_token = 12 * preset.embed_dim * 2 if preset.feature_layer != 0 else 2 * preset.embed_dim * 4
+    per_window = preset.img_size**2 * 4 + (preset.tokens + 1) * per_token + int(trained.bank.shape[1]) * 4
+    return int(min(65536, max(64, memory_budget(device) // per_window)))
 
 
 def _available_memory() -> int:
@@ -293,13 +313,15 @@ def compute_score_map(
 
 
 def _iter_window_features(
-    model: MaskedAutoencoder, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
+    trained: TrainedModel, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
 ) -> Iterator[torch.Tensor]:
     """Encoder features [b, D] of the windows at grid positions rows_cols [n, 2] of the view [Gy, Gx, s, s],
-    batch by batch (each batch gathered from the view, never all windows at once)."""
+    batch by batch (``window_batch_size`` windows, each batch gathered from the view, never all at once)."""
+    model = trained.model
     s = windows.shape[-1]
-    for i in range(0, len(rows_cols), cfg.batch_size):
-        rc = rows_cols[i : i + cfg.batch_size]
+    size = window_batch_size(trained, cfg, windows.device)
+    for i in range(0, len(rows_cols), size):
+        rc = rows_cols[i : i + size]
         batch = windows[rc[:, 0], rc[:, 1]].reshape(-1, 1, s, s)
         with autocast(windows.device):
             yield model.features(batch).float()
@@ -313,11 +335,13 @@ def _window_scores(
     bank = F.normalize((trained.bank.to(mu.device).float() - mu) / sd, dim=-1)  # [B, D]
     if cfg.score == "mean":
         bank = bank.mean(dim=0, keepdim=True)  # the mean of the cosines is one dot product with the mean
-    step = max(1, cfg.batch_size * 8)
+    # in chunks of at most 8 encoder batches and the memory budget: no second copy of all window features
+    budget_rows = memory_budget(mu.device) // (4 * bank.shape[1])
+    step = max(64, min(window_batch_size(trained, cfg, mu.device) * 8, budget_rows))
 
     def score(f: torch.Tensor) -> torch.Tensor:
         out = torch.empty(f.shape[0], device=f.device)
-        for i in range(0, f.shape[0], step):  # in chunks: no second copy of all window features
+        for i in range(0, f.shape[0], step):
             out[i : i + step] = _reduce(F.normalize((f[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
         return out
 
@@ -330,20 +354,19 @@ def _score_windows(
     """Scores [n] of the windows at rows_cols [n, 2]. The features are kept when they fit the memory budget;
     otherwise (large flat features, e.g. the paper preset's 150,528 numbers per window) a first pass gathers
     their mean and spread and a second recomputes them to score."""
-    model = trained.model
     n, d = len(rows_cols), int(trained.bank.shape[1])
     if n * d * 4 <= memory_budget(windows.device):
-        feats = torch.cat(list(_iter_window_features(model, windows, rows_cols, cfg)))  # [n, D]
+        feats = torch.cat(list(_iter_window_features(trained, windows, rows_cols, cfg)))  # [n, D]
         return _window_scores(trained, feats.mean(dim=0), feats.std(dim=0), cfg)(feats)
     s1 = torch.zeros(d, dtype=torch.float64, device=windows.device)
     s2 = torch.zeros(d, dtype=torch.float64, device=windows.device)
-    for f in _iter_window_features(model, windows, rows_cols, cfg):
+    for f in _iter_window_features(trained, windows, rows_cols, cfg):
         s1 += f.sum(dim=0, dtype=torch.float64)
         s2 += f.double().square().sum(dim=0)
     mean = s1 / n
     std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
     score = _window_scores(trained, mean, std, cfg)
-    return torch.cat([score(f) for f in _iter_window_features(model, windows, rows_cols, cfg)])
+    return torch.cat([score(f) for f in _iter_window_features(trained, windows, rows_cols, cfg)])
 
 
 def _coarse_to_fine(
@@ -352,13 +375,12 @@ def _coarse_to_fine(
     """Score every ``coarse_factor``-th window in each direction, then every fine window around the coarse
     peaks (within one coarse step); the cells not visited take the nearest coarse score.
     Returns the fine score map [Gy, Gx] and the number of windows scored."""
-    model = trained.model
     dev = windows.device
     gy, gx = windows.shape[:2]
     f = cfg.coarse_factor
     cy, cx = (gy + f - 1) // f, (gx + f - 1) // f
     coarse_rc = torch.cartesian_prod(torch.arange(cy, device=dev) * f, torch.arange(cx, device=dev) * f)
-    coarse_feats = torch.cat(list(_iter_window_features(model, windows, coarse_rc, cfg)))
+    coarse_feats = torch.cat(list(_iter_window_features(trained, windows, coarse_rc, cfg)))
     # the coarse windows' statistics serve for all
     score = _window_scores(trained, coarse_feats.mean(dim=0), coarse_feats.std(dim=0), cfg)
     coarse = score(coarse_feats).reshape(cy, cx)
@@ -376,7 +398,7 @@ def _coarse_to_fine(
         around[:, 1].clamp_(0, gx - 1)
         flat = torch.unique(around[:, 0] * gx + around[:, 1])
         rc = torch.stack([flat // gx, flat % gx], dim=1)
-        fine[rc[:, 0], rc[:, 1]] = torch.cat([score(b) for b in _iter_window_features(model, windows, rc, cfg)])
+        fine[rc[:, 0], rc[:, 1]] = torch.cat([score(b) for b in _iter_window_features(trained, windows, rc, cfg)])
         evaluated += len(rc)
     return fine, evaluated
 
