@@ -3,12 +3,13 @@ folder, and a clear error for a file that is not a ledger."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from cryomae.errors import ConfigError, InputError
-from cryomae.watching.ledger import DATABASE, Ledger, Publication, SessionRecord
+from cryomae.watching.ledger import DATABASE, Ledger, Publication, SessionRecord, read_ledger
 
 
 def test_publications_and_sessions_survive_a_reopen(tmp_path: Path):
@@ -59,3 +60,26 @@ def test_a_file_that_is_not_a_database_is_named(tmp_path: Path):
     assert info.value.path == tmp_path / DATABASE
     with pytest.raises(InputError, match="not a usable"):
         Ledger(tmp_path)  # the same error again, not "in use": the failed attempt released its lock
+
+
+def test_status_reads_a_ledger_whose_schema_is_not_written_yet_as_empty(tmp_path: Path):
+    # what `cryomae status` can meet in the moment a starting watcher has created the file: WAL on, a table or
+    # none, the schema version not yet committed; before the fix this raised "no such table: sessions"
+    db = sqlite3.connect(tmp_path / DATABASE, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    assert read_ledger(tmp_path) == ([], {})
+    db.execute("CREATE TABLE sessions (project TEXT)")
+    assert read_ledger(tmp_path) == ([], {})
+    db.close()
+    (tmp_path / DATABASE).unlink()
+
+    ledger = Ledger(tmp_path)
+    try:
+        assert read_ledger(tmp_path) == ([], {})
+        ledger.save_session(SessionRecord("p1", "s1", Path("/data/s1"), "*.mrc", True, 50.0))
+        ledger.record("p1", "s1", Publication("/data/s1/a.mrc", 1, 1, "id-a", 60.0, False))
+        sessions, counts = read_ledger(tmp_path)
+        assert [(r.project, r.session) for r in sessions] == [("p1", "s1")]
+        assert counts[("p1", "s1")].gave_up == 1
+    finally:
+        ledger.close()

@@ -123,8 +123,8 @@ class Ledger:
                 raise InputError(self.path, f"state database has schema {version}, newer than {SCHEMA_VERSION}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # one transaction: a reader in another process sees either no schema (user_version 0) or all of it
+            db.executescript(f"BEGIN;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
         except sqlite3.DatabaseError as exc:
             db.close()
             raise InputError(self.path, f"not a usable watcher state database ({exc})") from None
@@ -201,7 +201,8 @@ class Ledger:
 
 def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, str], Summary]]:
     """The watched sessions and every session's publication counts, read without taking the lock (for
-    ``cryomae status`` in another process while the watcher runs); empty when there is no ledger yet."""
+    ``cryomae status`` in another process while the watcher runs); empty when there is no ledger yet or its
+    schema is still being written."""
     path = state_dir / DATABASE
     if not path.is_file():
         return [], {}
@@ -210,6 +211,8 @@ def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, s
     except sqlite3.Error as exc:
         raise InputError(path, f"cannot read the watcher state database ({exc})") from None
     try:
+        if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            return [], {}  # the watcher has created the file and not yet committed its schema
         rows = db.execute(
             "SELECT project, session, folder, pattern, recursive, started_at FROM sessions ORDER BY started_at"
         ).fetchall()
