@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -258,6 +259,12 @@ def watched(live: Live) -> set[str]:
     return {s.session for s in sessions}
 
 
+def snapshot_written(live: Live) -> float:
+    """When `cryomae run` last wrote its queue snapshot (0 when there is none)."""
+    snap = SpoolControl(live.root / "state").snapshot()
+    return 0.0 if snap is None else float(snap["written"])
+
+
 def seen(live: Live, session: str = SESSION) -> int:
     _, summaries = read_ledger(live.root / "state" / ops.WATCHER_STATE)
     summary = summaries.get((PROJECT, session))
@@ -313,6 +320,9 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         rows_before = particle_rows(live)
         assert len(rows_before) > 0
 
+        # status reads the depths `cryomae run` writes every second: wait for one written after all was done
+        done_at = time.time()
+        wait_until(alive_while([run], lambda: snapshot_written(live) > done_at), what="a later queue snapshot")
         report = ok_json(cli(live, "status", "--json"))
         assert report["running"] is True and report["mode"] == "one process (in-memory broker)"
         queues = report["queues"]
