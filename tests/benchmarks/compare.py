@@ -51,6 +51,7 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import resolve_device
 from cryomae.errors import CryomaeError
 from cryomae.evaluation.metrics import evaluate
+from cryomae.io.micrographs import atomic_output
 from cryomae.logging import configure_logging
 from cryomae.model.layout import sha256_file
 from cryomae.model.presets import get_preset
@@ -153,8 +154,9 @@ def run_topaz(spec: str, split: Split, workdir: Path, reuse: bool) -> topaz_runn
     """Run Topaz (pretrained or trained on the exemplars), or reuse the result of an identical earlier run.
 
     Results are kept under ``<cache>/results/<key>.json`` (see :func:`topaz_cache_key`): Topaz takes 10-40 s per
-    micrograph on a 2-core CPU and minutes to train, and its result cannot change while the key stays the
-    same. A reused result says so in its details (``reused_from``: when it was measured).
+    micrograph on a 2-core CPU and minutes to train. The pretrained result cannot change while the key stays the
+    same; the trained one is one draw (``topaz train`` takes no seed), kept as measured rather than drawn again
+    on every run. A reused result says so in its details (``reused_from``: when it was measured).
     """
     path = topaz_runner.cache_dir() / "results" / f"{topaz_cache_key(spec, split)}.json"
     if reuse and path.is_file():
@@ -177,9 +179,8 @@ def run_topaz(spec: str, split: Split, workdir: Path, reuse: bool) -> topaz_runn
     path.parent.mkdir(parents=True, exist_ok=True)
     measured = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     record = {"measured": measured, "result": topaz_runner.result_to_json(result)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    with atomic_output(path) as tmp:  # a unique temporary name: two runs at once cannot mix their writes
+        tmp.write_text(json.dumps(record))
     return result
 
 
