@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install everything from scratch into .venv and run the checks and the whole test suite.
+# The README's test command: install everything the tests need on a fresh machine (the project in .venv,
+# promtool from Debian's prometheus package, a running RabbitMQ), then run the checks and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
+bash scripts/test-services.sh
 .venv/bin/ruff check shared tests
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -57,7 +57,7 @@ GRAFANA_BUILTINS = frozenset({"__rate_interval", "__interval", "__range", "__int
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("promtool")
-    assert exe, "promtool is missing (Debian's prometheus package; .ci/run installs it)"
+    assert exe, "promtool is missing (Debian's prometheus package; scripts/test.sh installs it)"
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 

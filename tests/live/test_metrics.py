@@ -4,6 +4,7 @@ session produces, checked with Prometheus's own ``promtool``."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import urllib.error
@@ -88,7 +89,9 @@ def test_probes_and_metrics_of_a_live_session(live: Live, served: App) -> None:
     assert samples['cryomae_trainings_total{outcome="done"}'] >= 1
     assert samples['cryomae_messages_handled_total{outcome="ok",queue="picks"}'] >= 3
     # Prometheus's own linter accepts the exposition (names, units, help texts)
-    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing (Debian's prometheus package; scripts/test.sh installs it)"
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
