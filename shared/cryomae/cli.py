@@ -36,6 +36,21 @@ def _threshold(value: str) -> str | float:
         raise argparse.ArgumentTypeError(f"expected auto, gmm, robust, otsu, knn or a number, got {value!r}") from None
 
 
+def _session_threshold(value: str) -> float | None:
+    """``session rethreshold --threshold``: a score, or auto (each micrograph's own automatic cutoff)."""
+    if value == "auto":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(
+            f"expected a score (a number, e.g. 0.42) or auto (each micrograph's own automatic cutoff), got {value!r}"
+        )
+    return number
+
+
 def _set_pairs(pairs: Sequence[str]) -> dict[str, Any]:
     """Parse KEY=VALUE overrides; values are JSON when they parse as JSON, else strings."""
     out: dict[str, Any] = {}
@@ -168,7 +183,10 @@ def _serve(args: argparse.Namespace, names: Sequence[str]) -> int:
 
 def _log_from_settings(args: argparse.Namespace, settings: Any) -> None:
     level = args.log_level or settings.log_level
-    configure_logging(level, json=True if args.log_json else settings.log_json)
+    log_file = getattr(args, "log_file", None) or settings.log_file
+    configure_logging(level, json=True if args.log_json else settings.log_json, file=log_file)
+    if log_file is not None:
+        print(f"logging to {Path(log_file).resolve()}", file=sys.stderr)
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -282,7 +300,7 @@ def cmd_session_rethreshold(args: argparse.Namespace) -> int:
     from cryomae.live import ops
 
     settings = _settings(args)
-    value = None if args.threshold == "auto" else float(args.threshold)
+    value = args.threshold
     out = _with_control(args, lambda c: ops.session_rethreshold(settings, c, args.project, args.session, value))
     shown = "each micrograph's automatic cutoff" if value is None else f"score >= {value}"
     _print(args, out, f"{out['project']}/{out['session']}: threshold -> {shown} ({out['delivery']})")
@@ -364,6 +382,7 @@ def _add_live_parsers(sub: Any) -> None:
         "restarts it), 3 when the broker stays unreachable at start-up.",
     )
     s.add_argument("name", choices=SERVICES)
+    s.add_argument("--log-file", type=Path, metavar="FILE", help="write the log to FILE (or CRYOMAE_LOG_FILE)")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.set_defaults(func=cmd_service)
 
@@ -375,6 +394,13 @@ def _add_live_parsers(sub: Any) -> None:
         "`status`, ...) reach it through the state folder when the broker is memory://.",
     )
     r.add_argument("--services", nargs="+", choices=SERVICES, default=list(SERVICES), help="subset to run")
+    r.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="write the log to FILE (appended, rotated at 50 MB, 5 kept) instead of the terminal "
+        "(or CRYOMAE_LOG_FILE)",
+    )
     r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     r.set_defaults(func=cmd_run)
 
@@ -446,7 +472,12 @@ def _add_live_parsers(sub: Any) -> None:
     sr = se.add_parser("rethreshold", parents=[common, js], help="change a session's cutoff without re-picking")
     sr.add_argument("--project", required=True)
     sr.add_argument("--session", required=True)
-    sr.add_argument("--threshold", required=True, help="a score, or auto for each micrograph's automatic cutoff")
+    sr.add_argument(
+        "--threshold",
+        required=True,
+        type=_session_threshold,
+        help="a score, or auto for each micrograph's automatic cutoff",
+    )
     sr.set_defaults(func=cmd_session_rethreshold)
     sp = se.add_parser("repick", parents=[common, js], help="re-pick a session with the current model")
     sp.add_argument("--project", required=True)
@@ -475,7 +506,12 @@ def _add_live_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cryomae", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="cryomae",
+        description="Few-shot cryo-EM particle picking (CryoMAE): offline training, picking, evaluation and "
+        "previews; the live services (service, run, demo); and the operator's commands (project, exemplars, "
+        "session, status, dlq, config).",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO, or CRYOMAE_LOG_LEVEL)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -603,6 +639,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        # one line, not a traceback; leave without the interpreter's teardown, in which torch's native
+        # threads can abort the process (exit 134) after an interrupt
+        print("\ninterrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except TransientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -11,6 +11,10 @@ Flow (queue names in ``cryomae.messaging.topology``)::
     CLI --SessionCommand--> watcher           CLI --Rethreshold--> writer
 
 Times are Unix seconds (``time.time()``); paths are absolute strings as the producer saw them.
+
+Sizes are bounded: a body above ``MAX_MESSAGE_BYTES`` is refused by ``decode`` before it is parsed, paths are at
+most ``PATH_CHARS`` characters and ids, versions and labels ``TEXT_CHARS``, so that a reason or a log line quoting
+a message stays short.
 """
 
 from __future__ import annotations
@@ -26,8 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from cryomae.errors import InputError
 
 SCHEMA_VERSION: Literal[1] = 1
+# Largest message body ``decode`` accepts. A PicksReady of a crowded 8k micrograph, 20,000 candidates, is about
+# 1.1 MB (57 bytes per candidate): this admits some 70,000, and stays far below RabbitMQ's own message limit.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="project or session name: letters, digits, . _ -")]
+# Bounds of the other strings: a path as long as Linux allows (PATH_MAX), an id, version or label far longer than
+# any this project makes. With MAX_MESSAGE_BYTES they keep every reason and log line that quotes a field short.
+PATH_CHARS = 4096
+TEXT_CHARS = 256
+Text = Annotated[str, Field(min_length=1, max_length=TEXT_CHARS)]
 
 
 def new_id() -> str:
@@ -40,7 +52,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    id: str = Field(default_factory=new_id, min_length=1)
+    id: str = Field(default_factory=new_id, min_length=1, max_length=TEXT_CHARS)
     created: float = Field(default_factory=time.time)
 
     def body(self) -> bytes:
@@ -54,7 +66,7 @@ class MicrographReady(Message):
     kind: Literal["micrograph_ready"] = "micrograph_ready"
     project: Name
     session: Name
-    path: str = Field(min_length=1, description="absolute path of the micrograph")
+    path: str = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
     size: int = Field(ge=0, description="bytes, when the file was judged complete")
     mtime: float
     complete_at: float = Field(description="when the watcher judged the file complete (latency starts here)")
@@ -71,18 +83,18 @@ class PicksReady(Message):
     kind: Literal["picks_ready"] = "picks_ready"
     project: Name
     session: Name
-    micrograph: str = Field(min_length=1, description="absolute path of the micrograph")
-    micrograph_id: str = Field(description="id of the MicrographReady message that was picked")
-    model_version: str
+    micrograph: str = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
+    micrograph_id: str = Field(max_length=TEXT_CHARS, description="id of the MicrographReady message that was picked")
+    model_version: str = Field(max_length=TEXT_CHARS)
     diameter: float = Field(gt=0)
-    threshold: float
+    threshold: float = Field(allow_inf_nan=False, description="the cutoff: a finite score")
     x: list[float]
     y: list[float]
     scores: list[float]
     shape: tuple[int, int] = Field(description="micrograph (rows, columns)")
     complete_at: float
     picked_at: float = Field(default_factory=time.time)
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[Text, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _same_lengths(self) -> PicksReady:
@@ -96,7 +108,9 @@ class TrainRequest(Message):
 
     kind: Literal["train_request"] = "train_request"
     project: Name
-    exemplar_set: str = Field(min_length=1, description="id of the exemplar set in the project store")
+    exemplar_set: str = Field(
+        min_length=1, max_length=TEXT_CHARS, description="id of the exemplar set in the project store"
+    )
 
 
 class ModelPublished(Message):
@@ -104,7 +118,7 @@ class ModelPublished(Message):
 
     kind: Literal["model_published"] = "model_published"
     project: Name
-    version: str = Field(min_length=1)
+    version: str = Field(min_length=1, max_length=TEXT_CHARS)
 
 
 class SessionCommand(Message):
@@ -114,8 +128,8 @@ class SessionCommand(Message):
     action: Literal["start", "stop"]
     project: Name
     session: Name
-    folder: str = Field("", description="absolute path of the session folder (start)")
-    pattern: str = Field("*.mrc", description="glob of micrograph file names")
+    folder: str = Field("", max_length=PATH_CHARS, description="absolute path of the session folder (start)")
+    pattern: str = Field("*.mrc", max_length=TEXT_CHARS, description="glob of micrograph file names")
     recursive: bool = True
 
 
@@ -136,7 +150,12 @@ _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
 
 
 def decode(body: bytes | str, source: str = "message") -> Message:
-    """Parse and validate a message body; InputError names what is wrong (for the dead-letter reason)."""
+    """Parse and validate a message body; InputError names what is wrong (for the dead-letter reason).
+
+    A body above ``MAX_MESSAGE_BYTES`` is refused before it is parsed."""
+    size = len(body.encode() if isinstance(body, str) else body)
+    if size > MAX_MESSAGE_BYTES:
+        raise InputError(None, f"{source}: message body of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cryomae.config import PickConfig, TrainConfig
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.watching.settings import WatchSettings, WatchTuning
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets/cryomae")
@@ -68,15 +69,29 @@ class Settings(BaseSettings):
         "peaks thresholded on the CPU while the other is scored on the GPU; 1 on a CPU, where they would only "
         "share the cores)",
     )
+    max_micrograph_pixels: int = Field(
+        MAX_MICROGRAPH_PIXELS,
+        ge=1,
+        description="largest micrograph picked or trained from, in pixels (width x height), refused from its header "
+        "before it is read; the default, 2^27 = 134 Mpx, admits 8k x 8k and K3 super-resolution (11520 x 8184)",
+    )
     broker_wait_seconds: float = Field(
         120.0, ge=0, description="how long a service waits for the broker at start-up before exiting non-zero"
     )
     metrics_port: int | None = Field(
         9400, ge=0, le=65535, description="HTTP port of /metrics, /healthz and /readyz (0: any free port; null: off)"
     )
-    metrics_host: str = Field("0.0.0.0", description="address the metrics and health endpoint listens on")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the metrics and health endpoint listens on; it has no authentication and names "
+        "projects and model versions, so only this host by default (the container images and the Helm chart "
+        "set 0.0.0.0, behind their network and a NetworkPolicy)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
+    log_file: Path | None = Field(
+        None, description="write the services' log to this file (appended, rotated at 50 MB, 5 kept; default stderr)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -105,7 +105,13 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
             log.error("micrograph_unreadable", micrograph=str(path), error=str(mic))
             failed.append({"micrograph": str(path), "error": str(mic)})
             continue
-        result = pick_micrograph(trained, mic.data, cfg)
+        try:
+            result = pick_micrograph(trained, mic.data, cfg)
+        except InputError as exc:  # smaller than one picking window
+            problem = str(InputError(path, exc.problem) if exc.path is None else exc)
+            log.error("micrograph_unpickable", micrograph=str(path), error=problem)
+            failed.append({"micrograph": str(path), "error": problem})
+            continue
         stem = path.stem
         star = out / f"{stem}{AUTOPICK_SUFFIX}"
         write_autopick_star(star, result.xy, result.scores)
@@ -191,6 +197,9 @@ def preview_file(
     """Draw a pick file (and ground truth) on a micrograph; diameter from pick_run.json when not given."""
     from cryomae.preview import render_preview
 
+    for path, what in ((micrograph, "micrograph"), (picks, "pick file"), (truth, "ground-truth file")):
+        if path is not None and not Path(path).is_file():
+            raise InputError(path, f"{what} not found")
     if diameter is None:
         run = picks.parent / RUN_FILE
         if not run.is_file():

@@ -101,6 +101,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             },
             "prometheusRule": {"labels": {"release": "kube-prometheus-stack"}},
             "dashboards": {"namespace": "monitoring"},
+            # Prometheus of the monitoring namespace only; probes from the nodes' range (a CNI that filters them)
+            "networkPolicy": {
+                "metricsFrom": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                    }
+                ],
+                "probeCIDRs": ["10.0.0.0/16", "fd00:10::/64"],
+            },
         },
     },
     # everything optional off: no Prometheus Operator, no Grafana, no KEDA, no trainer; data from an inline NFS volume
@@ -113,6 +123,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "dashboards": {"enabled": False},
             "picker": {"keda": {"enabled": False}},
             "trainer": {"enabled": False},
+            "networkPolicy": {"enabled": False},
             "persistence": {
                 "data": {"volume": {"nfs": {"server": "nas.example.org", "path": "/krios", "readOnly": True}}}
             },
@@ -255,7 +266,7 @@ def test_chart_metadata() -> None:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_manifests_validate_against_kubernetes_schemas(scenario: str) -> None:
-    core = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
+    core = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy"}
     custom = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
     docs = _rendered(scenario)[1]
     assert docs
@@ -292,6 +303,9 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
         ({"settings": {"logLevel": "verbose"}}, "logLevel"),
         ({"persistence": {"data": {"mountPath": "data"}}}, "mountPath"),
         ({"watcher": {"gpu": 1}}, "gpu"),
+        ({"networkPolicy": {"enable": True}}, "enable"),  # misspelt: the policy would silently stay on
+        ({"networkPolicy": {"probeCIDRs": ["10.0.0.0"]}}, "probeCIDRs"),  # not a CIDR
+        ({"networkPolicy": {"metricsFrom": [{"podSelectr": {}}]}}, "podSelectr"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], why: str) -> None:
@@ -438,6 +452,7 @@ def test_environment_names_are_settings_and_load_into_them(scenario: str, tmp_pa
         assert settings.broker.url == values["broker"]["url"]
         assert settings.broker.namespace == values["broker"]["namespace"]
         assert settings.metrics_port == values["metricsPort"]
+        assert settings.metrics_host == "0.0.0.0"  # the pod network, behind the NetworkPolicy (not 127.0.0.1)
         assert str(settings.store) == persistence["store"]["mountPath"]
         assert str(settings.outputs) == persistence["outputs"]["mountPath"]
         assert str(settings.state) == persistence["state"]["mountPath"]
@@ -455,7 +470,7 @@ def test_environment_names_are_settings_and_load_into_them(scenario: str, tmp_pa
         needs = {
             "watcher": {"state": False, "data": True},
             "picker": {"store": True, "data": True},
-            "writer": {"outputs": False},
+            "writer": {"outputs": False, "store": True, "data": True},  # store, data: to check picks messages
             "trainer": {"store": False, "data": True, "outputs": True},
         }[component]
         for volume, read_only in needs.items():
@@ -736,6 +751,53 @@ def test_optional_parts_switch_off() -> None:
     assert kinds == {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
     assert len(_objects("optional-off", "ConfigMap")) == 1  # the settings only, no dashboards
     assert _components("optional-off") == ["writer", "picker", "watcher"]
+
+
+# ------------------------------------------------------------------------------------------ NetworkPolicy
+
+
+def _policy(scenario: str) -> dict[str, Any]:
+    return _one(scenario, "NetworkPolicy")
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "gpu-keda-claims", "custom-names"])
+def test_network_policy_admits_only_the_scrapers_to_the_metrics_port(scenario: str) -> None:
+    """Item 17: the pods listen on 0.0.0.0 (no authentication; project names and model versions in /metrics), so
+    a NetworkPolicy (on by default) refuses every ingress but the metrics port from the configured scrapers (and
+    the probes' node ranges); egress is left alone (the broker may be anywhere)."""
+    values = _values(scenario)
+    policy = _policy(scenario)
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["metadata"]["namespace"] == SCENARIOS[scenario]["namespace"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    # it selects every cryomae pod of this release, and nothing else
+    selector = spec["podSelector"]["matchLabels"]
+    for component in _components(scenario):
+        assert _matches(selector, _deployment(scenario, component)["spec"]["template"]["metadata"]["labels"])
+    assert selector["app.kubernetes.io/instance"] == SCENARIOS[scenario]["release"]
+    assert not _matches(selector, {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/instance": "x"})
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": values["metricsPort"], "protocol": "TCP"}]
+    peers = values["networkPolicy"]["metricsFrom"] + [
+        {"ipBlock": {"cidr": cidr}} for cidr in values["networkPolicy"]["probeCIDRs"]
+    ]
+    assert rule["from"] == peers and peers  # a rule without peers would admit everyone
+    if scenario == "defaults":  # Prometheus pods (kube-prometheus-stack's label) in any namespace
+        assert rule["from"] == [
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+        ]
+
+
+def test_network_policy_without_scrapers_refuses_all_ingress_and_switches_off() -> None:
+    # no peers: no ingress rule at all (deny), never a rule without "from" (which would admit every source)
+    out = _render({"networkPolicy": {"metricsFrom": [], "probeCIDRs": []}})
+    (policy,) = [d for d in yaml.safe_load_all(out["cryomae/templates/networkpolicy.yaml"]) if d]
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and policy["spec"]["ingress"] == []
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    assert _objects("optional-off", "NetworkPolicy") == []
+    assert _settings_cm("optional-off")["CRYOMAE_METRICS_HOST"] == "0.0.0.0"  # the pods still serve the probes
 
 
 # ------------------------------------------------------------------------------------------ NOTES

@@ -49,7 +49,7 @@ SECRET_NAME = "cryomae_broker_password"  # the file pydantic-settings reads brok
 # read by cryomae.settings.load_settings itself (where the secret files are), not a Settings field
 NON_FIELD_VARIABLES = {"CRYOMAE_SECRETS_DIR"}
 # the watcher lists session folders, the picker reads micrographs, the trainer the exemplars' micrograph
-READS_MICROGRAPHS = {"watcher", "picker", "trainer"}
+READS_MICROGRAPHS = {"watcher", "picker", "trainer", "writer"}  # the writer checks that they exist
 # packages that compile or fetch: none of them may be installed in a final image stage
 BUILD_TOOLS = re.compile(
     r"\b(build-essential|gcc|g\+\+|clang|make|cmake|git|curl|wget|[\w.+-]+-dev|python3\.\d+-venv)\b"
@@ -487,6 +487,9 @@ def test_environment_is_settings_and_points_at_the_volumes(kind, monkeypatch, tm
         assert re.search(rf"chown [^&]*{re.escape(path)}\b", creates), f"{path} is not given to the user"
     assert settings.log_json is True
     assert settings.metrics_port == METRICS_PORT
+    # item 17: the workstation default is 127.0.0.1; a container must listen on its network for the probes and
+    # Prometheus (docker publishes nothing, the compose network and the chart's NetworkPolicy protect it)
+    assert settings.metrics_host == "0.0.0.0"
     if kind == "cpu":
         assert settings.device == "cpu"
 
@@ -728,11 +731,16 @@ def test_service_environment_loads_as_settings(name, gpu, compose, compose_gpu, 
     assert {"rabbitmq": {"condition": "service_healthy"}}.items() <= svc["depends_on"].items()
 
     assert mount_at(svc, str(settings.store)).source == "store"
+    # item 17: listening on the compose network (Prometheus, the healthcheck), never published on the host
+    assert settings.metrics_host == "0.0.0.0"
+    assert str(settings.metrics_port) not in {str(p).split(":")[-1].split("/")[0] for p in svc.get("ports", [])}
     if name in READS_MICROGRAPHS:
         for root in settings.watch_settings().data_roots:
             assert mount_at(svc, str(root)).read_only, f"{name}: micrographs are mounted read-write"
     if name in ("watcher", "writer"):
         assert not mount_at(svc, str(settings.outputs)).read_only
+    if name == "writer":
+        assert mount_at(svc, str(settings.store)).read_only, "the writer only checks projects and model versions"
     if name == "watcher":
         state = mount_at(svc, str(settings.state))
         assert state.source in config["volumes"], "the watcher's ledger lives on a named volume"

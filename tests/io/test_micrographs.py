@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageFile
 
 from cryomae.errors import InputError
 from cryomae.io.micrographs import (
+    MAX_MICROGRAPH_PIXELS,
     MICROGRAPH_SUFFIXES,
     Micrograph,
     read_micrograph,
@@ -293,6 +295,105 @@ def test_corrupt_images(tmp_path: Path) -> None:
 def test_directory_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "dir.mrc").mkdir()
     assert "not a regular file" in _error(tmp_path / "dir.mrc")
+
+
+# ------------------------------------------------------------------------------------------- size bound
+
+
+def _sparse_mrc(path: Path, nx: int, ny: int, mode: int = 0) -> Path:
+    """A single-image MRC whose header declares nx x ny pixels and whose data is a hole (no disk, no memory)."""
+    header = bytearray(1024)
+    struct.pack_into("<10i", header, 0, nx, ny, 1, mode, 0, 0, 0, nx, ny, 1)
+    struct.pack_into("<3f", header, 40, float(nx), float(ny), 1.0)
+    struct.pack_into("<3i", header, 64, 1, 2, 3)
+    header[208:212] = b"MAP "
+    header[212:216] = bytes([0x44, 0x44, 0, 0])
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(1024 + nx * ny * {0: 1, 2: 4}[mode])
+    return path
+
+
+def _no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every pixel decoder fail the test: a refusal must come from the header, before any pixel is read."""
+
+    def read(*args: object, **kwargs: object) -> None:
+        pytest.fail("the pixels were read")
+
+    monkeypatch.setattr(mrcfile, "open", read)
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", read)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", read)
+
+
+def _too_large(path: Path, max_pixels: int | None = None) -> str:
+    with pytest.raises(InputError) as info:
+        read_micrograph(path) if max_pixels is None else read_micrograph(path, max_pixels=max_pixels)
+    assert info.value.path == path
+    return info.value.problem
+
+
+def test_default_pixel_limit_admits_8k_and_k3_super_resolution_and_refuses_16k() -> None:
+    assert MAX_MICROGRAPH_PIXELS == 2**27
+    for width, height in ((8192, 8192), (11520, 8184)):  # an 8k detector, K3 super-resolution
+        assert width * height <= MAX_MICROGRAPH_PIXELS
+    assert MAX_MICROGRAPH_PIXELS < 16384 * 16384
+
+
+def test_sparse_16k_mrc_is_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _sparse_mrc(tmp_path / "huge.mrc", 16384, 16384)  # 256 MB of hole
+    big = _sparse_mrc(tmp_path / "bigger.mrc", 100000, 100000, mode=2)  # 40 GB of hole
+    _no_reading(monkeypatch)
+    assert _too_large(path) == (
+        "micrograph of 16384x16384 px (268 Mpx) exceeds the limit of 134 Mpx (CRYOMAE_MAX_MICROGRAPH_PIXELS)"
+    )
+    assert "micrograph of 100000x100000 px (10000 Mpx) exceeds the limit of 134 Mpx" in _too_large(big)
+    truncated = tmp_path / "header_only.mrc"
+    with open(big, "rb") as f:
+        truncated.write_bytes(f.read(1024))  # the size is said first, before the length that disagrees
+    assert "100000x100000 px" in _too_large(truncated)
+
+
+def test_pixel_limit_per_format_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _ramp((48, 64), 0.2).astype(np.uint8)  # 3072 px
+    write_mrc(tmp_path / "m.mrc", image, dtype=np.int8)
+    tifffile.imwrite(tmp_path / "m.tif", image.astype(np.uint16), photometric="minisblack")
+    Image.fromarray(image).save(tmp_path / "m.png")
+    Image.fromarray(image).save(tmp_path / "m.jpg")
+    files = [tmp_path / f"m.{suffix}" for suffix in ("mrc", "tif", "png", "jpg")]
+    for path in files:
+        assert read_micrograph(path, max_pixels=3072).shape == (48, 64)  # at the limit: read
+        assert read_micrograph(path, max_pixels=None).shape == (48, 64)  # no limit
+    _no_reading(monkeypatch)
+    for path in files:
+        assert _too_large(path, 2000) == (
+            "micrograph of 64x48 px (0.00307 Mpx) exceeds the limit of 0.002 Mpx (CRYOMAE_MAX_MICROGRAPH_PIXELS)"
+        ), path
+
+
+def test_tiff_stack_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.stack([_ramp(), _ramp() + 1]).astype(np.uint16), photometric="minisblack")
+    _no_reading(monkeypatch)
+    assert "got a stack of 2 images" in _error(path)
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height, with a few bytes of data: enough for Pillow to open it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+    return path
+
+
+def test_png_beyond_pillows_bomb_limit_names_the_pixel_limit(tmp_path: Path) -> None:
+    path = _png_header(tmp_path / "bomb.png", 100000, 100000)
+    assert _too_large(path).startswith("micrograph of 10000000000 px (10000 Mpx) exceeds the limit of 134 Mpx")
+    assert _too_large(_png_header(tmp_path / "wide.png", 16384, 9000)) == (
+        "micrograph of 16384x9000 px (147 Mpx) exceeds the limit of 134 Mpx (CRYOMAE_MAX_MICROGRAPH_PIXELS)"
+    )
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -34,6 +34,15 @@ def test_demo_plays_a_session_and_reports_latency_throughput_and_f1(tmp_path: Pa
     assert 0.0 <= report["accuracy"]["f1"] <= 1.0 and report["accuracy"]["truth"] > 0
     latencies = report["latency_live"]["n"] + report["latency_backlog"]["n"]
     assert latencies == 5
+    # the feed paused for the model, so at least the 3 micrographs written after the exemplars measure the live
+    # latency (the 2 before may have been judged complete after the tiny model was published too)
+    assert report["latency_live"]["n"] >= 3, report
+    assert report["feed_held_s"] > 0
+    text = "\n".join(lines)
+    headline = next(line for line in text.splitlines() if "latency (file complete -> rows in the STAR):" in line)
+    assert f"over {report['latency_live']['n']} micrographs" in headline and "none" not in headline, headline
+    # training progress is shown while the model trains (the stage and step the trainer reports)
+    assert any("model training (" in line for line in lines), lines
     assert report["training_s"] is not None and report["training_s"] > 0
     assert json.loads((out / "report.json").read_text())["picked"] == 5
     assert any("exemplars" in line and "registered" in line for line in lines)

@@ -84,3 +84,11 @@ def test_picker_works_on_one_micrograph_at_a_time_on_a_cpu_unless_told(
     monkeypatch.setenv("CRYOMAE_PICK_WORKERS", "0")
     with pytest.raises(ValidationError, match="pick_workers"):
         load_settings()
+
+
+def test_metrics_listen_on_this_host_only_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    # item 17: /metrics and /healthz have no authentication and name projects and model versions; a workstation
+    # keeps them to itself, the container images and the chart open them (CRYOMAE_METRICS_HOST=0.0.0.0)
+    assert load_settings().metrics_host == "127.0.0.1"
+    monkeypatch.setenv("CRYOMAE_METRICS_HOST", "0.0.0.0")
+    assert load_settings().metrics_host == "0.0.0.0"

@@ -11,7 +11,7 @@ from cryomae.errors import InputError, TransientError
 from cryomae.messages import ModelPublished, PicksReady, decode
 from cryomae.messaging import Broker, Consumer, Envelope
 from cryomae.messaging import topology as t
-from cryomae.messaging.base import DELIVERY_LIMIT, QUEUE_HEADER, REASON_HEADER
+from cryomae.messaging.base import DELIVERY_LIMIT, QUEUE_HEADER, REASON_CHARS, REASON_HEADER
 
 from .conftest import WAIT, Recorder, micrograph, wait_until
 
@@ -296,3 +296,41 @@ def test_stop_from_inside_a_handler(broker: Broker) -> None:
     broker.publish(MICS, marker)
     assert_next_is(broker, MICS, marker.id)
     assert len(got.envelopes) == 1
+
+
+def test_long_reasons_are_cut_to_a_few_kb_naming_their_length(broker: Broker) -> None:
+    """A reason too long for an AMQP header (RabbitMQ's frame is 128 KB) keeps its start and its end."""
+    reasons = {
+        "input": "/data/" + "x" * 1_000_000 + ".mrc: not an MRC file",
+        "transient": "still growing " + "y" * 1_000_000 + " (try later)",
+    }
+
+    def reject(envelope: Envelope) -> None:
+        if decode(envelope.body).size % 2:  # type: ignore[attr-defined]
+            raise InputError(None, reasons["input"])
+        raise TransientError(reasons["transient"])
+
+    got = Recorder(reject)
+    consumer = broker.consume(MICS, got)
+    for i in (1, 2):
+        broker.publish(MICS, micrograph(i))  # sizes 4097 (odd: input error) and 4098 (transient)
+    wait_until(lambda: broker.depth(MICS_DLQ) == 2, what="two dead letters")
+    consumer.stop(WAIT)
+    assert sorted(got.counts) == [0, *range(DELIVERY_LIMIT)]  # the input error once, the transient one 5 times
+    letters = broker.peek(MICS_DLQ)
+    dead = {decode(e.body).size % 2: str(e.headers[REASON_HEADER]) for e in letters}  # type: ignore[attr-defined]
+    for parity, key in ((1, "input"), (0, "transient")):
+        reason, original = dead[parity], reasons[key]
+        assert len(reason) <= REASON_CHARS, key
+        assert reason.startswith(original[:100]), key
+        assert f"{len(original)} characters" in reason, key
+    assert dead[1].endswith(".mrc: not an MRC file")
+    assert dead[0].endswith(f"(try later) (gave up after {DELIVERY_LIMIT} deliveries)")
+
+
+def test_peek_without_a_limit_returns_every_message(broker: Broker) -> None:
+    for i in range(105):
+        broker.publish(MICS_DLQ, micrograph(i))
+    assert len(broker.peek(MICS_DLQ, None)) == 105
+    wait_until(lambda: broker.depth(MICS_DLQ) == 105, what="peeked messages ready again")
+    assert len(broker.peek(MICS_DLQ)) == 100  # the default

@@ -379,7 +379,7 @@ def test_damaged_state_file_is_named(tmp_path: Path) -> None:
         (picks(MIC_B, [0.9], version="v 1\n"), "model version"),
         (picks(MIC_B, [0.9], session="s2"), "outputs of proj/s1"),
         (picks(MIC_B, [0.9]).model_copy(update={"complete_at": float("nan")}), "complete_at is nan"),
-        (picks(MIC_B, [0.9], threshold=float("-inf")), "threshold is -inf"),
+        (picks(MIC_B, [0.9]).model_copy(update={"threshold": float("-inf")}), "threshold is -inf"),
     ],
 )
 def test_bad_input_is_named_and_nothing_is_lost(tmp_path: Path, msg: PicksReady, problem: str) -> None:

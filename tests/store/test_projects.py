@@ -64,12 +64,12 @@ def _star(path: Path, xy: np.ndarray) -> Path:
 def _exemplars(store: ProjectStore, mic, tmp_path, n: int = 8, project: str = "apo") -> ExemplarSet:
     store.create_project(project, diameter=DIAMETER, exist_ok=True)
     path, centres = mic
-    return store.add_exemplars(project, path, _star(tmp_path / f"ex{n}.star", centres[:n]))
+    return store.add_exemplars(project, path, _star(tmp_path / f"ex{n}.star", centres[:n]), roots=[tmp_path])
 
 
 def _train(store: ProjectStore, exset: ExemplarSet, seed: int = 0) -> str:
     """Train a tiny real model on a stored exemplar set and publish it; returns the version."""
-    reference, coords = exset.read_inputs()
+    reference, coords = exset.read_inputs(roots=[exset.micrograph.parent])
     trained, info = train_model(reference, coords.xy, exset.diameter, CFG.model_copy(update={"seed": seed}))
     with store.staged_version(exset.project) as (version, tmp_dir):
         save_model(tmp_dir, trained.model, trained.bank, trained.geometry, info)
@@ -147,7 +147,7 @@ def test_add_exemplars_stores_a_copy_and_the_micrographs_identity(store, mic, tm
     path, centres = mic
     store.create_project("apo", diameter=DIAMETER)
     src = _star(tmp_path / "picked.star", centres[:15])
-    exset = store.add_exemplars("apo", path, src)
+    exset = store.add_exemplars("apo", path, src, roots=[tmp_path])
     assert exset.count == 15 and exset.warnings == ()
     assert exset.micrograph == path.absolute() and exset.micrograph_shape == (192, 192)
     assert exset.micrograph_size == path.stat().st_size and exset.pixel_size == pytest.approx(2.0)
@@ -159,7 +159,7 @@ def test_add_exemplars_stores_a_copy_and_the_micrographs_identity(store, mic, tm
     stored = json.loads((exset.path / EXEMPLAR_FILE).read_text())
     assert len(stored["micrograph_sha256"]) == 64 and stored["count"] == 15
     assert list((store.root / "projects" / "apo" / STAGING).iterdir()) == [], "no staging left behind"
-    reference, coords = exset.read_inputs()
+    reference, coords = exset.read_inputs(roots=[tmp_path])
     assert reference.shape == (192, 192) and len(coords) == 15
 
 
@@ -168,12 +168,12 @@ def test_diameter_defaults_to_the_projects_and_is_required_somewhere(store, mic,
     store.create_project("with_default", diameter=30.0)
     store.create_project("without")
     src = _star(tmp_path / "ex.star", centres[:6])
-    assert store.add_exemplars("with_default", path, src).diameter == 30.0
-    assert store.add_exemplars("with_default", path, src, diameter=22.0).diameter == 22.0
+    assert store.add_exemplars("with_default", path, src, roots=[tmp_path]).diameter == 30.0
+    assert store.add_exemplars("with_default", path, src, diameter=22.0, roots=[tmp_path]).diameter == 22.0
     with pytest.raises(InputError, match="give the particle diameter"):
-        store.add_exemplars("without", path, src)
+        store.add_exemplars("without", path, src, roots=[tmp_path])
     with pytest.raises(InputError, match="does not fit"):
-        store.add_exemplars("without", path, src, diameter=500.0)
+        store.add_exemplars("without", path, src, diameter=500.0, roots=[tmp_path])
     assert store.exemplar_sets("without") == []
 
 
@@ -182,7 +182,7 @@ def test_an_exemplar_outside_the_image_is_refused_naming_the_file(store, mic, tm
     store.create_project("apo", diameter=DIAMETER)
     bad = _star(tmp_path / "outside.star", np.vstack([centres[:5], [[250.0, 40.0]]]))
     with pytest.raises(InputError, match="outside the 192x192 image") as info:
-        store.add_exemplars("apo", path, bad)
+        store.add_exemplars("apo", path, bad, roots=[tmp_path])
     assert info.value.path == bad
     assert store.exemplar_sets("apo") == []
 
@@ -192,12 +192,12 @@ def test_an_empty_coordinate_file_is_refused_naming_the_file(store, mic, tmp_pat
     store.create_project("apo", diameter=DIAMETER)
     no_rows = _star(tmp_path / "no_rows.star", np.zeros((0, 2)))
     with pytest.raises(InputError, match="no exemplar coordinates") as info:
-        store.add_exemplars("apo", path, no_rows)
+        store.add_exemplars("apo", path, no_rows, roots=[tmp_path])
     assert info.value.path == no_rows
     zero_bytes = tmp_path / "zero.star"
     zero_bytes.write_bytes(b"")
     with pytest.raises(InputError) as info:
-        store.add_exemplars("apo", path, zero_bytes)
+        store.add_exemplars("apo", path, zero_bytes, roots=[tmp_path])
     assert info.value.path == zero_bytes
     assert store.exemplar_sets("apo") == []
 
@@ -209,12 +209,61 @@ def test_an_unreadable_micrograph_is_refused_naming_it(store, mic, tmp_path):
     truncated = tmp_path / "truncated.mrc"
     truncated.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(InputError, match="truncated MRC") as info:
-        store.add_exemplars("apo", truncated, src)
+        store.add_exemplars("apo", truncated, src, roots=[tmp_path])
     assert info.value.path == truncated
     with pytest.raises(InputError, match="file not found") as info:
-        store.add_exemplars("apo", tmp_path / "missing.mrc", src)
+        store.add_exemplars("apo", tmp_path / "missing.mrc", src, roots=[tmp_path])
     assert info.value.path == tmp_path / "missing.mrc"
     assert store.exemplar_sets("apo") == []
+
+
+def test_an_exemplar_micrograph_outside_the_data_roots_is_refused(store, mic, tmp_path):
+    path, centres = mic  # tmp_path/session/mic_001.mrc
+    store.create_project("apo", diameter=DIAMETER)
+    src = _star(tmp_path / "ex.star", centres[:6])
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(InputError, match="outside the configured data roots") as info:
+        store.add_exemplars("apo", path, src, roots=[data])
+    assert info.value.path == path and str(data) in str(info.value)
+    # a real symlink inside the root that points outside is refused too, naming where it leads
+    link = data / "mic_001.mrc"
+    link.symlink_to(path)
+    with pytest.raises(InputError, match="outside the configured data roots") as info:
+        store.add_exemplars("apo", link, src, roots=[data])
+    assert info.value.path == link and f"resolves to {path}" in str(info.value)
+    # so is a path with '..' that leaves the root
+    with pytest.raises(InputError, match="outside the configured data roots"):
+        store.add_exemplars("apo", data / ".." / "session" / "mic_001.mrc", src, roots=[data])
+    assert store.exemplar_sets("apo") == []
+    assert store.add_exemplars("apo", path, src, roots=[data, path.parent]).count == 6  # inside another root
+
+
+def test_a_symlink_inside_the_data_roots_to_a_file_inside_them_is_accepted(store, mic, tmp_path):
+    path, centres = mic
+    store.create_project("apo", diameter=DIAMETER)
+    link = tmp_path / "session" / "link.mrc"
+    link.symlink_to(path)
+    exset = store.add_exemplars("apo", link, _star(tmp_path / "ex.star", centres[:6]), roots=[path.parent])
+    assert exset.micrograph == link
+    assert exset.read_inputs(roots=[path.parent])[0].shape == (192, 192)
+
+
+def test_a_stored_micrograph_that_now_resolves_outside_the_roots_is_refused_for_training(store, mic, tmp_path):
+    """The file is swapped for a real symlink to an identical copy outside the roots: same content, same
+    checksum, but the trainer must not read outside the data roots."""
+    path, centres = mic
+    store.create_project("apo", diameter=DIAMETER)
+    exset = store.add_exemplars("apo", path, _star(tmp_path / "ex.star", centres[:6]), roots=[path.parent])
+    elsewhere = tmp_path / "elsewhere" / "copy.mrc"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(elsewhere)
+    with pytest.raises(InputError, match="outside the configured data roots") as info:
+        exset.read_inputs(roots=[path.parent])
+    assert info.value.path == path and f"resolves to {elsewhere}" in str(info.value)
+    assert exset.read_inputs(roots=[path.parent, elsewhere.parent])[0].shape == (192, 192)
 
 
 def test_fewer_than_five_exemplars_are_stored_with_a_warning(store, mic, tmp_path):
@@ -237,11 +286,11 @@ def test_a_micrograph_changed_after_the_set_was_stored_is_refused_for_training(s
     exset = _exemplars(store, mic, tmp_path)
     write_mrc(path, make_micrograph(shape=(192, 192), diameter=DIAMETER, seed=99).image, pixel_size=2.0)
     with pytest.raises(InputError, match="changed since exemplar set") as info:
-        exset.read_inputs()
+        exset.read_inputs(roots=[tmp_path])
     assert info.value.path == path.absolute()
     path.unlink()
     with pytest.raises(InputError, match="no longer exists"):
-        exset.read_inputs()
+        exset.read_inputs(roots=[tmp_path])
 
 
 # ---------------------------------------------------------------------------------------------- versions
@@ -257,7 +306,7 @@ def test_publishing_versions_switches_current(store, mic, tmp_path):
     first = store.load_current("apo")
     assert isinstance(first, TrainedModel) and first.geometry.diameter == DIAMETER
 
-    reference, coords = exset.read_inputs()
+    reference, coords = exset.read_inputs(roots=[tmp_path])
     trained, info = train_model(reference, coords.xy, DIAMETER, CFG.model_copy(update={"seed": 2}))
     with store.staged_version("apo") as (v2, tmp_dir):
         save_model(tmp_dir, trained.model, trained.bank, trained.geometry, info)
@@ -334,6 +383,40 @@ def test_tampered_weights_are_detected_on_load(store, mic, tmp_path):
     assert str(weights) in str(info.value)
     with pytest.raises(CheckpointError, match="checksum"):
         store.load_version("apo", v1)
+
+
+def _change_diameter(manifest_path: Path, diameter: float) -> None:
+    manifest = json.loads(manifest_path.read_text())
+    manifest["geometry"]["diameter"] = diameter
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def test_a_changed_manifest_is_detected_on_load(store, mic, tmp_path):
+    exset = _exemplars(store, mic, tmp_path)
+    v1 = _train(store, exset)
+    manifest = store.root / "projects" / "apo" / MODELS / v1 / MANIFEST
+    _change_diameter(manifest, 97.0)
+    for load in (lambda: store.load_current("apo"), lambda: store.load_version("apo", v1)):
+        with pytest.raises(CheckpointError, match=r"was changed after the model was written \(checksum") as info:
+            load()
+        assert str(manifest) in str(info.value)
+    with pytest.raises(CheckpointError, match="checksum"):
+        ModelCache(store, "cpu").get("apo")  # a picker refuses it too (and dead-letters with this reason)
+
+
+def test_a_model_directory_with_a_changed_manifest_is_never_published(store, mic, tmp_path):
+    exset = _exemplars(store, mic, tmp_path)
+    v1 = _train(store, exset)
+    reference, coords = exset.read_inputs(roots=[tmp_path])
+    trained, info = train_model(reference, coords.xy, exset.diameter, CFG)
+    version, tmp_dir = store.new_version_dir("apo")
+    save_model(tmp_dir, trained.model, trained.bank, trained.geometry, info)
+    _change_diameter(tmp_dir / MANIFEST, 97.0)
+    with pytest.raises(CheckpointError, match="checksum mismatch") as info_:
+        store.publish_version("apo", version, tmp_dir)
+    assert str(tmp_dir / MANIFEST) in str(info_.value)
+    assert store.current_version("apo") == v1 and store.versions("apo") == [v1]
+    store.discard_version("apo", version)
 
 
 def test_invalid_version_names_are_refused(store, mic, tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from cryomae.errors import CheckpointError
 from cryomae.model.checkpoint import BANK_KEY, MANIFEST, WEIGHTS, load_model, save_model
+from cryomae.model.layout import FORMAT_VERSION, manifest_checksum, write_manifest
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import PRESETS
 from cryomae.preprocess import Geometry
@@ -31,10 +32,11 @@ def _save(
 
 
 def _rehash(out):
-    """Record the weights file's current checksum in the manifest, so only the content can be wrong."""
+    """Record the weights file's current checksum in the manifest (and seal it again), so only the content can be
+    wrong."""
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["weights"]["sha256"] = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(out / MANIFEST, manifest)
 
 
 def test_round_trip_restores_weights_bank_geometry_and_preset(tmp_path):
@@ -126,10 +128,84 @@ def test_incomplete_manifest_is_named(tmp_path):
     _save(out)
     manifest = json.loads((out / MANIFEST).read_text())
     del manifest["geometry"]
-    (out / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(out / MANIFEST, manifest)  # sealed as written, so only the missing field is wrong
     with pytest.raises(CheckpointError, match="incomplete manifest") as info:
         load_model(out)
     assert str(out / MANIFEST) in str(info.value) and "geometry" in str(info.value)
+
+
+def _edit_manifest(out: Path, edit) -> Path:
+    """Change the manifest's values in place (keeping its recorded checksum), as a person with an editor would."""
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def test_the_manifest_is_sealed_by_a_checksum_over_every_field(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["format_version"] == FORMAT_VERSION == 3
+    assert len(manifest["checksum"]) == 64
+    assert manifest["checksum"] == manifest_checksum(manifest), "over the other fields (sorted keys)"
+    assert manifest["checksum"] != manifest_checksum({**manifest, "note": "edited"})
+    # the checksum is over the values, not the layout: reordered keys and other indentation still load
+    path = out / MANIFEST
+    path.write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=4))
+    assert load_model(out).geometry == GEO
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["geometry"].update(diameter=97.0),  # the reported attack: 18 picks instead of ~700
+        lambda m: m["geometry"].update(box_factor=2.0),
+        lambda m: m["preset"].update(feature="mean"),
+        lambda m: m["weights"].update(sha256="0" * 64),
+        lambda m: m["exemplar_bank"].update(size=1),
+        lambda m: m["hyperparameters"].update(seed=7),
+        lambda m: m.update(note="edited"),
+        lambda m: m.update(extra="added"),
+        lambda m: m.update(checksum="0" * 64),
+    ],
+    ids=["diameter", "box_factor", "preset", "weights_sha", "bank", "hyperparameters", "info", "added", "checksum"],
+)
+def test_a_changed_manifest_value_is_refused_naming_the_file(tmp_path, edit):
+    out = tmp_path / "model"
+    _save(out)
+    path = _edit_manifest(out, edit)
+    with pytest.raises(CheckpointError, match=r"manifest.json was changed after the model was written \(checksum mi"):
+        load_model(out)
+    with pytest.raises(CheckpointError) as info:
+        load_model(out)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_manifest_without_a_checksum_is_refused_as_an_older_format(tmp_path, version):
+    """A downgrade (format 2, no checksum) cannot bypass the check: it is refused, asking for a new training."""
+    out = tmp_path / "model"
+    _save(out)
+
+    def downgrade(m):
+        m.pop("checksum", None)
+        m["format_version"] = version
+
+    path = _edit_manifest(out, downgrade)
+    with pytest.raises(CheckpointError, match=r"no checksum.*retrain") as info:
+        load_model(out)
+    assert str(path) in str(info.value)
+
+
+def test_a_manifest_that_is_not_a_json_object_is_named(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    (out / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object") as info:
+        load_model(out)
+    assert str(out / MANIFEST) in str(info.value)
 
 
 def test_missing_weights_file_is_named(tmp_path):

@@ -119,3 +119,8 @@ def fast_settings(root: Path, **overrides: object) -> WatchSettings:
     }
     values.update(overrides)
     return WatchSettings.model_validate(values)
+
+
+def patched(content: bytes, offset: int, value: bytes) -> bytes:
+    """``content`` with ``value`` written over it at ``offset`` (a damaged MRC header)."""
+    return content[:offset] + value + content[offset + len(value) :]

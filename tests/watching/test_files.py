@@ -4,6 +4,7 @@ on real files with a clock moved by hand."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path, PurePath
 
 import pytest
@@ -12,7 +13,7 @@ from cryomae.errors import InputError
 from cryomae.watching.candidates import check_pattern, is_candidate, is_temporary, list_candidates
 from cryomae.watching.completeness import PendingFile, Verdict, incompleteness, looks_complete
 
-from .helpers import SlowWrite, mrc_bytes, write_micrograph
+from .helpers import SlowWrite, mrc_bytes, patched, write_micrograph
 
 
 @pytest.mark.parametrize("name", [".mic.mrc", "mic.mrc.tmp", "mic.mrc.part", "mic.mrc~", "MIC.MRC.TMP", "#mic.mrc"])
@@ -90,7 +91,7 @@ def test_partial_mrc_settles_incomplete_then_completes(tmp_path: Path):
 
 def test_file_that_is_not_an_mrc_is_given_up_after_the_give_up_time(tmp_path: Path):
     path = tmp_path / "junk.mrc"
-    path.write_bytes(b"not an MRC file at all " * 100)
+    path.write_bytes(b"not an MRC file at all " * 20)  # shorter than a header: it may still grow into one
     pending = PendingFile(path, None, since=0.0)
     pending.check(0.0, SETTLE, GIVE_UP)
 
@@ -116,3 +117,82 @@ def test_vanished_or_replaced_by_a_folder_is_gone(tmp_path: Path):
     assert pending.check(1.0, SETTLE, GIVE_UP) is Verdict.GONE
     path.mkdir()
     assert pending.check(2.0, SETTLE, GIVE_UP) is Verdict.GONE
+
+
+def _unfixable(scratch: Path) -> dict[str, bytes]:
+    """Settled .mrc files that can never become readable micrographs, however long one waits."""
+    good = mrc_bytes(scratch)
+    return {
+        "text": b"plain text, not an MRC " * 80,  # longer than a header, and no MAP identifier
+        "no_map_id": patched(good, 208, b"XYZ"),
+        "unknown_mode": patched(good, 12, struct.pack("<i", 99)),
+        "negative_size": patched(good, 0, struct.pack("<i", -48)),
+        "longer_than_declared": good + bytes(400),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("text", "not an MRC file"),
+        ("no_map_id", "not an MRC file"),
+        ("unknown_mode", "unsupported MRC mode 99"),
+        ("negative_size", "negative size"),
+        ("longer_than_declared", "longer than its header says"),
+    ],
+)
+def test_files_that_can_never_complete_are_rejected_once_settled(tmp_path: Path, kind: str, problem: str):
+    """Item 18: no need to wait the give-up time for these; published at once for the picker to dead-letter."""
+    path = tmp_path / f"{kind}.mrc"
+    path.write_bytes(_unfixable(tmp_path / "scratch")[kind])
+    pending = PendingFile(path, None, since=0.0)
+    assert pending.check(0.0, SETTLE, GIVE_UP) is Verdict.SETTLING  # first look
+    assert pending.check(SETTLE - 0.5, SETTLE, GIVE_UP) is Verdict.SETTLING  # it may still be changing
+    assert pending.check(SETTLE, SETTLE, GIVE_UP) is Verdict.REJECT
+    assert problem in pending.problem
+    assert problem in incompleteness(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "header_only", "shorter_than_a_header", "empty"])
+def test_files_that_may_still_grow_stay_incomplete_until_the_give_up_time(tmp_path: Path, kind: str):
+    """A copy in progress looks like these: shorter than its header declares, or than a header."""
+    good = mrc_bytes(tmp_path / "scratch")
+    content = {
+        "truncated": good[:-500],
+        "header_only": good[:1024],
+        "shorter_than_a_header": good[:600],
+        "empty": b"",
+    }[kind]
+    path = tmp_path / f"{kind}.mrc"
+    path.write_bytes(content)
+    pending = PendingFile(path, None, since=0.0)
+    pending.check(0.0, SETTLE, GIVE_UP)
+    assert pending.check(SETTLE, SETTLE, GIVE_UP) is Verdict.INCOMPLETE
+    assert pending.check(GIVE_UP - 0.1, SETTLE, GIVE_UP) is Verdict.INCOMPLETE
+    assert pending.check(GIVE_UP, SETTLE, GIVE_UP) is Verdict.GIVE_UP
+
+
+def test_symlink_resolving_outside_the_data_roots_is_rejected_once_settled(tmp_path: Path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    inside = write_micrograph(root / "session" / "mic.mrc")
+    outside = write_micrograph(elsewhere / "mic.mrc")
+    junk = elsewhere / "junk.mrc"
+    junk.write_bytes(b"\x00" * 600)  # would wait as incomplete, were it inside
+    links = {}
+    for name, target in (("in.mrc", inside), ("out.mrc", outside), ("junk.mrc", junk)):
+        links[name] = root / "session" / "links" / name
+        links[name].parent.mkdir(parents=True, exist_ok=True)
+        links[name].symlink_to(target)
+    roots = [root]
+
+    verdicts = {}
+    for name, link in links.items():
+        pending = PendingFile(link, None, since=0.0)
+        pending.check(0.0, SETTLE, GIVE_UP, roots)
+        assert pending.check(SETTLE - 0.5, SETTLE, GIVE_UP, roots) is Verdict.SETTLING
+        verdicts[name] = (pending.check(SETTLE, SETTLE, GIVE_UP, roots), pending.problem)
+    assert verdicts["in.mrc"] == (Verdict.COMPLETE, "")  # a symlink inside the roots is fine
+    for name, target in (("out.mrc", outside), ("junk.mrc", junk)):
+        verdict, problem = verdicts[name]
+        assert verdict is Verdict.REJECT, name
+        assert str(target) in problem and "outside the data roots" in problem and str(root) in problem

@@ -4,6 +4,7 @@ when, and what is refused. Real files in tmp_path; timing-dependent detection is
 from __future__ import annotations
 
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from structlog.testing import capture_logs
 from cryomae.errors import InputError, TransientError
 from cryomae.messages import MicrographReady, SessionCommand
 from cryomae.watching import Watcher, parse_mountinfo
+from cryomae.watching.ledger import read_incomplete
 
-from .helpers import FakeClock, Published, SlowWrite, fast_settings, mrc_bytes, write_micrograph
+from .helpers import FakeClock, Published, SlowWrite, fast_settings, mrc_bytes, patched, write_micrograph
 
 SETTLE, GIVE_UP, POLL = 1.0, 10.0, 0.5
 
@@ -112,7 +114,7 @@ def test_partial_mrc_is_published_only_once_complete(tmp_path: Path, folder: Pat
 @pytest.mark.parametrize(
     ("name", "content", "problem"),
     [
-        ("junk.mrc", b"plain text, not an MRC " * 80, "not an MRC file"),
+        ("junk.mrc", b"plain text, not an MRC " * 20, "not an MRC file"),  # shorter than a header: may grow
         ("empty.mrc", b"", "file is empty"),
         ("empty.jpg", b"", "file is empty"),
     ],
@@ -334,3 +336,117 @@ def test_session_whose_folder_is_gone_at_restart_is_retried(tmp_path: Path, fold
         assert watcher.sessions()[0].state == "watching"
     assert published.paths() == [str(folder / "mic_0001.mrc")]
     assert len([e for e in logs if e["event"] == "session_unavailable"]) == 1  # logged once, not every retry
+
+
+# ------------------------------------------------------------------------------ item 18: unfixable and incomplete
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "problem"),
+    [
+        ("junk.mrc", "text", "not an MRC file"),
+        ("mode.mrc", "unknown_mode", "unsupported MRC mode 99"),
+        ("long.mrc", "longer", "longer than its header says"),
+    ],
+)
+def test_file_that_can_never_complete_is_published_at_once(
+    tmp_path: Path, folder: Path, clock: FakeClock, name: str, kind: str, problem: str
+):
+    """Once settled, not after the give-up time: the picker dead-letters it with the reason at once."""
+    good = mrc_bytes(tmp_path / "scratch")
+    content = {
+        "text": b"plain text, not an MRC " * 80,
+        "unknown_mode": patched(good, 12, struct.pack("<i", 99)),
+        "longer": good + bytes(100),
+    }[kind]
+    (folder / name).write_bytes(content)
+    published = Published()
+    with make_watcher(tmp_path, published, clock) as watcher, capture_logs() as logs:
+        watcher.start_session("proj", "sess", folder)
+        watcher.step()
+        assert published.messages == []  # not before the settle time: it may still be changing
+        clock.advance(SETTLE + 0.1)  # far below GIVE_UP
+        watcher.step()
+        stats = watcher.session_stats("proj", "sess")
+        publication = watcher.publications("proj", "sess")[str(folder / name)]
+    assert published.paths() == [str(folder / name)]
+    assert (stats.pending, stats.incomplete, stats.published, stats.gave_up) == (0, 0, 1, 1)
+    assert publication.complete is False
+    [rejected] = [e for e in logs if e["event"] == "micrograph_rejected"]
+    assert problem in rejected["problem"] and rejected["path"] == str(folder / name)
+    assert [e for e in logs if e["event"] in ("micrograph_given_up", "micrograph_incomplete")] == []
+
+
+def test_symlink_resolving_outside_the_data_roots_is_published_at_once(tmp_path: Path, clock: FakeClock):
+    root = tmp_path / "data"
+    folder = root / "session1"
+    folder.mkdir(parents=True)
+    target = tmp_path / "elsewhere" / "junk.mrc"  # outside the roots; would wait the give-up time as junk
+    target.parent.mkdir()
+    target.write_bytes(b"\x00" * 700)
+    (folder / "escape.mrc").symlink_to(target)
+    good = write_micrograph(tmp_path / "elsewhere" / "good.mrc")
+    (folder / "good_escape.mrc").symlink_to(good)  # complete, but not the watcher's to pass on as such
+    published = Published()
+    settings = fast_settings(root, settle_seconds=SETTLE, give_up_seconds=GIVE_UP, poll_interval=POLL)
+    with Watcher(tmp_path / "state", published, settings, clock=clock) as watcher, capture_logs() as logs:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)
+        publications = watcher.publications("proj", "sess")
+    # published under the session's name (the picker resolves it and refuses it with its own reason)
+    assert sorted(published.paths()) == [str(folder / "escape.mrc"), str(folder / "good_escape.mrc")]
+    assert [p.complete for p in publications.values()] == [False, False]
+    rejected = {e["path"]: e["problem"] for e in logs if e["event"] == "micrograph_rejected"}
+    assert set(rejected) == set(published.paths())
+    assert str(target) in rejected[str(folder / "escape.mrc")]
+    assert all("outside the data roots" in problem for problem in rejected.values())
+
+
+def test_incomplete_files_are_in_the_ledger_while_they_wait(tmp_path: Path, folder: Path, clock: FakeClock):
+    """What `cryomae status` reads: each file waiting as incomplete, since when and why; gone once it is
+    published, deleted, its session stopped, or the watcher restarted without it."""
+    state = tmp_path / "state"
+    writer = SlowWrite(folder / "slow.mrc", mrc_bytes(tmp_path / "scratch"))
+    writer.header()
+    writer.fraction(0.5)
+    (folder / "empty.mrc").touch()
+    published = Published()
+    with make_watcher(tmp_path, published, clock) as watcher:
+        watcher.start_session("proj", "sess", folder)
+        assert read_incomplete(state) == {}
+        before = time.time()
+        watcher.step()
+        clock.advance(SETTLE + 0.1)
+        watcher.step()
+        rows = {r.path: r for r in read_incomplete(state)[("proj", "sess")]}
+        assert set(rows) == {str(folder / "slow.mrc"), str(folder / "empty.mrc")}
+        assert "truncated MRC file" in rows[str(folder / "slow.mrc")].problem
+        assert rows[str(folder / "empty.mrc")].problem == "file is empty (0 bytes)"
+        for row in rows.values():  # wall-clock time of the last change the watcher saw, not its own clock
+            assert before - (SETTLE + 0.1) - 1 <= row.since <= time.time() - (SETTLE + 0.1)
+        assert watcher.session_stats("proj", "sess").incomplete == 2
+
+        writer.rest()  # the copy finishes: published, and no longer incomplete
+        settle(watcher, clock)
+        assert published.paths() == [str(folder / "slow.mrc")]
+        assert [r.path for r in read_incomplete(state)[("proj", "sess")]] == [str(folder / "empty.mrc")]
+        (folder / "empty.mrc").unlink()  # deleted: gone from the list
+        clock.advance(POLL)
+        watcher.step()
+        assert read_incomplete(state) == {}
+
+        (folder / "empty2.mrc").touch()  # stopping the session drops its waiting files
+        clock.advance(POLL)
+        settle(watcher, clock)
+        assert [r.path for r in read_incomplete(state)[("proj", "sess")]] == [str(folder / "empty2.mrc")]
+        watcher.stop_session("proj", "sess")
+        assert read_incomplete(state) == {}
+
+        watcher.start_session("proj", "sess", folder)
+        clock.advance(POLL)
+        settle(watcher, clock)
+        assert len(read_incomplete(state)[("proj", "sess")]) == 1
+    assert len(read_incomplete(state)[("proj", "sess")]) == 1  # still waiting while no watcher runs
+    (folder / "empty2.mrc").unlink()
+    with make_watcher(tmp_path, published, clock):
+        assert read_incomplete(state) == {}  # a restarted watcher looks again; nothing stale stays listed

@@ -8,11 +8,15 @@ at integer positions.
 A file that cannot be a usable micrograph (missing, truncated, corrupt, unsupported mode, NaN/Inf pixels,
 empty or constant) raises :class:`~cryomae.errors.InputError` naming the file and the problem, so services can
 dead-letter it with a readable reason. mrcfile's warnings never escape: they become ``InputError`` too.
+
+A micrograph of more than ``max_pixels`` pixels (default ``MAX_MICROGRAPH_PIXELS``) is refused from its size as
+the file states it (MRC header, TIFF page shape, JPEG/PNG header), before a pixel is read.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import uuid
 import warnings
@@ -33,6 +37,10 @@ from cryomae.errors import InputError
 MICROGRAPH_SUFFIXES: tuple[str, ...] = (".mrc", ".mrcs", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MRC_SUFFIXES: tuple[str, ...] = (".mrc", ".mrcs")
 
+# Largest micrograph read by default (``read_micrograph``'s ``max_pixels``), in pixels: 134 Mpx admits 8k x 8k
+# detectors and K3 super-resolution (11520 x 8184) and refuses 16384 x 16384 (1 GB as float32, several in work).
+MAX_MICROGRAPH_PIXELS = 2**27
+MAX_PIXELS_SETTING = "CRYOMAE_MAX_MICROGRAPH_PIXELS"  # where the services' limit is set (named in the refusal)
 _HEADER_BYTES = 1024
 # Bytes per voxel of each MRC mode (mode 101 packs two 4-bit voxels per byte: handled separately).
 _MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2}
@@ -142,6 +150,40 @@ def validate_mrc_complete(path: str | Path) -> bool:
     return _HEADER_BYTES + h.nsymbt + data == size
 
 
+def mrc_can_never_complete(path: str | Path) -> bool:
+    """True when an MRC file can never become a readable micrograph by growing: a whole 1024-byte header that is
+    invalid (no 'MAP' identifier, unknown byte order, a negative size, a mode this reader cannot read) or a file
+    longer than its header declares. False while it may still be being written (shorter than a header, or than
+    its header declares), when it is complete, or when it cannot be read now; never raises."""
+    try:
+        raw, size = _read_header(Path(path))
+    except OSError:
+        return False
+    if len(raw) < _HEADER_BYTES:
+        return False
+    h = _parse_header(raw)
+    data = _data_bytes(h)
+    if not h.has_map_id or h.byte_order is None or data is None or h.nsymbt < 0 or h.mode not in _READ_MODES:
+        return True
+    return size > _HEADER_BYTES + h.nsymbt + data
+
+
+def _mpx(pixels: int) -> str:
+    """A pixel count in megapixels for people: 268, 0.786."""
+    value = pixels / 1e6
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    """InputError when a width x height image exceeds ``max_pixels`` (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise InputError(
+            path,
+            f"micrograph of {width}x{height} px ({_mpx(width * height)} Mpx) exceeds the limit of {_mpx(max_pixels)} "
+            f"Mpx ({MAX_PIXELS_SETTING})",
+        )
+
+
 def _stack_problem(n: int) -> str:
     return f"expected a single 2-D micrograph, got a stack of {n} images"
 
@@ -157,8 +199,9 @@ def _pixel_size(h: _MrcHeader) -> float | None:
     return float(f"{h.cella_x / h.mx:.6g}")
 
 
-def _check_mrc_header(path: Path, raw: bytes, size: int) -> _MrcHeader:
-    """Reject, with a specific message, every header problem that can be seen before reading the data."""
+def _check_mrc_header(path: Path, raw: bytes, size: int, max_pixels: int | None = None) -> _MrcHeader:
+    """Reject, with a specific message, every header problem that can be seen before reading the data (a size
+    above ``max_pixels`` before a length that disagrees with the header)."""
     if size == 0:
         raise InputError(path, "file is empty (0 bytes)")
     if len(raw) < _HEADER_BYTES:
@@ -183,6 +226,7 @@ def _check_mrc_header(path: Path, raw: bytes, size: int) -> _MrcHeader:
         raise InputError(path, "image is empty (the header declares 0 sections)")
     if h.nx == 0 or h.ny == 0:
         raise InputError(path, f"image is empty ({h.nx}x{h.ny} pixels, width x height)")
+    _check_pixels(path, h.nx, h.ny, max_pixels)
     data = _data_bytes(h)
     assert data is not None  # mode and sizes were checked above
     expected = _HEADER_BYTES + h.nsymbt + data
@@ -197,10 +241,10 @@ def _check_mrc_header(path: Path, raw: bytes, size: int) -> _MrcHeader:
     return h
 
 
-def _read_mrc(path: Path) -> tuple[np.ndarray, float | None]:
+def _read_mrc(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, float | None]:
     """Read a single-image MRC after validating its header; mrcfile errors and warnings become InputError."""
     raw, size = _read_header(path)
-    h = _check_mrc_header(path, raw, size)
+    h = _check_mrc_header(path, raw, size, max_pixels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -236,19 +280,29 @@ def _pillow_pixels(img: Image.Image) -> np.ndarray:
     return _grey(np.asarray(img.convert("RGB")))
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    """Read a JPEG/PNG with Pillow (large micrographs pass Pillow's decompression-bomb warning)."""
+def _read_pillow(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read a JPEG/PNG with Pillow (large micrographs pass Pillow's decompression-bomb warning; its error, at
+    twice ``Image.MAX_IMAGE_PIXELS``, stands whatever ``max_pixels`` says)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # e.g. palette-transparency notes from convert()
             with Image.open(path) as img:
+                _check_pixels(path, img.width, img.height, max_pixels)
                 frames = int(getattr(img, "n_frames", 1))
                 if frames > 1:
                     raise InputError(path, _stack_problem(frames))
                 img.load()
                 return _pillow_pixels(img)
     except Image.DecompressionBombError as exc:
+        stated = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (N pixels) exceeds limit of ..."
+        pixels = int(stated.group(1)) if stated else None
+        if max_pixels is not None and pixels is not None and pixels > max_pixels:
+            raise InputError(
+                path,
+                f"micrograph of {pixels} px ({_mpx(pixels)} Mpx) exceeds the limit of {_mpx(max_pixels)} Mpx "
+                f"({MAX_PIXELS_SETTING}; Pillow: {exc})",
+            ) from None
         raise InputError(path, f"image too large to decode safely: {exc}") from exc
     except FileNotFoundError as exc:
         raise InputError(path, "file not found") from exc
@@ -273,8 +327,18 @@ def _tiff_pixels(path: Path, arr: np.ndarray, axes: str) -> np.ndarray:
     return arr.reshape(arr.shape[-2:])
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """Read the first image series of a TIFF with tifffile."""
+def _check_tiff_shape(path: Path, shape: tuple[int, ...], axes: str, max_pixels: int | None) -> None:
+    """Refuse, from the series' shape alone, an image plane above ``max_pixels`` and a stack of images."""
+    if "Y" not in axes or "X" not in axes or len(shape) != len(axes):
+        return  # said by ``_tiff_pixels`` (the plane cannot be sized from this shape)
+    _check_pixels(path, int(shape[axes.index("X")]), int(shape[axes.index("Y")]), max_pixels)
+    n_images = int(np.prod([n for n, a in zip(shape, axes, strict=True) if a not in "YXS"], dtype=np.int64))
+    if n_images > 1:
+        raise InputError(path, _stack_problem(n_images))
+
+
+def _read_tiff(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read the first image series of a TIFF with tifffile, after checking its shape."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -282,6 +346,7 @@ def _read_tiff(path: Path) -> np.ndarray:
                 if not tif.series:
                     raise InputError(path, "TIFF file contains no image")
                 series = tif.series[0]
+                _check_tiff_shape(path, tuple(series.shape), str(series.axes), max_pixels)
                 arr, axes = series.asarray(), str(series.axes)
     except FileNotFoundError as exc:
         raise InputError(path, "file not found") from exc
@@ -312,8 +377,10 @@ def _checked_image(path: Path, pixels: np.ndarray) -> np.ndarray:
     return data
 
 
-def read_micrograph(path: str | Path) -> Micrograph:
-    """Read one micrograph as float32 ``[H, W]`` (``data[y, x]``); pixel size from MRC headers only."""
+def read_micrograph(path: str | Path, max_pixels: int | None = MAX_MICROGRAPH_PIXELS) -> Micrograph:
+    """Read one micrograph as float32 ``[H, W]`` (``data[y, x]``); pixel size from MRC headers only.
+
+    A micrograph of more than ``max_pixels`` pixels (None: no limit) is refused before its pixels are read."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in MICROGRAPH_SUFFIXES:
@@ -326,11 +393,11 @@ def read_micrograph(path: str | Path) -> Micrograph:
         raise InputError(p, "not a regular file (a directory?)")
     pixel_size: float | None = None
     if suffix in MRC_SUFFIXES:
-        pixels, pixel_size = _read_mrc(p)
+        pixels, pixel_size = _read_mrc(p, max_pixels)
     elif suffix in (".tif", ".tiff"):
-        pixels = _read_tiff(p)
+        pixels = _read_tiff(p, max_pixels)
     else:
-        pixels = _read_pillow(p)
+        pixels = _read_pillow(p, max_pixels)
     return Micrograph(data=_checked_image(p, pixels), path=p, pixel_size=pixel_size)
 
 

@@ -3,17 +3,19 @@
 ``App`` builds the chosen services over one broker from the ``Settings``, declares the topology (waiting for
 the broker up to ``broker_wait_seconds``), starts them downstream first (writer, trainer, picker, then the
 watcher, so nothing piles up) and stops them in the reverse order, letting the message in hand finish.
-``serve`` is the process's main loop: it returns 0 after SIGTERM or SIGINT and 1 when a service failed for
-good (the watcher's loop ended with an error, a consumer stopped), so that the process exits non-zero and its
-supervisor (Kubernetes, systemd, compose) restarts it.
+``serve`` is the process's main loop: it returns 0 after SIGTERM, 130 after SIGINT (Ctrl-C) and 1 when a
+service failed for good (the watcher's loop ended with an error, a consumer stopped), so that the process exits
+non-zero and its supervisor (Kubernetes, systemd, compose) restarts it. It takes the state folder's locks
+(``build``) before it listens on the metrics port, so that a second instance is told the real reason.
 
 With the in-memory broker (one process), the operator CLI's requests come through the state folder's inbox
-(``cryomae.live.control``), and at start-up ``recover`` re-sends what the queues lost when the process last
-stopped: every micrograph the watcher published that has no rows in its session's outputs.
+(``cryomae.live.control``), and the queues are journaled in ``<state>/queues`` (``cryomae.messaging.journal``):
+what was queued or in hand when the process stopped is there again at the next start.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -31,6 +33,7 @@ from cryomae.live.trainer import Trainer
 from cryomae.live.writer import Writer
 from cryomae.messages import MicrographReady, SessionCommand
 from cryomae.messaging import Broker, Consumer, Envelope, open_broker, redact_url, topology
+from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
 from cryomae.settings import Settings
 from cryomae.store.projects import ProjectStore
@@ -39,6 +42,7 @@ from cryomae.watching import Watcher
 log = get_logger("app")
 
 SERVICES = topology.SERVICES
+QUEUES_JOURNAL = "queues"  # the in-memory broker's journal, inside the state folder
 
 
 class Service(Protocol):
@@ -114,6 +118,9 @@ class App:
             raise ConfigError(f"unknown service(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SERVICES)}")
         self.settings = settings
         self.names = [s for s in SERVICES if s in services]
+        if broker is None and settings.broker.url.startswith("memory"):
+            # one process: the queues are journaled in the state folder (its lock keeps a second process off)
+            broker = MemoryBroker(settings.broker.namespace, Journal(settings.state / QUEUES_JOURNAL))
         self.broker = broker or open_broker(
             settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat
         )
@@ -127,23 +134,33 @@ class App:
     def _build(self, name: str) -> Service:
         s = self.settings
         if name == "writer":
-            return Writer(self.broker, s.outputs)
+            return Writer(self.broker, s.outputs, store=self.store, roots=s.roots())
         if name == "trainer":
-            return Trainer(self.broker, self.store, s.train, s.device)
+            return Trainer(
+                self.broker, self.store, s.train, s.device, max_pixels=s.max_micrograph_pixels, roots=s.roots()
+            )
         if name == "picker":
             return Picker(
-                self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds, workers=s.pick_workers
+                self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds, workers=s.pick_workers,
+                max_pixels=s.max_micrograph_pixels,
             )
         return WatcherService(self.broker, s)
 
-    def start(self) -> None:
-        register_gpu_metrics()
-        wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)
+    def build(self) -> None:
+        """Construct the services (taking the state folder's locks; nothing talks to the broker yet)."""
         try:
             for name in self.names:
-                self.services[name] = self._build(name)
-            if self.embedded and set(self.names) == set(SERVICES):
-                self.recover()  # before the watcher starts, so that nothing it publishes now is sent twice
+                if name not in self.services:
+                    self.services[name] = self._build(name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self) -> None:
+        register_gpu_metrics()
+        self.build()
+        try:
+            wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)
             for service in self.services.values():
                 service.start()
             if self.embedded:
@@ -161,35 +178,6 @@ class App:
             outputs=str(self.settings.outputs),
             data_roots=[str(r) for r in self.settings.roots()],
         )
-
-    def recover(self) -> int:
-        """One process only: re-send the watcher's published micrographs that have no rows in the outputs (the
-        in-memory queues died with the previous process). Idempotent downstream, so a repeat costs a re-pick."""
-        watcher = self.services.get("watcher")
-        writer = self.services.get("writer")
-        if not isinstance(watcher, WatcherService) or not isinstance(writer, Writer):
-            return 0
-        resent = 0
-        for info in watcher.watcher.sessions():
-            done = {m.micrograph for m in writer.session(info.project, info.session).micrographs()}
-            for path, pub in sorted(watcher.watcher.publications(info.project, info.session).items()):
-                if path in done:
-                    continue
-                self.broker.publish(
-                    topology.MICROGRAPHS,
-                    MicrographReady(
-                        project=info.project,
-                        session=info.session,
-                        path=path,
-                        size=pub.size,
-                        mtime=pub.mtime_ns / 1e9,
-                        complete_at=pub.published_at,
-                    ),
-                )
-                resent += 1
-        if resent:
-            log.info("recovered_unpicked", micrographs=resent)
-        return resent
 
     def check(self) -> None:
         """Raise when a service has failed for good (the caller exits non-zero)."""
@@ -229,10 +217,14 @@ class App:
 
 
 def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 1.0) -> int:
-    """Run ``app`` until SIGTERM/SIGINT (or ``stop`` is set): 0 after a requested stop, 1 after a failure, 3
-    when the broker stayed unreachable at start-up. Serves /metrics, /healthz and /readyz meanwhile."""
+    """Run ``app`` until SIGTERM/SIGINT (or ``stop`` is set): 0 after a requested stop or SIGTERM, 130 after
+    SIGINT (Ctrl-C), 1 after a failure, 3 when the broker stayed unreachable at start-up. Serves /metrics,
+    /healthz and /readyz meanwhile. A second SIGINT while stopping leaves at once (``os._exit(130)``): what
+    was in hand is journaled (one process) or redelivered by RabbitMQ."""
     stop = stop or threading.Event()
+    interrupted: list[int] = []
     health = None
+    app.build()  # the state folder's locks first: a second instance hears the real reason, not a busy port
     if app.settings.metrics_port is not None:
         try:
             health = HealthServer(app.settings.metrics_host, app.settings.metrics_port, app.ready)
@@ -244,9 +236,18 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
         log.info("http_listening", port=health.port, endpoints=["/metrics", "/healthz", "/readyz"])
     app.health = health
     previous: dict[signal.Signals, Any] = {}
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and interrupted:
+            os.write(2, b"interrupted again: leaving now (unfinished work is redelivered at the next start)\n")
+            os._exit(130)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
+            os.write(2, b"interrupted: stopping (work in hand is returned to its queue; Ctrl-C again to leave now)\n")
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+            previous[sig] = signal.signal(sig, on_signal)
     code = 0
     try:
         try:
@@ -274,5 +275,5 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
             signal.signal(sig, handler)
         if health is not None:
             health.stop()
-    return code
+    return 130 if interrupted and code == 0 else code
 

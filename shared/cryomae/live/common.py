@@ -14,9 +14,10 @@ import structlog
 from cryomae.errors import CryomaeError, InputError, TransientError
 from cryomae.live import metrics
 from cryomae.messages import Message, decode
-from cryomae.messaging.base import DELIVERY_LIMIT, Envelope
+from cryomae.messaging.base import DELIVERY_LIMIT, Envelope, shorten
 
 M = TypeVar("M", bound=Message)
+LOG_FIELD_CHARS = 4096  # longest text field of the per-message log line (``shorten``)
 
 
 def expect(env: Envelope, kinds: tuple[type[M], ...]) -> M:
@@ -62,7 +63,7 @@ class Handled(Generic[M]):
 def handling(log: Any, env: Envelope, kinds: tuple[type[M], ...]) -> Iterator[Handled[M]]:
     """Decode a delivery and handle it with one JSON log line (ids, duration, outcome and what the handler adds
     to ``fields``) and the message metrics (``cryomae.live.metrics``). A body that does not decode is logged
-    and counted too (and dead-lettered by the broker)."""
+    and counted too (and dead-lettered by the broker). Text fields longer than ``LOG_FIELD_CHARS`` are cut."""
     fields: dict[str, Any] = {"queue": env.queue, "delivery": env.delivery_count}
     t0 = time.perf_counter()
     bound = log
@@ -73,12 +74,17 @@ def handling(log: Any, env: Envelope, kinds: tuple[type[M], ...]) -> Iterator[Ha
     except BaseException as exc:
         fields["outcome"] = outcome_of(exc, env.delivery_count)
         fields["error"] = str(exc)
-        bound.warning("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+        bound.warning("message", duration_s=round(time.perf_counter() - t0, 4), **_bounded(fields))
         count(env.queue, fields["outcome"])
         raise
     fields.setdefault("outcome", "ok")
-    bound.info("message", duration_s=round(time.perf_counter() - t0, 4), **fields)
+    bound.info("message", duration_s=round(time.perf_counter() - t0, 4), **_bounded(fields))
     count(env.queue, fields["outcome"])
+
+
+def _bounded(fields: dict[str, Any]) -> dict[str, Any]:
+    """The log fields with every text longer than ``LOG_FIELD_CHARS`` cut (``shorten``)."""
+    return {k: shorten(v, LOG_FIELD_CHARS) if isinstance(v, str) else v for k, v in fields.items()}
 
 
 def count(queue: str, outcome: str) -> None:

@@ -88,7 +88,9 @@ LATENCY = Histogram(
 MODEL_VERSION = Gauge(
     "cryomae_model_version_info", "The model version a picker uses for a project (always 1)", ["project", "version"]
 )
-TRAININGS = Counter("cryomae_trainings_total", "Training runs, by outcome (done, failed)", ["outcome"])
+TRAININGS = Counter(
+    "cryomae_trainings_total", "Training runs, by outcome (done, failed, interrupted by a stop)", ["outcome"]
+)
 TRAINING_PROGRESS = Gauge(
     "cryomae_training_progress_ratio", "Fraction of the current training done (pre-training then SCS)", ["project"]
 )
@@ -107,7 +109,7 @@ for _queue in topology.WORK_QUEUES:
     DEAD_LETTERED.labels(_queue)
 for _reason in REASONS:
     MICROGRAPHS_FAILED.labels(_reason)
-for _outcome in ("done", "failed"):
+for _outcome in ("done", "failed", "interrupted"):
     TRAININGS.labels(_outcome)
 
 

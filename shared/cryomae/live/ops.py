@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryomae.errors import InputError
-from cryomae.live.control import BrokerControl, Control, SpoolControl
+from cryomae.live.control import DLQ_LISTED, BrokerControl, Control, SpoolControl
+from cryomae.live.trainer import trainer_liveness
 from cryomae.messages import MicrographReady, Rethreshold, SessionCommand, TrainRequest, decode, valid_name
 from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import QUEUE_HEADER, REASON_HEADER, Envelope
@@ -20,7 +22,7 @@ from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
-from cryomae.watching.ledger import read_ledger
+from cryomae.watching.ledger import read_incomplete, read_ledger
 
 WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (cryomae.live.app uses the same)
 
@@ -67,7 +69,7 @@ def exemplars_add(
     diameter: float | None,
 ) -> dict[str, Any]:
     """Validate and store an exemplar set, then request training (unless ``control`` is None)."""
-    exset = ProjectStore(settings.store).add_exemplars(project, micrograph, coords, diameter)
+    exset = ProjectStore(settings.store).add_exemplars(project, micrograph, coords, diameter, roots=settings.roots())
     out: dict[str, Any] = {
         "project": project,
         "exemplar_set": exset.id,
@@ -177,16 +179,48 @@ def _failed_by_session(control: Control) -> dict[tuple[str, str], int]:
     return counts
 
 
+def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any]], queued: int | None) -> str:
+    """A project's training for people, with the liveness of the trainer that has (or had) its request."""
+    if not training:
+        return "never trained"
+    state = str(training.get("state", "unknown"))
+    in_queue = "" if queued is None else f"; {queued} requests in the training queue"
+    if state == "failed":
+        return f"training failed: {training.get('error', '?')}"
+    if state == "queued":
+        why = f" ({training['interrupted']})" if training.get("interrupted") else ""
+        return f"training queued{why}{in_queue}"
+    if state == "training":
+        progress = f" ({training['progress']})" if training.get("progress") else ""
+        owner = training.get("trainer")
+        beats = [t for t in trainers if owner is None or t.get("id") == owner]
+        if any(t["alive"] for t in beats):
+            return f"training{progress}"
+        if beats:
+            silent = min(t["age_s"] for t in beats)
+            gone = f"its trainer {owner or beats[0]['id']} stopped (no heartbeat for {silent:.0f} s)"
+        else:
+            gone = "no trainer is running"
+        was = f" (was at {training['progress']})" if training.get("progress") else ""
+        return f"training request queued{was}: {gone}; it is trained again when a trainer runs{in_queue}"
+    if state == "done":
+        return "training done"
+    return f"training {state}"
+
+
 def status_projects(settings: Settings, depths: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Every project with its model versions, training state and micrographs waiting for a first model."""
     store = ProjectStore(settings.store)
+    trainers = trainer_liveness(settings.store)
+    queued = None if depths is None else depths.get(topology.TRAINING, 0)
     return [
         {
             "project": project.name,
             "diameter": project.diameter,
             "current_version": store.current_version(project.name),
             "versions": store.versions(project.name),
-            "training": store.training_status(project.name),
+            "training": (training := store.training_status(project.name)),
+            "training_state": training_state(training, trainers, queued),
             "waiting": None if depths is None else depths.get(topology.waiting(project.name), 0),
         }
         for project in store.projects()
@@ -199,7 +233,8 @@ def status(settings: Settings, control: Control) -> dict[str, Any]:
     projects = status_projects(settings, depths)
     watched, summaries = read_ledger(settings.state / WATCHER_STATE)
     folders = {(r.project, r.session): str(r.folder) for r in watched}
-    keys = set(folders) | set(summaries)
+    incomplete = read_incomplete(settings.state / WATCHER_STATE)  # files waiting, may still grow (or give up)
+    keys = set(folders) | set(summaries) | set(incomplete)
     if settings.outputs.is_dir():
         keys |= {
             (p.name, s.name)
@@ -226,6 +261,11 @@ def status(settings: Settings, control: Control) -> dict[str, Any]:
                 "particles": counts.particles,
                 "threshold": counts.threshold,
                 "last_seen_at": None if summary is None else summary.last_published_at,
+                "incomplete": len(incomplete.get((project, session), [])),
+                "incomplete_files": [
+                    {"path": f.path, "since": f.since, "problem": f.problem}
+                    for f in incomplete.get((project, session), [])
+                ],
             }
         )
     return {
@@ -233,6 +273,9 @@ def status(settings: Settings, control: Control) -> dict[str, Any]:
         "mode": "one process (in-memory broker)" if control.deferred else "rabbitmq",
         "running": depths is not None,
         "queues": depths,
+        "state": str(settings.state.resolve()),
+        "store": str(settings.store.resolve()),
+        "trainers": trainer_liveness(settings.store),
         "projects": projects,
         "sessions": sessions,
     }
@@ -264,11 +307,12 @@ def describe_dead_letter(env: Envelope) -> dict[str, Any]:
     return row
 
 
-def dlq_list(control: Control, queue: str, limit: int) -> dict[str, Any]:
+def dlq_list(control: Control, queue: str, limit: int | None = None) -> dict[str, Any]:
+    """The depth and the first ``limit`` (default ``DLQ_LISTED``) dead letters of a work queue, described."""
     # depths first: peeking holds the listed letters unacknowledged for a moment, and a depth read meanwhile
     # would not count them
     depths = control.depths()
-    letters = control.dead_letters(_queue(queue), limit)
+    letters = control.dead_letters(_queue(queue), DLQ_LISTED if limit is None else limit)
     return {
         "queue": topology.dead_letters(queue),
         "running": letters is not None,
@@ -291,22 +335,29 @@ def format_status(data: dict[str, Any]) -> str:
     """``cryomae status`` for people."""
     lines = [f"broker: {data['broker']} ({data['mode']})"]
     if data["queues"] is None:
-        lines.append("queues: unknown (no `cryomae run` process is running; requests wait in its inbox)")
+        lines.append(
+            f"queues: unknown (no `cryomae run` process uses the state folder {data['state']}; requests wait in its "
+            "inbox. The folders come from the settings, relative to the working folder unless absolute: run operator "
+            "commands where `cryomae run` runs, or with the same CRYOMAE_STATE, CRYOMAE_STORE and CRYOMAE_OUTPUTS)"
+        )
     else:
         busy = {q: n for q, n in data["queues"].items() if n}
         lines.append("queues: " + (", ".join(f"{q} {n}" for q, n in busy.items()) or "all empty"))
+    alive = [t for t in data.get("trainers", []) if t["alive"]]
+    if alive:
+        beats = ", ".join(f"{t['id']}, heartbeat {t['age_s']:.0f} s ago" for t in alive)
+        lines.append(f"trainer: running ({beats})")
+    elif data.get("trainers"):
+        last = min(t["age_s"] for t in data["trainers"])
+        lines.append(f"trainer: not running (last heartbeat {last:.0f} s ago)")
+    else:
+        lines.append("trainer: not running")
     lines.append("")
-    lines.append("projects:" if data["projects"] else "projects: none")
+    lines.append("projects:" if data["projects"] else f"projects: none in the store {data['store']}")
     for p in data["projects"]:
-        training = p["training"] or {}
-        state = training.get("state", "never trained")
-        if state == "failed":
-            state = f"failed: {training.get('error', '?')}"
-        elif state == "training" and training.get("progress"):
-            state = f"training ({training['progress']})"
         waiting = f", {p['waiting']} micrographs waiting for a model" if p["waiting"] else ""
         lines.append(f"  {p['project']}: model {p['current_version'] or '-'} ({len(p['versions'])} versions), "
-                     f"training {state}{waiting}")
+                     f"{p['training_state']}{waiting}")
     lines.append("")
     if not data["sessions"]:
         lines.append("sessions: none")
@@ -327,6 +378,13 @@ def format_status(data: dict[str, Any]) -> str:
     for row in [header, *rows]:
         cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
         lines.append("  ".join(cells))
+    for s in data["sessions"]:
+        if s.get("incomplete_files"):
+            lines.append("")
+            lines.append(f"{s['project']}/{s['session']}: {len(s['incomplete_files'])} incomplete")
+            for f in s["incomplete_files"]:
+                since = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                lines.append(f"  {f['path']}: incomplete since {since} ({f['problem']})")
     return "\n".join(lines)
 
 

@@ -2,12 +2,14 @@
 
 A micrograph of a project that has no model yet is parked in the project's waiting queue (kept, not dropped,
 not dead-lettered); when a model is published (broadcast), or at start-up and every model check for projects
-that have one, the waiting queue is moved back onto the work queue. A micrograph that cannot be read, or a path
-outside the data roots, is dead-lettered with the reason by the broker (InputError).
+that have one, the waiting queue is moved back onto the work queue. A micrograph that cannot be read, one above
+``max_pixels`` (refused before it is read), one smaller than a picking window, or a path outside the data roots,
+is dead-lettered with the reason by the broker (InputError).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -17,8 +19,9 @@ import torch
 
 from cryomae.config import PickConfig
 from cryomae.device import resolve_device
-from cryomae.errors import CryomaeError
+from cryomae.errors import CryomaeError, InputError
 from cryomae.io import read_micrograph
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.live import metrics
 from cryomae.live.common import get_logger, handling, inside_roots
 from cryomae.messages import MicrographReady, ModelPublished, PicksReady
@@ -28,6 +31,7 @@ from cryomae.picking.picker import pick_micrograph
 from cryomae.store.projects import ModelCache, ProjectStore
 
 log = get_logger("picker")
+NO_CANDIDATES_THRESHOLD = 1.0  # the cutoff sent for a micrograph without candidates: the highest cosine score
 
 
 class Picker:
@@ -42,8 +46,10 @@ class Picker:
         device: str = "auto",
         model_check_seconds: float = 10.0,
         workers: int | None = None,
+        max_pixels: int | None = MAX_MICROGRAPH_PIXELS,
     ) -> None:
         self.broker = broker
+        self.max_pixels = max_pixels  # largest micrograph read (``read_micrograph``)
         self.store = store
         self.roots = roots
         self.cfg = cfg
@@ -83,10 +89,15 @@ class Picker:
         version, trained = got
         self._in_use(msg.project, version)
         t0 = time.perf_counter()
-        image = read_micrograph(path)
+        image = read_micrograph(path, self.max_pixels)
         t1 = time.perf_counter()
-        result = pick_micrograph(trained, image.data, self.cfg, self.device)
+        try:
+            result = pick_micrograph(trained, image.data, self.cfg, self.device)
+        except InputError as exc:  # smaller than one window: name the file
+            raise (InputError(path, exc.problem) if exc.path is None else exc) from None
         xy = result.candidates_xy
+        # no candidate (all too near the edges): the cutoff is infinite, which JSON cannot carry; any selects none
+        threshold = result.threshold if math.isfinite(result.threshold) else NO_CANDIDATES_THRESHOLD
         picks = PicksReady(
             project=msg.project,
             session=msg.session,
@@ -94,7 +105,7 @@ class Picker:
             micrograph_id=msg.id,
             model_version=version,
             diameter=trained.geometry.diameter,
-            threshold=result.threshold,
+            threshold=threshold,
             x=[float(v) for v in xy[:, 0]],
             y=[float(v) for v in xy[:, 1]],
             scores=[float(v) for v in result.candidate_scores],

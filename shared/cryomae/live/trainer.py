@@ -3,17 +3,32 @@
 Training runs the core library (pre-training, then SCS training) on the stored exemplar set. The version is
 written in a staging folder and renamed into place, then made current; a failed training leaves the previous
 version current, records why in the project's ``training.json`` and dead-letters the request when the input
-is at fault (InputError) or lets the broker retry it otherwise.
+is at fault (InputError) or lets the broker retry it otherwise. The exemplar micrograph must lie inside the data
+roots (resolved, so a symlink leading outside is refused), as when the set was added.
+
+Stopping the trainer (SIGTERM, Ctrl-C) interrupts a training at its next step: the request is returned to the
+training queue unacknowledged (``TrainingInterruptedError``), its status becomes ``queued``, and the next trainer
+to run trains it again. While it runs, the trainer writes a heartbeat file, ``<store>/.trainers/<id>.json``,
+every ``HEARTBEAT_S`` seconds, so that ``cryomae status`` can tell a training in progress from one whose
+trainer is gone (``trainer_liveness``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.live import metrics
 from cryomae.live.common import get_logger, handling
 from cryomae.messages import ModelPublished, TrainRequest
@@ -21,20 +36,68 @@ from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.model.checkpoint import save_model
 from cryomae.store.projects import ProjectStore
-from cryomae.training.train import train_model
+from cryomae.training.train import TrainingInterruptedError, train_model
 
 log = get_logger("trainer")
+
+HEARTBEAT_S = 5.0  # how often a running trainer refreshes its heartbeat file
+HEARTBEAT_STALE_S = 3 * HEARTBEAT_S  # a heartbeat older than this: that trainer is not running
+HEARTBEATS = ".trainers"  # folder of the heartbeat files in the project store
+
+
+def trainer_liveness(store_root: Path, now: float | None = None) -> list[dict[str, Any]]:
+    """Every trainer heartbeat in the store: id, host, pid, age_s, alive, and the request in hand (if any)."""
+    now = time.time() if now is None else now
+    rows = []
+    folder = Path(store_root) / HEARTBEATS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            age = max(0.0, now - float(data["time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced, or not ours
+        alive = age <= HEARTBEAT_STALE_S and not _gone(data)
+        rows.append({**data, "age_s": round(age, 1), "alive": alive})
+    return rows
+
+
+def _gone(heartbeat: dict[str, Any]) -> bool:
+    """Whether a heartbeat's process is known to have ended (it ran on this host and its pid is gone)."""
+    if heartbeat.get("host") != socket.gethostname() or not isinstance(heartbeat.get("pid"), int):
+        return False  # another host (a pod): only the heartbeat's age tells
+    try:
+        os.kill(heartbeat["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, but another user's
+        return False
+    return False
 
 
 class Trainer:
     """Handles training requests; ``start`` binds the handler to the broker."""
 
-    def __init__(self, broker: Broker, store: ProjectStore, defaults: TrainConfig, device: str = "auto") -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        store: ProjectStore,
+        defaults: TrainConfig,
+        device: str = "auto",
+        max_pixels: int | None = MAX_MICROGRAPH_PIXELS,
+        *,
+        roots: Sequence[Path],
+    ) -> None:
         self.broker = broker
+        self.roots = list(roots)  # data roots: an exemplar micrograph resolving outside them is dead-lettered
+        self.max_pixels = max_pixels  # largest exemplar micrograph read (``read_micrograph``)
         self.store = store
         self.defaults = defaults
         self.device = device
         self._consumer: Consumer | None = None
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self._cancel = threading.Event()  # set by stop(): a training in progress ends at its next step
+        self._in_hand: dict[str, Any] = {}  # project and request being trained (for the heartbeat)
+        self._heartbeat: threading.Thread | None = None
 
     def config_for(self, project: str) -> TrainConfig:
         """Service defaults, then the project's own overrides, on the service's device."""
@@ -51,11 +114,13 @@ class Trainer:
                 "request": msg.id,
                 "exemplar_set": msg.exemplar_set,
                 "started": started,
+                "trainer": self.id,
             }
+            self._in_hand = {"project": msg.project, "request": msg.id}
             try:
                 exemplars = self.store.exemplar_set(msg.project, msg.exemplar_set)
                 self.store.write_training_status(msg.project, status)
-                micrograph, coords = exemplars.read_inputs()
+                micrograph, coords = exemplars.read_inputs(self.max_pixels, roots=self.roots)
                 cfg = self.config_for(msg.project)
 
                 def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
@@ -68,14 +133,22 @@ class Trainer:
                     for name, value in losses.items():
                         metrics.TRAINING_LOSS.labels(msg.project, stage, name).set(value)
 
-                trained, info = train_model(micrograph, coords.xy, exemplars.diameter, cfg, on_progress=report)
+                trained, info = train_model(
+                    micrograph, coords.xy, exemplars.diameter, cfg, on_progress=report, cancel=self._cancel
+                )
                 info["exemplar_set"] = exemplars.to_json()
                 with self.store.staged_version(msg.project) as (version, folder):
                     save_model(folder, trained.model, trained.bank, trained.geometry, info)
+            except TrainingInterruptedError as exc:
+                metrics.TRAININGS.labels("interrupted").inc()
+                self._interrupted(msg.project, status, exc)
+                raise
             except Exception as exc:
                 metrics.TRAININGS.labels("failed").inc()
                 self._failed(msg.project, status, exc)
                 raise
+            finally:
+                self._in_hand = {}
             self.broker.broadcast(ModelPublished(project=msg.project, version=version))
             seconds = time.time() - started
             metrics.TRAININGS.labels("done").inc()
@@ -87,18 +160,55 @@ class Trainer:
             )
             out.update(version=version, train_s=round(seconds, 2))
 
+    def _interrupted(self, project: str, status: dict[str, Any], exc: BaseException) -> None:
+        queued = {
+            **status,
+            "state": "queued",
+            "interrupted": f"{exc} (the trainer stopped); the request waits in the training queue",
+            "interrupted_at": time.time(),
+        }
+        with contextlib.suppress(CryomaeError):
+            self.store.write_training_status(project, queued)
+
     def _failed(self, project: str, status: dict[str, Any], exc: BaseException) -> None:
         failed = {**status, "state": "failed", "error": str(exc), "finished": time.time()}
         with contextlib.suppress(CryomaeError):  # an unknown project has nowhere to keep a status
             self.store.write_training_status(project, failed)
 
     def start(self) -> None:
+        self._cancel.clear()
+        self._beat()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="trainer-heartbeat", daemon=True)
+        self._heartbeat.start()
         self._consumer = self.broker.consume(topology.TRAINING, self.handle, prefetch=1)
-        log.info("trainer_started", device=self.device)
+        log.info("trainer_started", device=self.device, trainer=self.id)
 
     def stop(self, timeout: float | None = None) -> None:
+        """Interrupt a training in progress (its request goes back to the queue) and stop consuming."""
+        self._cancel.set()
         if self._consumer is not None:
             self._consumer.stop(timeout)
+        if self._heartbeat is not None:
+            self._heartbeat.join(HEARTBEAT_S)
+        self._heartbeat_file().unlink(missing_ok=True)
+
+    def _heartbeat_file(self) -> Path:
+        return self.store.root / HEARTBEATS / f"{self.id}.json"
+
+    def _beat(self) -> None:
+        path = self._heartbeat_file()
+        data = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **self._in_hand}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only store must not stop the trainer; status then says unknown
+            log.warning("heartbeat_failed", file=str(path), error=str(exc))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._cancel.wait(HEARTBEAT_S):
+            self._beat()
 
     def ready(self) -> dict[str, Any]:
         return {"broker": self.broker.connected, "consumer": self._consumer is not None and self._consumer.running}

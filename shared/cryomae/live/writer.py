@@ -2,20 +2,29 @@
 
 The picks queue has a single active consumer, so one writer writes a session at a time even with several
 replicas. One ``SessionOutputs`` per session stays open (opening one checks its particles STAR in full).
+
+The writer trusts no message: before it creates anything it checks that the project exists in the project store,
+that the picks come from one of the project's published model versions, that the micrograph (resolved, so a
+symlink is followed) is an existing regular file inside the data roots, and that the names are valid; a
+re-threshold needs the session's outputs to exist. What fails is dead-lettered (InputError) with the reason.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cryomae.errors import InputError
 from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling
-from cryomae.messages import PicksReady, Rethreshold
+from cryomae.live.common import get_logger, handling, inside_roots
+from cryomae.messages import PicksReady, Rethreshold, valid_name
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.store.outputs import SessionOutputs
+from cryomae.store.projects import ProjectStore
 
 log = get_logger("writer")
 
@@ -23,9 +32,11 @@ log = get_logger("writer")
 class Writer:
     """Applies picks and threshold changes to per-session outputs under ``outputs/<project>/<session>``."""
 
-    def __init__(self, broker: Broker, outputs: Path) -> None:
+    def __init__(self, broker: Broker, outputs: Path, *, store: ProjectStore, roots: Sequence[Path]) -> None:
         self.broker = broker
         self.outputs = outputs
+        self.store = store  # read only: which projects and model versions exist
+        self.roots = [Path(r).resolve() for r in roots]  # the data roots the micrographs must lie in
         self._sessions: dict[tuple[str, str], SessionOutputs] = {}
         self._lock = threading.Lock()
         self._consumer: Consumer | None = None
@@ -37,9 +48,46 @@ class Writer:
                 self._sessions[key] = SessionOutputs(self.outputs / project / session)
             return self._sessions[key]
 
+    def check(self, msg: PicksReady | Rethreshold) -> None:
+        """Refuse a message that names what does not exist or lies outside the data roots (InputError, so the
+        broker dead-letters it with the reason), before any folder or file is created for it."""
+        for value, what in ((msg.project, "project"), (msg.session, "session")):
+            if not valid_name(value):
+                raise InputError(None, f"invalid {what} name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if isinstance(msg, Rethreshold):
+            self.store.get_project(msg.project)  # InputError: no project '...' in <store>
+            folder = self.outputs / msg.project / msg.session
+            if not folder.is_dir():
+                raise InputError(folder, f"no outputs for session {msg.project}/{msg.session}; nothing to re-threshold")
+            return
+        source = f"picks of {msg.micrograph}"
+        try:
+            self.store.get_project(msg.project)
+        except InputError as e:
+            raise InputError(None, f"{source}: {e}") from None
+        if msg.model_version not in self.store.versions(msg.project):
+            raise InputError(
+                None,
+                f"{source}: model version {msg.model_version!r} is not a published version of project "
+                f"{msg.project!r} (in {self.store.root})",
+            )
+        try:
+            path = inside_roots(msg.micrograph, self.roots)
+        except InputError as e:
+            given = Path(msg.micrograph)
+            moved = given.is_absolute() and given.resolve() != Path(os.path.normpath(given))  # a symlink
+            via = f" (it resolves to {given.resolve()})" if moved else ""
+            raise InputError(given, f"{e.problem}{via}; picks are written only for micrographs under them") from None
+        if not path.exists():
+            raise InputError(msg.micrograph, "the micrograph does not exist (nothing to write picks for)")
+        if not path.is_file():
+            raise InputError(msg.micrograph, f"not a regular file ({path}); picks are written for micrograph files")
+
     def handle(self, env: Envelope) -> None:
         with handling(log, env, (PicksReady, Rethreshold)) as h:
             msg, out = h.message, h.fields
+            assert isinstance(msg, (PicksReady, Rethreshold))
+            self.check(msg)  # before anything is created for it
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
                 changed = self.session(msg.project, msg.session).apply_rethreshold(msg)

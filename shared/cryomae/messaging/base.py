@@ -20,7 +20,7 @@ Delivery semantics (both transports):
 - Queue names given to a broker are the logical names of ``cryomae.messaging.topology``; the transport
   prefixes them with its namespace.
 - A dead-lettered message keeps its body; the reason is in the ``x-cryomae-reason`` header, the queue it came
-  from in ``x-cryomae-queue``.
+  from in ``x-cryomae-queue``. A reason longer than ``REASON_CHARS`` is cut in the middle (``shorten``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,21 @@ from cryomae.messages import Message
 DELIVERY_LIMIT = 5
 REASON_HEADER = "x-cryomae-reason"
 QUEUE_HEADER = "x-cryomae-queue"
+# Longest dead-letter reason, in characters: a header must fit one AMQP frame (RabbitMQ: 128 KB), and a reason
+# is read by people. A longer one keeps its start and its end (``shorten``).
+REASON_CHARS = 4096
+
+
+def shorten(text: str, limit: int = REASON_CHARS) -> str:
+    """``text`` when it has at most ``limit`` characters; otherwise its start and its end around a note of the
+    original length, ``limit`` characters in all, never fewer than the note (a reason names the file first and
+    the problem last)."""
+    if len(text) <= limit:
+        return text
+    note = f" … [{len(text)} characters in all, cut here] … "
+    keep = max(0, limit - len(note))
+    head, tail = keep - keep // 2, keep // 2
+    return text[:head] + note + (text[-tail:] if tail else "")
 
 
 @dataclass(frozen=True)
@@ -89,8 +104,8 @@ class Broker(abc.ABC):
         """Messages ready in a queue (not counting those being worked on)."""
 
     @abc.abstractmethod
-    def peek(self, queue: str, limit: int = 100) -> list[Envelope]:
-        """Up to ``limit`` messages of a queue, left in the queue (for listing dead letters)."""
+    def peek(self, queue: str, limit: int | None = 100) -> list[Envelope]:
+        """Up to ``limit`` messages of a queue (every one when None), left in the queue (for listing dead letters)."""
 
     @abc.abstractmethod
     def move(self, source: str, target: str, limit: int | None = None) -> int:

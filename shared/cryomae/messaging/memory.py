@@ -5,9 +5,11 @@ queues and broadcast as ``RabbitBroker`` (see ``cryomae.messaging.base``), so th
 trainer can run as threads of one process without a RabbitMQ server. It is thread-safe: one lock guards every
 queue, and consumers wait on its condition variable (no polling).
 
-Messages live in memory only: if the process crashes, messages still queued or in hand are lost. Restarts
-stay safe because nothing else depends on them: the watcher's session ledger re-announces micrographs that
-have no picks yet, and the writer's outputs are written atomically and idempotently.
+Given a ``Journal`` (``cryomae.messaging.journal``; the one-process mode keeps it in the state folder), every
+message of a queue is also on disk from the moment ``publish`` returns until it is acknowledged, dead-lettered
+elsewhere or purged, so a stop, a crash or kill -9 loses nothing: at the next start the queues are as they
+were, and the messages that were in hand are delivered again (their delivery counts kept). Without a journal
+(tests of the transport itself), messages live in memory only.
 
 ``judge`` (the handler outcome rules) is shared with the RabbitMQ transport.
 """
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -31,12 +34,15 @@ from cryomae.messaging import topology
 from cryomae.messaging.base import (
     DELIVERY_LIMIT,
     QUEUE_HEADER,
+    REASON_CHARS,
     REASON_HEADER,
     Broker,
     Consumer,
     Envelope,
     Handler,
+    shorten,
 )
+from cryomae.messaging.journal import Journal
 
 log = structlog.get_logger("cryomae.messaging")
 
@@ -71,14 +77,14 @@ def judge(handler: Handler, envelope: Envelope) -> Outcome:
 
     Returns normally: ack. ``CryomaeError`` other than ``TransientError`` (bad input): dead-letter now.
     ``TransientError`` or any other exception: requeue, unless this was delivery number ``DELIVERY_LIMIT``,
-    in which case dead-letter with the error as the reason.
+    in which case dead-letter with the error as the reason. Reasons and logged errors are ``shorten``-ed.
     """
     try:
         handler(envelope)
     except TransientError as exc:
         error = str(exc) or type(exc).__name__
     except CryomaeError as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = shorten(str(exc) or type(exc).__name__)
         log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
         return Outcome("dead_letter", reason)
     except Exception as exc:
@@ -89,11 +95,12 @@ def judge(handler: Handler, envelope: Envelope) -> Outcome:
         return Outcome("ack")
     deliveries = envelope.delivery_count + 1
     if deliveries >= DELIVERY_LIMIT:
-        reason = f"{error} (gave up after {deliveries} deliveries)"
+        suffix = f" (gave up after {deliveries} deliveries)"
+        reason = shorten(error, REASON_CHARS - len(suffix)) + suffix
         log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
         return Outcome("dead_letter", reason)
-    log.warning("message requeued", queue=envelope.queue, deliveries=deliveries, error=error)
-    return Outcome("requeue", error)
+    log.warning("message requeued", queue=envelope.queue, deliveries=deliveries, error=shorten(error))
+    return Outcome("requeue", shorten(error))
 
 
 _HEADER_TYPES = (str, bytes, int, Decimal, datetime, type(None))  # what AMQP (pika) can carry; bool is an int
@@ -127,6 +134,7 @@ class _Item:
     body: bytes
     headers: dict[str, Any]
     deliveries: int = 0  # deliveries so far
+    file: Path | None = None  # its journal file, if journaled
 
 
 @dataclass
@@ -137,15 +145,25 @@ class _Queue:
 
 
 class MemoryBroker(Broker):
-    """All queues in this process; see the module docstring for what a crash loses."""
+    """All queues in this process, journaled on disk when given a ``journal`` (see the module docstring)."""
 
-    def __init__(self, namespace: str = "cryomae") -> None:
+    def __init__(self, namespace: str = "cryomae", journal: Journal | None = None) -> None:
         self.namespace = namespace
+        self.journal = journal
         self._cond = threading.Condition()
         self._queues: dict[str, _Queue] = {}
         self._subscriptions: list[_Queue] = []
         self._consumers: list[_MemoryConsumer] = []
         self._closed = False
+        self.restored: dict[str, int] = {}  # messages per queue found in the journal at start-up
+        if journal is not None:
+            for name, stored in journal.load().items():
+                queue = self._queue(name)
+                for path, s in stored:
+                    queue.ready.append(_Item(s.body, s.headers, s.deliveries, path))
+                self.restored[name] = len(stored)
+            if self.restored:
+                log.info("journal_restored", folder=str(journal.folder), messages=self.restored)
 
     def __repr__(self) -> str:
         return f"MemoryBroker(namespace={self.namespace!r})"
@@ -158,9 +176,37 @@ class MemoryBroker(Broker):
             queue = self._queues[name] = _Queue(single_active=name in topology.SINGLE_ACTIVE)
         return queue
 
-    def _dead_letter(self, source: str, item: _Item, reason: str) -> None:
+    def _store(self, queue: str, item: _Item) -> _Item:
+        """Journal a new item of ``queue`` (when there is a journal) before it is queued."""
+        if self.journal is not None:
+            try:
+                item.file = self.journal.add(queue, item.body, item.headers, item.deliveries)
+            except OSError as exc:
+                raise TransientError(f"cannot journal a message of {queue} in {self.journal.folder}: {exc}") from exc
+        return item
+
+    def _forget_item(self, item: _Item) -> None:
+        """An item leaves its queue for good (acknowledged, moved, dead-lettered or purged)."""
+        if self.journal is not None and item.file is not None:
+            try:
+                self.journal.remove(item.file)
+            except OSError as exc:  # it is delivered once more after a restart: at least once, never lost
+                log.warning("journal_remove_failed", file=str(item.file), error=str(exc))
+            item.file = None
+
+    def _dead_letter(self, source: str, item: _Item, reason: str, home: _Queue) -> None:
+        """Move ``item`` (taken from ``home``, the queue named ``source``) to the dead letters of ``source``."""
+        dlq = topology.dead_letters(source)
         headers = {**item.headers, REASON_HEADER: reason, QUEUE_HEADER: source}
-        self._queue(topology.dead_letters(source)).ready.append(_Item(item.body, headers))
+        try:
+            letter = self._store(dlq, _Item(item.body, headers))
+        except TransientError as exc:  # kept where it was: delivered again later rather than lost
+            log.error("dead_letter_not_journaled", queue=source, error=str(exc))
+            home.ready.append(item)
+            self._cond.notify_all()
+            return
+        self._queue(dlq).ready.append(letter)
+        self._forget_item(item)
         self._cond.notify_all()
 
     def _check_open(self, what: str) -> None:
@@ -179,7 +225,8 @@ class MemoryBroker(Broker):
     def publish(self, queue: str, message: Message, headers: Mapping[str, Any] | None = None) -> None:
         with self._cond:
             self._check_open(f"publish to {queue}")
-            self._queue(queue).ready.append(_Item(message.body(), check_headers(headers)))
+            item = self._store(queue, _Item(message.body(), check_headers(headers)))
+            self._queue(queue).ready.append(item)
             self._cond.notify_all()
 
     def broadcast(self, message: Message) -> None:
@@ -225,7 +272,7 @@ class MemoryBroker(Broker):
             found = self._queues.get(queue)
             return 0 if found is None else len(found.ready)
 
-    def peek(self, queue: str, limit: int = 100) -> list[Envelope]:
+    def peek(self, queue: str, limit: int | None = 100) -> list[Envelope]:
         with self._cond:
             found = self._queues.get(queue)
             items = [] if found is None else list(found.ready)[:limit]
@@ -240,8 +287,10 @@ class MemoryBroker(Broker):
             count = len(found.ready) if limit is None else min(limit, len(found.ready))
             destination = self._queue(target)
             for _ in range(count):
-                item = found.ready.popleft()
-                destination.ready.append(_Item(item.body, replay_headers(item.headers)))
+                item = found.ready[0]
+                destination.ready.append(self._store(target, _Item(item.body, replay_headers(item.headers))))
+                found.ready.popleft()
+                self._forget_item(item)
             self._cond.notify_all()
             return count
 
@@ -251,6 +300,8 @@ class MemoryBroker(Broker):
             if found is None:
                 return 0
             count = len(found.ready)
+            for item in found.ready:
+                self._forget_item(item)
             found.ready.clear()
             return count
 
@@ -260,6 +311,9 @@ class MemoryBroker(Broker):
             consumers = list(self._consumers)
         for consumer in consumers:
             consumer.stop(CLOSE_TIMEOUT)
+        if self.journal is not None:
+            with self._cond:
+                self.journal.close()
 
     @property
     def connected(self) -> bool:
@@ -307,6 +361,11 @@ class _MemoryConsumer(Consumer):
                 self._in_hand[ticket] = (item, threading.current_thread())
                 envelope = Envelope(self.name, item.body, dict(item.headers), item.deliveries)
                 item.deliveries += 1
+                if item.file is not None and self.broker.journal is not None:
+                    try:
+                        item.file = self.broker.journal.delivered(item.file, item.deliveries)
+                    except OSError as exc:
+                        log.warning("journal_delivery_not_counted", file=str(item.file), error=str(exc))
             outcome = judge(self._handler, envelope)
             with self._cond:
                 if self._in_hand.pop(ticket, None) is not None:
@@ -317,12 +376,16 @@ class _MemoryConsumer(Consumer):
         if outcome.action == "requeue":
             self.queue.ready.appendleft(item)  # like a RabbitMQ quorum queue: a returned message goes first
         elif outcome.action == "dead_letter":
-            self.broker._dead_letter(self.name, item, outcome.reason)
+            self.broker._dead_letter(self.name, item, outcome.reason, self.queue)
+        else:
+            self.broker._forget_item(item)
 
     def _abandon(self, item: _Item) -> None:
         """A message whose handler did not finish before ``stop`` gave up: as if its consumer had died."""
         if item.deliveries >= DELIVERY_LIMIT:
-            self.broker._dead_letter(self.name, item, f"delivery limit reached ({item.deliveries} deliveries)")
+            self.broker._dead_letter(
+                self.name, item, f"delivery limit reached ({item.deliveries} deliveries)", self.queue
+            )
         else:
             self.queue.ready.appendleft(item)
 

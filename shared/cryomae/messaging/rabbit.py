@@ -52,6 +52,7 @@ from cryomae.messaging.base import (
     Consumer,
     Envelope,
     Handler,
+    shorten,
 )
 from cryomae.messaging.memory import CLOSE_TIMEOUT, Outcome, check_headers, judge, replay_headers
 
@@ -308,7 +309,7 @@ class RabbitBroker(Broker):
 
         return self._retry(f"depth of {queue}", operation)
 
-    def peek(self, queue: str, limit: int = 100) -> list[Envelope]:
+    def peek(self, queue: str, limit: int | None = 100) -> list[Envelope]:
         """Messages are fetched without an ack and returned when the channel closes (ready again a moment later).
 
         Each peek counts as a delivery on a quorum queue: harmless on dead-letter and waiting queues (no delivery
@@ -318,7 +319,7 @@ class RabbitBroker(Broker):
         def operation(connection: Any, channel: Any) -> list[Envelope]:
             found: list[Envelope] = []
             with self._scratch(connection) as scratch:
-                while len(found) < limit:
+                while limit is None or len(found) < limit:
                     method, properties, body = scratch.basic_get(self.full(queue), auto_ack=False)
                     if method is None:
                         break
@@ -551,7 +552,7 @@ class _RabbitConsumer(Consumer):
 
     def _dead_letter(self, channel: Any, delivery: _Delivery, reason: str) -> None:
         headers = {k: v for k, v in (delivery.properties.headers or {}).items() if k != "x-delivery-count"}
-        headers.update({REASON_HEADER: reason, QUEUE_HEADER: self.name})
+        headers.update({REASON_HEADER: shorten(reason), QUEUE_HEADER: self.name})  # a header fits one frame
         properties = pika.BasicProperties(
             content_type=delivery.properties.content_type,
             delivery_mode=pika.DeliveryMode.Persistent,

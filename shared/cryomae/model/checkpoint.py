@@ -2,13 +2,13 @@
 
 A model directory holds ``weights.safetensors`` (the MAE's parameters and the exemplar bank under the key
 ``exemplar_bank``) and ``manifest.json`` (preset, geometry, training hyperparameters, data provenance and the
-sha256 of the weights file). Loading recomputes the checksum before any tensor is read.
+sha256 of the weights file), sealed by a checksum over all of its fields (``cryomae.model.layout``). Loading
+verifies the manifest's checksum, then the weights' sha256, before any tensor is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cryomae.errors import CheckpointError
-from cryomae.model.layout import MANIFEST, WEIGHTS, sha256_file
+from cryomae.model.layout import FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest, sha256_file, write_manifest
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import Preset
 from cryomae.preprocess import Geometry
 
 BANK_KEY = "exemplar_bank"
-FORMAT_VERSION = 2
+__all__ = ["BANK_KEY", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "TrainedModel", "load_model", "save_model"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def save_model(
         "exemplar_bank": {"size": int(bank.shape[0]), "dim": int(bank.shape[1])},
         **info,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_manifest(tmp / MANIFEST, manifest)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save
@@ -85,11 +85,9 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
     """Load and verify a model directory; raises CheckpointError naming the directory and the problem."""
     d = Path(model_dir)
     try:
-        manifest = json.loads((d / MANIFEST).read_text())
-    except FileNotFoundError:
+        manifest = read_manifest(d / MANIFEST)  # its checksum: every value as written (diameter, weights' sha256)
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{d}: no {MANIFEST}; is this a cryomae model directory?") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / MANIFEST}: not valid JSON ({e})") from None
     try:
         preset = Preset(**manifest["preset"])
         geometry = Geometry(**{"highpass": None, "lowpass": None, **manifest["geometry"]})  # format 1 had no high-pass

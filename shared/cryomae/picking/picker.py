@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
+from cryomae.errors import InputError
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import auto_cutoff, gmm_cutoff, knn_cutoff, otsu_cutoff, robust_cutoff
-from cryomae.preprocess import away_from_edges, outlier_regions, prepare_with_background
+from cryomae.preprocess import Geometry, away_from_edges, outlier_regions, prepare_with_background
 
 
 @dataclass
@@ -283,11 +284,24 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
     return scores.amax(dim=0) if cfg.score == "max" else scores[0]
 
 
+def check_fits(shape: tuple[int, ...], geometry: Geometry) -> None:
+    """InputError (no path: the caller knows the file) when a micrograph [H, W] is smaller than one picking window
+    of the model (``geometry.box`` original pixels) in either direction: there is not one window to score."""
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) < geometry.box:
+        side = math.ceil(geometry.box)
+        raise InputError(
+            None, f"micrograph {w}x{h} px is smaller than one picking window ({side}x{side} px) of this model"
+        )
+
+
 @torch.no_grad()
 def compute_score_map(
     trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
 ) -> ScoreMap:
-    """Score every window of a micrograph [H, W] against the exemplar bank."""
+    """Score every window of a micrograph [H, W] against the exemplar bank; InputError when it is smaller than
+    one window (``check_fits``)."""
+    check_fits(image.shape, trained.geometry)
     dev = device or resolve_device(cfg.device)
     model = trained.model.to(dev).eval()
     s = model.preset.img_size
@@ -423,7 +437,10 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
 def pick_micrograph(
     trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
 ) -> PickResult:
-    """Pick particles on one micrograph [H, W]; coordinates in original micrograph pixels."""
+    """Pick particles on one micrograph [H, W]; coordinates in original micrograph pixels.
+
+    InputError (without a path) when the micrograph is smaller than one window; with no candidate left (all too
+    near the edges), the threshold is infinite: nothing is selected."""
     t0 = time.perf_counter()
     smap = compute_score_map(trained, image, cfg, device)
     t1 = time.perf_counter()

@@ -35,7 +35,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +47,9 @@ from pydantic import ValidationError
 from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
 from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
-from cryomae.io.micrographs import Micrograph, atomic_output, read_micrograph
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, atomic_output, read_micrograph
 from cryomae.messages import valid_name
-from cryomae.model.layout import MANIFEST, WEIGHTS, sha256_file
+from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
 
 if TYPE_CHECKING:  # torch is imported only to load a model, so that the operator CLI starts fast
     import torch
@@ -160,18 +160,23 @@ class ExemplarSet:
         """The stored exemplar centres (original micrograph pixels, x = column)."""
         return read_coordinates(self.coordinates_file)
 
-    def read_inputs(self) -> tuple[Micrograph, Coordinates]:
-        """The micrograph and the exemplars, for training; InputError if the micrograph changed or vanished."""
-        if not self.micrograph.is_file():
+    def read_inputs(
+        self, max_pixels: int | None = MAX_MICROGRAPH_PIXELS, *, roots: Sequence[Path]
+    ) -> tuple[Micrograph, Coordinates]:
+        """The micrograph and the exemplars, for training; InputError if the micrograph changed or vanished, or
+        has more than ``max_pixels`` pixels, or now lies (resolved: symlinks followed) outside the data ``roots``.
+        The resolved file is the one read."""
+        path = _inside_data_roots(self.micrograph, roots)
+        if not path.is_file():
             raise InputError(self.micrograph, f"micrograph of exemplar set {self.id} no longer exists")
-        size = self.micrograph.stat().st_size
-        if size != self.micrograph_size or sha256_file(self.micrograph) != self.micrograph_sha256:
+        size = path.stat().st_size
+        if size != self.micrograph_size or sha256_file(path) != self.micrograph_sha256:
             raise InputError(
                 self.micrograph,
                 f"changed since exemplar set {self.id} was stored (content differs; size {size}, "
                 f"was {self.micrograph_size}); add the exemplars again",
             )
-        mic = read_micrograph(self.micrograph)
+        mic = read_micrograph(path, max_pixels)
         coords = self.coordinates()
         check_inside(coords, mic.shape, self.coordinates_file)
         return mic, coords
@@ -296,13 +301,20 @@ class ProjectStore:
     # ------------------------------------------------------------------------------------------ exemplar sets
 
     def add_exemplars(
-        self, project: str, micrograph: str | Path, coords: str | Path, diameter: float | None = None
+        self,
+        project: str,
+        micrograph: str | Path,
+        coords: str | Path,
+        diameter: float | None = None,
+        *,
+        roots: Sequence[Path],
     ) -> ExemplarSet:
         """Validate and store an exemplar set; ``diameter`` defaults to the project's.
 
-        InputError (naming the file) when the micrograph or the coordinates cannot be read, when there is no
-        exemplar, or when one lies outside the image. Fewer than 5 exemplars is allowed but the returned set
-        carries a warning (about 15 are recommended).
+        InputError (naming the file) when the micrograph lies outside the data ``roots`` (resolved: a symlink
+        inside a root leading outside is refused), when the micrograph or the coordinates cannot be read, when
+        there is no exemplar, or when one lies outside the image. Fewer than 5 exemplars is allowed but the
+        returned set carries a warning (about 15 are recommended).
         """
         proj = self.get_project(project)
         diameter = proj.diameter if diameter is None else diameter
@@ -310,6 +322,7 @@ class ProjectStore:
             raise InputError(None, f"give the particle diameter (project {project!r} has no default diameter)")
         _check_diameter(diameter, "particle diameter")
         mic_path = Path(os.path.abspath(micrograph))
+        _inside_data_roots(mic_path, roots)  # the trainer checks it again when it reads the set
         coords_path = Path(coords)
         mic = read_micrograph(mic_path)
         ex = read_coordinates(coords_path)
@@ -542,13 +555,29 @@ class ProjectStore:
         return removed
 
 
-def _verify_complete(model_dir: Path) -> None:
-    """A model directory is complete when its manifest names the sha256 its weights file has."""
+def _inside_data_roots(micrograph: Path, roots: Sequence[Path]) -> Path:
+    """The resolved path of an exemplar micrograph, if it lies under a data root; InputError naming it otherwise
+    (the rule the picker applies to micrographs, ``cryomae.live.common.inside_roots``)."""
+    from cryomae.live.common import inside_roots  # imported here: the store itself needs no broker
+
     try:
-        expected = json.loads((model_dir / MANIFEST).read_text())["weights"]["sha256"]
+        return inside_roots(str(micrograph), [Path(r).resolve() for r in roots])
+    except InputError as e:
+        resolved = micrograph.resolve()
+        via = f" (it resolves to {resolved})" if resolved != Path(os.path.normpath(micrograph)) else ""
+        raise InputError(
+            micrograph, f"{e.problem}{via}; the trainer reads exemplar micrographs only under the data roots"
+        ) from None
+
+
+def _verify_complete(model_dir: Path) -> None:
+    """A model directory is complete when its manifest is intact (its checksum) and names the sha256 its weights
+    file has."""
+    try:
+        expected = read_manifest(model_dir / MANIFEST)["weights"]["sha256"]
     except FileNotFoundError:
         raise CheckpointError(f"{model_dir}: no {MANIFEST}; the model was not fully written") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{model_dir / MANIFEST}: incomplete manifest ({e})") from None
     weights = model_dir / WEIGHTS
     if not weights.is_file():

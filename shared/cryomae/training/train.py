@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from cryomae import __version__
 from cryomae.config import TrainConfig
 from cryomae.device import autocast, resolve_device
-from cryomae.errors import InputError
+from cryomae.errors import InputError, TransientError
 from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
@@ -39,6 +40,13 @@ log = structlog.get_logger("cryomae.train")
 ProgressHook = Callable[[str, int, int, dict[str, float]], None]
 
 
+class TrainingInterruptedError(TransientError):
+    """Training stopped at a step boundary because its ``cancel`` event was set (the service is stopping).
+
+    Transient: the training request goes back to its queue and is trained again from the start.
+    """
+
+
 def _lr_at(step: int, total: int, base: float) -> float:
     """Linear warm-up over the first 5 % of steps, then cosine decay to 5 % of the base rate."""
     warm = max(1, total // 20)
@@ -51,13 +59,18 @@ def _lr_at(step: int, total: int, base: float) -> float:
 class _Progress:
     """Progress log lines about every 10 % of a stage, with the running mean of each loss."""
 
-    def __init__(self, stage: str, total: int, hook: ProgressHook | None = None) -> None:
+    def __init__(
+        self, stage: str, total: int, hook: ProgressHook | None = None, cancel: threading.Event | None = None
+    ) -> None:
         self.stage, self.total, self.t0, self.hook = stage, total, time.perf_counter(), hook
+        self.cancel = cancel
         self.every = max(1, total // 10)
         self.sums: dict[str, float] = {}
         self.count = 0
 
     def step(self, i: int, **losses: float) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise TrainingInterruptedError(f"training interrupted at {self.stage} step {i + 1}/{self.total}")
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
@@ -86,6 +99,7 @@ def pretrain(
     rng: np.random.Generator,
     device: torch.device,
     on_progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[float]:
     """Reconstruction-only pre-training on random regions of the given resampled images."""
     size = model.preset.img_size
@@ -102,7 +116,7 @@ def pretrain(
     if total == 0:
         return []
     opt = _optimizer(model, cfg.pretrain_lr, cfg.weight_decay)
-    progress, history, step = _Progress("pretrain", total, on_progress), [], 0
+    progress, history, step = _Progress("pretrain", total, on_progress, cancel), [], 0
     model.train()
     for _ in range(cfg.pretrain_epochs):
         order = rng.permutation(n)
@@ -138,6 +152,7 @@ def scs_train(
     rng: np.random.Generator,
     device: torch.device,
     on_progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[dict[str, float]]:
     """Training on exemplars [m, 2] (resampled-image coordinates) and n unlabeled regions with eq. 6."""
     size = model.preset.img_size
@@ -149,7 +164,7 @@ def scs_train(
         return []
     m = len(exemplars)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
-    progress, history, step = _Progress("scs_train", total, on_progress), [], 0
+    progress, history, step = _Progress("scs_train", total, on_progress, cancel), [], 0
     model.train()
     for _ in range(cfg.epochs):
         order = rng.permutation(cfg.n_unlabeled)
@@ -202,9 +217,11 @@ def train_model(
     cfg: TrainConfig,
     unlabeled: Sequence[Micrograph] = (),
     on_progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[TrainedModel, dict[str, Any]]:
     """Train a project's model from one reference micrograph and its exemplars [m, 2] (original pixels).
-    ``on_progress`` hears about every 10 % of each stage (the trainer service reports it).
+    ``on_progress`` hears about every 10 % of each stage (the trainer service reports it); setting ``cancel``
+    stops training at the next step with ``TrainingInterruptedError``.
 
     Returns the trained model and the information for its manifest (hyperparameters, provenance, timings).
     """
@@ -243,9 +260,9 @@ def train_model(
         extra_micrographs=len(extra),
     )
     t1 = time.perf_counter()
-    pre_hist = pretrain(model, [ref, *extra], cfg, rng, device, on_progress)
+    pre_hist = pretrain(model, [ref, *extra], cfg, rng, device, on_progress, cancel)
     t2 = time.perf_counter()
-    scs_hist = scs_train(model, ref, exemplars, cfg, rng, device, on_progress)
+    scs_hist = scs_train(model, ref, exemplars, cfg, rng, device, on_progress, cancel)
     t3 = time.perf_counter()
     bank = exemplar_bank(model, ref, exemplars, cfg.bank_views, device)
     model.eval()

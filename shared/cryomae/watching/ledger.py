@@ -6,6 +6,12 @@ One SQLite database (WAL mode) in the watcher's state folder, ``watcher.sqlite3`
   MicrographReady message and when it was sent. A path with a row is never published again by the watcher, even
   when a different file later appears under the same name (re-picks are an explicit operator action).
 - ``sessions``: the sessions being watched, so that a restarted watcher resumes them.
+- ``incomplete`` (schema 2): the files the running watcher keeps waiting because they fail the completeness check
+  (since when, wall-clock time, and why), for ``cryomae status``; a row goes when its file is published (in the
+  same transaction), deleted, or its session stopped, and a starting watcher clears them all (it looks again).
+
+Schema versions: ``PRAGMA user_version``. Opening an older ledger upgrades it in place (the schema script only
+adds tables); a newer one is refused. ``read_ledger``/``read_incomplete`` read any version.
 
 Ordering: the watcher publishes first and records afterwards. A crash between the two publishes the file again
 after the restart (at least once; the picker and writer are idempotent per micrograph) rather than losing it.
@@ -29,7 +35,7 @@ from cryomae.errors import ConfigError, InputError
 
 DATABASE = "watcher.sqlite3"
 LOCK = "watcher.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the incomplete table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS published (
@@ -51,6 +57,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     recursive INTEGER NOT NULL,
     started_at REAL NOT NULL,
     PRIMARY KEY (project, session)
+);
+CREATE TABLE IF NOT EXISTS incomplete (
+    project TEXT NOT NULL,
+    session TEXT NOT NULL,
+    path TEXT NOT NULL,
+    since REAL NOT NULL,
+    problem TEXT NOT NULL,
+    PRIMARY KEY (project, session, path)
 );
 """
 
@@ -78,6 +92,16 @@ class SessionRecord:
     pattern: str
     recursive: bool
     started_at: float
+
+
+@dataclass(frozen=True)
+class IncompleteFile:
+    """A file the watcher keeps waiting: it fails the completeness check (``problem``, in the reader's words)
+    and may still grow; ``since``: Unix time of the last change the watcher saw."""
+
+    path: str
+    since: float
+    problem: str
 
 
 @dataclass(frozen=True)
@@ -146,14 +170,45 @@ class Ledger:
         with self._lock:
             return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
+    def _transaction(self, *statements: tuple[str, tuple[object, ...]]) -> list[int]:
+        """Run statements in one transaction (all or none); their row counts. Call with the lock held."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return counts
+
     def record(self, project: str, session: str, publication: Publication) -> None:
-        """Remember a publication (replacing an older row for the same path)."""
+        """Remember a publication (replacing an older row for the same path); the file is no longer incomplete."""
         p = publication
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (project, session, p.path, p.size, p.mtime_ns, p.message_id, p.published_at, int(p.complete)),
+            self._transaction(
+                (
+                    "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (project, session, p.path, p.size, p.mtime_ns, p.message_id, p.published_at, int(p.complete)),
+                ),
+                ("DELETE FROM incomplete WHERE project = ? AND session = ? AND path = ?", (project, session, p.path)),
             )
+
+    def note_incomplete(self, project: str, session: str, path: str, since: float, problem: str) -> None:
+        """List a file as waiting incomplete (replacing its earlier row)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO incomplete VALUES (?, ?, ?, ?, ?)", (project, session, path, since, problem)
+            )
+
+    def clear_incomplete(self, project: str | None = None, session: str | None = None, path: str | None = None) -> None:
+        """Unlist one file (all three given), or every file (none given)."""
+        with self._lock:
+            if project is None:
+                self._db.execute("DELETE FROM incomplete")
+            else:
+                self._db.execute(
+                    "DELETE FROM incomplete WHERE project = ? AND session = ? AND path = ?", (project, session, path)
+                )
 
     def publications(self, project: str, session: str) -> dict[str, Publication]:
         """Every publication of a session, by path."""
@@ -185,10 +240,13 @@ class Ledger:
             )
 
     def drop_session(self, project: str, session: str) -> bool:
-        """Forget a watched session (its publications stay); whether it was there."""
+        """Forget a watched session and its incomplete files (its publications stay); whether it was there."""
         with self._lock:
-            cursor = self._db.execute("DELETE FROM sessions WHERE project = ? AND session = ?", (project, session))
-        return cursor.rowcount > 0
+            dropped, _ = self._transaction(
+                ("DELETE FROM sessions WHERE project = ? AND session = ?", (project, session)),
+                ("DELETE FROM incomplete WHERE project = ? AND session = ?", (project, session)),
+            )
+        return dropped > 0
 
     def sessions(self) -> list[SessionRecord]:
         """The persisted sessions, oldest first."""
@@ -226,3 +284,30 @@ def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, s
         db.close()
     sessions = [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
     return sessions, {(c[0], c[1]): Summary(int(c[2]), int(c[3]), c[4]) for c in counts}
+
+
+def read_incomplete(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFile]]:
+    """The files each session's watcher keeps waiting as incomplete, by (project, session), each list by path;
+    read without the lock, like ``read_ledger``. Empty when there is no ledger, its schema is not yet written, or
+    it predates the list (schema 1: a watcher of an older version is running)."""
+    path = state_dir / DATABASE
+    if not path.is_file():
+        return {}
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] < 2:
+            return {}
+        rows = db.execute(
+            "SELECT project, session, path, since, problem FROM incomplete ORDER BY project, session, path"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
+    finally:
+        db.close()
+    listed: dict[tuple[str, str], list[IncompleteFile]] = {}
+    for project, session, file, since, problem in rows:
+        listed.setdefault((project, session), []).append(IncompleteFile(file, since, problem))
+    return listed

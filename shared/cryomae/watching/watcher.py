@@ -10,7 +10,10 @@ One loop (``run()`` in the caller's thread, or ``start()`` on a background threa
    watcher was down), then every ``poll_interval`` in poll mode or every ``rescan_interval`` in inotify mode
    (events lost to a full inotify queue);
 4. checks pending files for completeness (``cryomae.watching.completeness``) and publishes the complete ones,
-   then records them in the ledger (publish first: a crash in between repeats the file, never loses it).
+   then records them in the ledger (publish first: a crash in between repeats the file, never loses it). Files
+   that can never complete (or resolve outside the data roots) are published at once, for the picker to
+   dead-letter with the reason; files that may still grow wait up to the give-up time, listed in the ledger as
+   incomplete (``cryomae status`` shows them) until they are published, deleted or their session stopped.
 
 A published path is the resolved session folder joined with the file's path inside it (absolute; a file that is
 itself a symlink keeps its own name, so picks carry the session's names). Files already there when a session is
@@ -80,6 +83,11 @@ class Watcher:
         self._mounts = mounts
         self._observer_factory = observer_factory
         self._ledger = Ledger(Path(state_dir))
+        try:
+            self._ledger.clear_incomplete()  # what an earlier run listed: every file is looked at again
+        except BaseException:
+            self._ledger.close()
+            raise
         self._lock = threading.Lock()  # sessions dict and what other threads read of a session
         self._step_lock = threading.RLock()  # one step at a time; stop_session waits for a publish in progress
         self._sessions = {(r.project, r.session): WatchedSession(r) for r in self._ledger.sessions()}
@@ -480,20 +488,29 @@ class Watcher:
             if pending.retry_at > now:
                 continue
             before = pending.verdict
-            verdict = pending.check(now, s.settle_seconds, s.give_up_seconds)
+            verdict = pending.check(now, s.settle_seconds, s.give_up_seconds, s.data_roots)
             if verdict is Verdict.GONE:
                 with self._lock:
                     watched.pending.pop(str(pending.path), None)
+                if pending.noted:
+                    self._ledger.clear_incomplete(watched.record.project, watched.record.session, str(pending.path))
             elif verdict is Verdict.INCOMPLETE and before is not Verdict.INCOMPLETE:
+                problem = incompleteness(pending.path)
                 log.info(
                     "micrograph_incomplete",
                     project=watched.record.project,
                     session=watched.record.session,
                     path=str(pending.path),
                     size=pending.signature.size if pending.signature else None,
+                    problem=problem,
                     give_up_after_s=s.give_up_seconds,
                 )
-            elif verdict in (Verdict.COMPLETE, Verdict.GIVE_UP):
+                since = time.time() - (now - pending.since)  # the last change seen, as wall-clock time
+                self._ledger.note_incomplete(
+                    watched.record.project, watched.record.session, str(pending.path), since, problem
+                )
+                pending.noted = True
+            elif verdict in (Verdict.COMPLETE, Verdict.GIVE_UP, Verdict.REJECT):
                 self._publish_file(watched, pending, now)
 
     def _publish_file(self, watched: WatchedSession, pending: PendingFile, now: float) -> None:
@@ -501,7 +518,16 @@ class Watcher:
         r, signature = watched.record, pending.signature
         assert signature is not None  # a settled file has one
         complete = pending.verdict is Verdict.COMPLETE
-        if not complete:
+        if pending.verdict is Verdict.REJECT:
+            log.warning(
+                "micrograph_rejected",
+                project=r.project,
+                session=r.session,
+                path=str(pending.path),
+                problem=pending.problem,
+                action="published at once (it can never become complete), for the picker to reject with this reason",
+            )
+        elif not complete:
             log.warning(
                 "micrograph_given_up",
                 project=r.project,
