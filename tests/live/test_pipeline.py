@@ -65,7 +65,8 @@ def test_failed_training_keeps_the_previous_model_and_says_why(live: Live) -> No
         wait_until(lambda: store.current_version(PROJECT) is not None, what="the first model")
         first = store.current_version(PROJECT)
         # a second exemplar set whose micrograph is damaged after it was registered
-        copy = live.root / "reference-copy.mrc"
+        copy = live.data / "reference-copy.mrc"  # inside a data root, as exemplar micrographs must be
+        copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(live.dataset.micrographs[1].read_bytes())
         ops.exemplars_add(settings, control, PROJECT, copy, exemplars, None)
         copy.write_bytes(b"not an MRC file any more")

@@ -157,11 +157,19 @@ class MemoryBroker(Broker):
         self._closed = False
         self.restored: dict[str, int] = {}  # messages per queue found in the journal at start-up
         if journal is not None:
-            for name, stored in journal.load().items():
-                queue = self._queue(name)
-                for path, s in stored:
-                    queue.ready.append(_Item(s.body, s.headers, s.deliveries, path))
-                self.restored[name] = len(stored)
+            with self._cond:
+                for name, stored in journal.load().items():
+                    queue = self._queue(name)
+                    for path, s in stored:
+                        item = _Item(s.body, s.headers, s.deliveries, path)
+                        if s.deliveries >= DELIVERY_LIMIT and name in topology.WORK_QUEUES:
+                            # in hand at its last allowed delivery when the process died: as RabbitMQ does with
+                            # a message whose consumers keep dying, it is dead-lettered, not delivered again
+                            reason = f"delivery limit reached ({s.deliveries} deliveries)"
+                            self._dead_letter(name, item, reason, queue)
+                        else:
+                            queue.ready.append(item)
+                    self.restored[name] = len(stored)
             if self.restored:
                 log.info("journal_restored", folder=str(journal.folder), messages=self.restored)
 

@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS incomplete (
 @dataclass(frozen=True)
 class Publication:
     """One published file: its size and mtime then, the message id, and whether it had passed the completeness
-    check (False: published after the give-up time for the picker to reject)."""
+    check (False: published for the picker to reject, after the give-up time or at once when it can never pass)."""
 
     path: str
     size: int
@@ -106,7 +106,7 @@ class IncompleteFile:
 
 @dataclass(frozen=True)
 class Summary:
-    """Counts of a session's publications."""
+    """Counts of a session's publications (``gave_up``: those that had not passed the completeness check)."""
 
     published: int
     gave_up: int

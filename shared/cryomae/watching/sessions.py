@@ -40,8 +40,9 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class SessionStats:
-    """Counts for one session. ``published``, ``gave_up`` and ``last_published_at`` come from the ledger (all
-    time, also for a session no longer watched); ``pending`` (found, not yet published), ``incomplete`` (of those,
+    """Counts for one session. ``published``, ``gave_up`` (published without passing the completeness check: after
+    the give-up time, or at once when it never can) and ``last_published_at`` come from the ledger (all time,
+    also for a session no longer watched); ``pending`` (found, not yet published), ``incomplete`` (of those,
     settled but failing the completeness check) and ``replaced`` (published files since changed on disk, not
     re-published) describe the files as the running watcher sees them. ``seen`` = ``published`` + ``pending``.
     ``state`` is None when the session is not watched."""

@@ -26,8 +26,10 @@ class WatchTuning(BaseModel):
     give_up_seconds: float = Field(
         600.0,
         gt=0,
-        description="a settled file that still fails its completeness check (not an MRC, truncated, empty) is "
-        "published anyway after this long unchanged, so that the picker dead-letters it with the reason",
+        description="a settled file that still fails its completeness check and may still grow (an MRC shorter "
+        "than its header declares, an empty file) is published anyway after this long unchanged, so that the "
+        "picker dead-letters it with the reason; one that never can (an invalid MRC header, not an MRC, longer "
+        "than its header declares, a symlink out of the data roots) is published at once",
     )
     poll_interval: float = Field(5.0, gt=0, description="seconds between folder listings in poll mode")
     rescan_interval: float = Field(

@@ -1,0 +1,342 @@
+"""A corpus of bad files and bad messages thrown at the running services over the real RabbitMQ.
+
+Each kind ends one of three ways, and the test checks which: **dead-lettered** at its first delivery with a
+reason that names the problem, **picked** (a good input in an unusual form), or **refused at the door** (the
+operator's command fails with a message and sends nothing). Between kinds nothing restarts; at the end every
+service is still healthy and a good micrograph sent last is picked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pika
+import pytest
+import tifffile
+from PIL import Image
+
+from cryomae.errors import CryomaeError
+from cryomae.io import read_micrograph, write_mrc
+from cryomae.live import ops
+from cryomae.live.app import App
+from cryomae.live.control import Control
+from cryomae.messages import Message, MicrographReady, PicksReady, Rethreshold, SessionCommand, TrainRequest
+from cryomae.messaging import topology
+from cryomae.messaging.base import REASON_HEADER
+from cryomae.store.projects import ProjectStore
+from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
+from tests.messaging.conftest import AMQP_URL
+
+RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    live: Live
+    app: App
+    control: Control
+    folder: Path  # inside a data root, not watched
+    outside: Path  # not under any data root
+    version: str  # the project's model version
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kind of bad input: ``send`` delivers it (or tries to) and returns the body it sent, if any."""
+
+    name: str
+    outcome: str  # dead, picked or refused
+    queue: str  # where it goes (its dead letters are in queue.dlq)
+    words: str  # what the reason (or the refusal) must say
+    send: Callable[[Ctx], bytes | None]
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _ready(path: str | Path, **changes: object) -> MicrographReady:
+    fields: dict[str, object] = {
+        "project": PROJECT, "session": SESSION, "path": str(path), "size": 1, "mtime": _now(), "complete_at": _now(),
+    }
+    fields.update(changes)
+    return MicrographReady(**fields)
+
+
+def _publish(ctx: Ctx, queue: str, message: Message) -> bytes:
+    ctx.control.send(queue, message)
+    return message.body()
+
+
+def _raw(ctx: Ctx, queue: str, body: bytes) -> bytes:
+    """Bytes straight to a queue, as a foreign or hostile producer might send them."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "", f"{ctx.live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
+        )
+    finally:
+        connection.close()
+    return body
+
+
+def _fields(**changes: object) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "schema_version": 1, "id": uuid.uuid4().hex, "created": _now(), "kind": "micrograph_ready",
+        "project": PROJECT, "session": SESSION, "path": "/nowhere/x.mrc", "size": 1, "mtime": _now(),
+        "complete_at": _now(),
+    }
+    fields.update(changes)
+    return fields
+
+
+def _file(ctx: Ctx, name: str, write: Callable[[Path], object]) -> bytes:
+    """Write a bad file inside the data root and ask the picker for it."""
+    path = ctx.folder / name
+    write(path)
+    return _publish(ctx, topology.MICROGRAPHS, _ready(path))
+
+
+def _good_image(ctx: Ctx) -> np.ndarray:
+    return read_micrograph(ctx.live.dataset.micrographs[3]).data
+
+
+def _header(nx: int, ny: int, nz: int, mode: int, stamp: bytes = b"\x44\x44\x00\x00", tag: bytes = b"MAP ") -> bytes:
+    header = bytearray(1024)
+    struct.pack_into("<10i", header, 0, nx, ny, nz, mode, 0, 0, 0, nx, ny, nz)
+    struct.pack_into("<3i", header, 64, 1, 2, 3)
+    header[208:212] = tag
+    header[212:216] = stamp
+    return bytes(header)
+
+
+def _sparse(path: Path, header: bytes, data_bytes: int) -> None:
+    """A header followed by a hole of ``data_bytes`` (no disk, no memory)."""
+    path.write_bytes(header)
+    os.truncate(path, len(header) + data_bytes)
+
+
+def _mrc_bytes(ctx: Ctx) -> bytes:
+    return ctx.live.dataset.micrographs[3].read_bytes()
+
+
+def _picks(ctx: Ctx, **changes: object) -> PicksReady:
+    mic = str(ctx.live.dataset.micrographs[3].resolve())
+    fields: dict[str, object] = {
+        "project": PROJECT, "session": SESSION, "micrograph": mic, "micrograph_id": uuid.uuid4().hex,
+        "model_version": ctx.version, "diameter": 24.0, "threshold": 0.5, "x": [10.0], "y": [10.0],
+        "scores": [0.9], "shape": (256, 256), "complete_at": _now(),
+    }
+    fields.update(changes)
+    return PicksReady(**fields)
+
+
+def _symlink_out(ctx: Ctx) -> bytes:
+    target = ctx.outside / "secret.mrc"
+    target.write_bytes(_mrc_bytes(ctx))
+    link = ctx.folder / "link_out.mrc"
+    link.symlink_to(target)
+    return _publish(ctx, topology.MICROGRAPHS, _ready(link))
+
+
+class _RefusedError(Exception):
+    """How a refused case reports its message to the runner."""
+
+
+def _outside_copy(ctx: Ctx) -> Path:
+    """A good micrograph, but not under any data root."""
+    path = ctx.outside / "x.mrc"
+    path.write_bytes(_mrc_bytes(ctx))
+    return path
+
+
+def _refused(action: Callable[[Ctx], object]) -> Callable[[Ctx], bytes | None]:
+    def send(ctx: Ctx) -> bytes | None:
+        try:
+            action(ctx)
+        except (CryomaeError, ValueError) as exc:
+            raise _RefusedError(str(exc)) from None
+        pytest.fail("the bad request was accepted")
+
+    return send
+
+
+M, P, T, W = topology.MICROGRAPHS, topology.PICKS, topology.TRAINING, topology.WATCHER
+
+CASES = [
+    # ---------------------------------------------------------------------------------------- bad files
+    Case("truncated MRC", "dead", M, "truncated MRC file",
+         lambda c: _file(c, "truncated.mrc", lambda p: p.write_bytes(_mrc_bytes(c)[:-5000]))),
+    Case("text file named .mrc", "dead", M, "not an MRC file",
+         lambda c: _file(c, "text.mrc", lambda p: p.write_text("a log file, not a micrograph\n" * 60))),
+    Case("empty file", "dead", M, "file is empty", lambda c: _file(c, "empty.mrc", lambda p: p.write_bytes(b""))),
+    Case("NaN pixels", "dead", M, "NaN", lambda c: _file(
+        c, "nan.mrc", lambda p: write_mrc(p, np.full((128, 128), np.nan, np.float32), dtype=np.float32))),
+    Case("infinite pixels", "dead", M, "infinite", lambda c: _file(
+        c, "inf.mrc", lambda p: write_mrc(p, np.where(np.eye(128) > 0, np.inf, 1.0).astype(np.float32),
+                                          dtype=np.float32))),
+    Case("constant image", "dead", M, "constant", lambda c: _file(
+        c, "constant.mrc", lambda p: write_mrc(p, np.ones((128, 128), np.float32), dtype=np.float32))),
+    Case("stack of images", "dead", M, "stack", lambda c: _file(
+        c, "stack.mrc", lambda p: p.write_bytes(_header(64, 64, 3, 2) + bytes(64 * 64 * 3 * 4)))),
+    Case("complex MRC mode", "dead", M, "unsupported MRC mode 4", lambda c: _file(
+        c, "complex.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 4) + bytes(64 * 64 * 8)))),
+    Case("unknown machine stamp", "dead", M, "machine stamp", lambda c: _file(
+        c, "stamp.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 2, stamp=b"\x99\x99\0\0") + bytes(64 * 64 * 4)))),
+    Case("longer than its header", "dead", M, "longer than its header", lambda c: _file(
+        c, "long.mrc", lambda p: p.write_bytes(_mrc_bytes(c) + bytes(4096)))),
+    Case("smaller than one window", "dead", M, "smaller than one picking window", lambda c: _file(
+        c, "tiny.mrc", lambda p: write_mrc(p, np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32),
+                                           dtype=np.float32))),
+    Case("header of 100000 x 100000 px", "dead", M, "exceeds the limit", lambda c: _file(
+        c, "huge.mrc", lambda p: _sparse(p, _header(100_000, 100_000, 1, 0), 10**10))),
+    Case("unsupported file type", "dead", M, "unsupported micrograph file type",
+         lambda c: _file(c, "notes.txt", lambda p: p.write_text("hello"))),
+    Case("corrupt JPEG", "dead", M, "cannot decode image",
+         lambda c: _file(c, "broken.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"junk" * 100))),
+    Case("corrupt TIFF", "dead", M, "TIFF",
+         lambda c: _file(c, "broken.tif", lambda p: p.write_bytes(b"II*\x00" + b"\xff" * 200))),
+    Case("a folder named .mrc", "dead", M, "not a regular file",
+         lambda c: _file(c, "folder.mrc", lambda p: p.mkdir())),
+    Case("missing file", "dead", M, "file not found",
+         lambda c: _publish(c, M, _ready(c.folder / "never_written.mrc"))),
+    Case("path outside the data roots", "dead", M, "outside the configured data roots",
+         lambda c: _publish(c, M, _ready(_outside_copy(c)))),
+    Case("symlink out of the data roots", "dead", M, "outside the configured data roots", _symlink_out),
+    Case("relative path", "dead", M, "not absolute", lambda c: _publish(c, M, _ready("data/sess/mic.mrc"))),
+    Case("/etc/shadow as a micrograph", "dead", M, "outside the configured data roots",
+         lambda c: _publish(c, M, _ready("/etc/shadow"))),
+    # ---------------------------------------------------------------------------------------- bad messages
+    Case("not JSON", "dead", M, "not JSON", lambda c: _raw(c, M, b"\x00\x01 not json {")),
+    Case("a JSON array", "dead", M, "expected a JSON object", lambda c: _raw(c, M, b"[1, 2, 3]")),
+    Case("unknown schema version", "dead", M, "schema_version 99",
+         lambda c: _raw(c, M, json.dumps(_fields(schema_version=99)).encode())),
+    Case("unknown kind", "dead", M, "invalid message", lambda c: _raw(c, M, json.dumps(_fields(kind="pwn")).encode())),
+    Case("an extra field", "dead", M, "Extra inputs are not permitted",
+         lambda c: _raw(c, M, json.dumps(_fields(shell="rm -rf /")).encode())),
+    Case("a hostile project name", "dead", M, "project",
+         lambda c: _raw(c, M, json.dumps(_fields(project="../../etc")).encode())),
+    Case("a 10 MB string", "dead", M, "exceeds the",
+         lambda c: _raw(c, M, json.dumps(_fields(path="/data/" + "x" * 10_000_000)).encode())),
+    Case("wrong kind for the queue", "dead", M, "is not micrograph_ready",
+         lambda c: _publish(c, M, TrainRequest(project=PROJECT, exemplar_set="x"))),
+    Case("picks naming /etc/shadow", "dead", P, "/etc/shadow",
+         lambda c: _publish(c, P, _picks(c, micrograph="/etc/shadow"))),
+    Case("picks of an unknown project", "dead", P, "ghost",
+         lambda c: _publish(c, P, _picks(c, project="ghost"))),
+    Case("picks of an unknown model version", "dead", P, "v9999",
+         lambda c: _publish(c, P, _picks(c, model_version="v9999-forged"))),
+    Case("picks with mismatched lengths", "dead", P, "differ in length",
+         lambda c: _raw(c, P, _picks(c).body().replace(b'"x":[10.0]', b'"x":[10.0,11.0]'))),
+    Case("training of an unknown exemplar set", "dead", T, "no exemplar set",
+         lambda c: _publish(c, T, TrainRequest(project=PROJECT, exemplar_set="20200101T000000Z-ffffff"))),
+    Case("training of an unknown project", "dead", T, "no project 'ghost'",
+         lambda c: _publish(c, T, TrainRequest(project="ghost", exemplar_set="x"))),
+    Case("watching a folder outside the roots", "dead", W, "outside",
+         lambda c: _publish(c, W, SessionCommand(action="start", project=PROJECT, session="evil",
+                                                  folder=str(c.outside)))),
+    Case("re-threshold of a session that has no outputs", "dead", P, "no outputs",
+         lambda c: _publish(c, P, Rethreshold(project=PROJECT, session="never", threshold=0.5))),
+    # ---------------------------------------------------------------------------------------- picked
+    Case("an int16 MRC", "picked", M, "", lambda c: _file(
+        c, "good_int16.mrc", lambda p: write_mrc(p, np.clip(_good_image(c) * 1000, -30000, 30000), dtype=np.int16))),
+    Case("a 16-bit PNG", "picked", M, "", lambda c: _file(c, "good.png", lambda p: Image.fromarray(
+        np.clip((_good_image(c) - _good_image(c).min()) * 3000, 0, 65535).astype(np.uint16)).save(p))),
+    Case("a float32 TIFF", "picked", M, "", lambda c: _file(
+        c, "good.tif", lambda p: tifffile.imwrite(p, _good_image(c).astype(np.float32)))),
+    # ---------------------------------------------------------------------------------------- refused at the door
+    Case("a session folder outside the roots", "refused", W, "outside", _refused(
+        lambda c: ops.session_start(c.live.settings(), c.control, PROJECT, "evil", c.outside, "*.mrc", True))),
+    Case("exemplars on a micrograph outside the roots", "refused", T, "outside", _refused(
+        lambda c: ops.exemplars_add(c.live.settings(), c.control, PROJECT, _outside_copy(c),
+                                    c.live.dataset.exemplars(c.live.root / "ex.star"), None))),
+    Case("an invalid session name", "refused", P, "invalid session name", _refused(
+        lambda c: ops.session_rethreshold(c.live.settings(), c.control, PROJECT, "../x", 0.5))),
+]
+
+
+def test_the_corpus_has_at_least_25_kinds() -> None:
+    assert len(CASES) >= 25
+    assert {c.outcome for c in CASES} == {"dead", "picked", "refused"}
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+def _letter(ctx: Ctx, queue: str, body: bytes) -> str | None:
+    """The reason of the dead letter with this body in ``queue``'s dead letters, if it is there."""
+    for env in ctx.app.broker.peek(topology.dead_letters(queue), 200):
+        if env.body == body:
+            return str(env.headers.get(REASON_HEADER, ""))
+    return None
+
+
+def _picked_more(live: Live, picked: int) -> Callable[[], bool]:
+    return lambda: live.picked() > picked
+
+
+def _more_letters(app: App, queue: str, letters: int) -> Callable[[], bool]:
+    return lambda: app.broker.depth(topology.dead_letters(queue)) > letters
+
+
+@pytest.mark.parametrize("transport", RABBIT)
+def test_every_kind_of_bad_input_ends_dead_lettered_picked_or_refused(live: Live) -> None:
+    from tests.live.test_resilience import _train
+
+    live.create_project()
+    live.session_folder.mkdir(parents=True)
+    outside = live.root / "outside"
+    outside.mkdir()
+    folder = live.data / "poison"
+    folder.mkdir(parents=True)
+    with running(live, live.settings()) as (app, control):
+        version = _train(live, control)
+        ctx = Ctx(live, app, control, folder, outside, version)
+        outcomes: dict[str, str] = {}
+        for case in CASES:
+            before = {q: app.broker.depth(topology.dead_letters(q)) for q in topology.WORK_QUEUES}
+            picked = live.picked()
+            if case.outcome == "refused":
+                with pytest.raises(_RefusedError) as refusal:
+                    case.send(ctx)
+                assert case.words in str(refusal.value), (case.name, str(refusal.value))
+                assert all(app.broker.depth(q) == 0 for q in topology.WORK_QUEUES), case.name  # nothing sent
+                outcomes[case.name] = "refused"
+                continue
+            body = case.send(ctx)
+            assert body is not None
+            if case.outcome == "picked":
+                wait_until(_picked_more(live, picked), what=f"{case.name} picked", timeout=60)
+                outcomes[case.name] = "picked"
+                continue
+            wait_until(
+                _more_letters(app, case.queue, before[case.queue]),
+                what=f"{case.name} dead-lettered",
+                timeout=60,
+            )
+            reason = _letter(ctx, case.queue, body)
+            assert reason is not None, case.name
+            assert case.words in reason, (case.name, reason)
+            assert "gave up" not in reason and len(reason) < 5000, (case.name, reason[:300])  # first delivery, short
+            outcomes[case.name] = "dead"
+            app.check()  # every service still running
+        assert outcomes == {c.name: c.outcome for c in CASES}
+        # still healthy: every readiness check holds and a good micrograph sent last is picked
+        ready = app.ready()
+        assert all(all(v for v in checks.values()) for checks in ready.values()), ready
+        last = live.drop(5).resolve()
+        picked = live.picked()
+        control.send(topology.MICROGRAPHS, _ready(last, size=last.stat().st_size, mtime=last.stat().st_mtime))
+        wait_until(lambda: live.picked() == picked + 1, what="the good micrograph sent last")
+        # nothing was written for the unknown project or the forged session
+        assert not (live.root / "outputs" / "ghost").exists()
+        assert not (live.root / "outputs" / PROJECT / "never").exists()
+        assert not ProjectStore(live.root / "store").get_project(PROJECT).path.joinpath("..", "ghost").exists()
