@@ -4,6 +4,7 @@ the next start, with its delivery count; what was acknowledged, dead-lettered el
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +23,15 @@ def _broker(folder: Path) -> MemoryBroker:
     broker = MemoryBroker("journal-test", Journal(folder))
     broker.declare()
     return broker
+
+
+def _holding(event: threading.Event) -> Callable[[Envelope], None]:
+    """A handler that keeps its message in hand until ``event`` is set (a process that dies meanwhile)."""
+
+    def handle(envelope: Envelope) -> None:
+        event.wait(30)
+
+    return handle
 
 
 def _paths(envelopes: list[Envelope]) -> list[str]:
@@ -52,7 +62,7 @@ def test_a_message_in_hand_when_the_process_stops_is_delivered_again_with_its_co
     first = _broker(tmp_path)
     first.publish(t.TRAINING, micrograph(0))
     release = threading.Event()
-    got = Recorder(lambda env: None if release.wait(30) else None)
+    got = Recorder(_holding(release))
     first.consume(t.TRAINING, got)
     got.wait(1)
     # the process dies with the message in hand: nothing is acknowledged (the handler never returns)
@@ -75,7 +85,7 @@ def test_a_message_that_kills_its_process_every_time_reaches_the_delivery_limit(
     broker.publish(t.MICROGRAPHS, micrograph(0))
     hold = threading.Event()
     for _ in range(DELIVERY_LIMIT):
-        got = Recorder(lambda env: None if hold.wait(30) else None)
+        got = Recorder(_holding(hold))
         broker.consume(t.MICROGRAPHS, got)
         got.wait(1)
         assert broker.journal is not None
