@@ -131,19 +131,27 @@ def _read_header(path: Path) -> tuple[bytes, int]:
     return raw, size
 
 
+def _whole_header(path: str | Path) -> tuple[_MrcHeader, int] | None:
+    """The parsed header and the file length; None when the file cannot be read now or is shorter than a header."""
+    try:
+        raw, size = _read_header(Path(path))
+    except OSError:
+        return None
+    if len(raw) < _HEADER_BYTES:
+        return None
+    return _parse_header(raw), size
+
+
 def validate_mrc_complete(path: str | Path) -> bool:
     """True when header + extended header + declared data size equals the file length.
 
     A file watcher uses this to tell a fully written MRC from one still being copied; it never raises
     (a missing, short or unreadable file is simply not complete).
     """
-    try:
-        raw, size = _read_header(Path(path))
-    except OSError:
+    found = _whole_header(path)
+    if found is None:
         return False
-    if len(raw) < _HEADER_BYTES:
-        return False
-    h = _parse_header(raw)
+    h, size = found
     data = _data_bytes(h)
     if data is None or h.nsymbt < 0:
         return False
@@ -155,13 +163,10 @@ def mrc_can_never_complete(path: str | Path) -> bool:
     invalid (no 'MAP' identifier, unknown byte order, a negative size, a mode this reader cannot read) or a file
     longer than its header declares. False while it may still be being written (shorter than a header, or than
     its header declares), when it is complete, or when it cannot be read now; never raises."""
-    try:
-        raw, size = _read_header(Path(path))
-    except OSError:
+    found = _whole_header(path)
+    if found is None:
         return False
-    if len(raw) < _HEADER_BYTES:
-        return False
-    h = _parse_header(raw)
+    h, size = found
     data = _data_bytes(h)
     if not h.has_map_id or h.byte_order is None or data is None or h.nsymbt < 0 or h.mode not in _READ_MODES:
         return True

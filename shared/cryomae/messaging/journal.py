@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from cryomae.errors import ConfigError
+from cryomae.io.micrographs import fsync_path
 
 log = structlog.get_logger("cryomae.messaging")
 
@@ -77,14 +78,6 @@ def _decode(value: Any) -> Any:
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -138,7 +131,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync(folder)
+        fsync_path(folder)
         return path
 
     @staticmethod
