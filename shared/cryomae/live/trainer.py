@@ -43,6 +43,7 @@ log = get_logger("trainer")
 HEARTBEAT_S = 5.0  # how often a running trainer refreshes its heartbeat file
 HEARTBEAT_STALE_S = 3 * HEARTBEAT_S  # a heartbeat older than this: that trainer is not running
 HEARTBEATS = ".trainers"  # folder of the heartbeat files in the project store
+HEARTBEAT_KEEP_S = 24 * 3600.0  # a starting trainer deletes the heartbeats of trainers silent for longer
 
 
 def trainer_liveness(store_root: Path, now: float | None = None) -> list[dict[str, Any]]:
@@ -177,6 +178,9 @@ class Trainer:
 
     def start(self) -> None:
         self._cancel.clear()
+        for old in trainer_liveness(self.store.root):
+            if old["age_s"] > HEARTBEAT_KEEP_S:
+                (self.store.root / HEARTBEATS / f"{old['id']}.json").unlink(missing_ok=True)
         self._beat()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="trainer-heartbeat", daemon=True)
         self._heartbeat.start()
