@@ -445,8 +445,9 @@ def _add_live_parsers(sub: Any) -> None:
         "add",
         parents=[common, js],
         help="validate and store exemplars marked on one micrograph, and request training",
-        description="Checks that the micrograph reads, that there is at least one exemplar and every one lies "
-        "inside the image (warns below 5), stores the set in the project and asks the trainer for a model.",
+        description="Checks that the micrograph lies under a data root (CRYOMAE_DATA_ROOTS, symlinks resolved) "
+        "and reads, that there is at least one exemplar and every one lies inside the image (warns below 5), "
+        "stores the set in the project and asks the trainer for a model.",
     )
     ea.add_argument("--project", required=True)
     ea.add_argument("--micrograph", type=Path, required=True, help="the micrograph the particles were marked on")

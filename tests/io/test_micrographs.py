@@ -300,7 +300,7 @@ def test_directory_is_rejected(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- size bound
 
 
-def _sparse_mrc(path: Path, nx: int, ny: int, mode: int = 0) -> Path:
+def sparse_mrc(path: Path, nx: int, ny: int, mode: int = 0) -> Path:
     """A single-image MRC whose header declares nx x ny pixels and whose data is a hole (no disk, no memory)."""
     header = bytearray(1024)
     struct.pack_into("<10i", header, 0, nx, ny, 1, mode, 0, 0, 0, nx, ny, 1)
@@ -310,7 +310,7 @@ def _sparse_mrc(path: Path, nx: int, ny: int, mode: int = 0) -> Path:
     header[212:216] = bytes([0x44, 0x44, 0, 0])
     with open(path, "wb") as f:
         f.write(header)
-        f.truncate(1024 + nx * ny * {0: 1, 2: 4}[mode])
+        f.truncate(1024 + nx * ny * {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}[mode])
     return path
 
 
@@ -340,8 +340,8 @@ def test_default_pixel_limit_admits_8k_and_k3_super_resolution_and_refuses_16k()
 
 
 def test_sparse_16k_mrc_is_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _sparse_mrc(tmp_path / "huge.mrc", 16384, 16384)  # 256 MB of hole
-    big = _sparse_mrc(tmp_path / "bigger.mrc", 100000, 100000, mode=2)  # 40 GB of hole
+    path = sparse_mrc(tmp_path / "huge.mrc", 16384, 16384)  # 256 MB of hole
+    big = sparse_mrc(tmp_path / "bigger.mrc", 100000, 100000, mode=2)  # 40 GB of hole
     _no_reading(monkeypatch)
     assert _too_large(path) == (
         "micrograph of 16384x16384 px (268 Mpx) exceeds the limit of 134 Mpx (CRYOMAE_MAX_MICROGRAPH_PIXELS)"

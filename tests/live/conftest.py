@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,12 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pika
 import pytest
 import starfile
 
 from cryomae.io import Coordinates, write_coordinates, write_mrc
+from cryomae.live import ops
 from cryomae.live.app import App
 from cryomae.live.control import BrokerControl, Control, SpoolControl
+from cryomae.messages import MicrographReady
+from cryomae.messaging import topology
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
@@ -41,6 +46,13 @@ TINY_TRAINING = {
     "n_unlabeled": 64,
 }
 WAIT = 120.0  # seconds a whole pipeline may take before a test fails
+RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]  # parametrize ``transport`` with RabbitMQ only
+PIPELINE = ["writer", "trainer", "picker"]  # no watcher: tests that send the micrograph messages themselves
+CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch; the machine may be busy)
+_SCRIPT = Path(sys.executable).with_name("cryomae")
+CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
+MICS_DLQ = topology.dead_letters(topology.MICROGRAPHS)
+PICKS_DLQ = topology.dead_letters(topology.PICKS)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
@@ -200,3 +212,45 @@ def running(live: Live, settings: Settings, services: list[str] | None = None) -
         yield app, control_for(live, app.broker)
     finally:
         app.stop()
+
+
+def train_first_model(live: Live, control: Control) -> str:
+    """Register exemplars and let the running trainer make the project's first model; its version."""
+    settings = live.settings()
+    store = ProjectStore(settings.store)
+    exemplars = live.dataset.exemplars(live.root / "exemplars.star")
+    ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
+    wait_until(lambda: store.current_version(PROJECT) is not None, what="the project's first model")
+    version = store.current_version(PROJECT)
+    assert version is not None
+    return version
+
+
+def ready(path: str | Path, **changes: object) -> MicrographReady:
+    """A MicrographReady of the test project and session (size and mtime from the file when it exists)."""
+    p = Path(path)
+    stat = p.stat() if p.is_absolute() and p.exists() else None
+    fields: dict[str, object] = {
+        "project": PROJECT,
+        "session": SESSION,
+        "path": str(path),
+        "size": stat.st_size if stat else 1,
+        "mtime": stat.st_mtime if stat else time.time(),
+        "complete_at": time.time(),
+    }
+    fields.update(changes)
+    return MicrographReady(**fields)
+
+
+def publish_raw(live: Live, queue: str, body: bytes) -> bytes:
+    """Bytes straight to a RabbitMQ queue, persistent, as a foreign or hostile producer might send them."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "", f"{live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
+        )
+    finally:
+        connection.close()
+    return body

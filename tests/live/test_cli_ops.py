@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -36,14 +35,21 @@ from cryomae.live.control import INBOX, SpoolControl
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching.ledger import read_ledger
-from tests.live.conftest import DIAMETER, PROJECT, SESSION, TINY_TRAINING, Dataset, Live, wait_until
+from tests.live.conftest import (
+    CLI_TIMEOUT,
+    CRYOMAE,
+    DIAMETER,
+    PROJECT,
+    SESSION,
+    TINY_TRAINING,
+    Dataset,
+    Live,
+    wait_until,
+)
 from tests.messaging.conftest import delete_namespace
 
 OTHER = "other"  # a second session of the project, still watched when the first is stopped
-CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch; the machine may be busy)
 STOP_TIMEOUT = 60.0  # seconds a service may take to exit after SIGTERM
-_SCRIPT = Path(sys.executable).with_name("cryomae")
-CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -529,8 +535,11 @@ def test_exit_codes_and_messages(mem: Live, tmp_path: Path) -> None:
             ["config", "show", "--broker", "amqp://cryo:pw-in-url@mq.example:5672/"],
             {"CRYOMAE_SECRETS_DIR": str(secrets)},
         ),
+        ["session", "rethreshold", "--project", PROJECT, "--session", SESSION, "--threshold", "high"],
+        ["preview", mic, "--picks", str(tmp_path / "nope.star"), "--out", str(tmp_path / "p.png")],
+        ["--help"],
     )
-    outside_coords, missing, service_alone, unreachable, invalid, shown = results
+    outside_coords, missing, service_alone, unreachable, invalid, shown, threshold, no_picks, usage = results
 
     assert outside_coords.returncode == 1, _describe(["exemplars", "add"], outside_coords)
     assert "outside.star" in outside_coords.stderr and outside_coords.stderr.startswith("error:")
@@ -541,6 +550,15 @@ def test_exit_codes_and_messages(mem: Live, tmp_path: Path) -> None:
     assert unreachable.returncode == 3, _describe(["status"], unreachable)
     assert "127.0.0.1:1" in unreachable.stderr and "guest:guest" not in unreachable.stderr
     assert invalid.returncode == 2 and "stride_fraction" in invalid.stderr, invalid.stderr
+
+    # a bad value names the valid choices; a missing file is named as missing; help text without markup
+    assert threshold.returncode == 2 and "expected a score" in threshold.stderr and "auto" in threshold.stderr, (
+        threshold.stderr
+    )
+    assert "could not convert" not in threshold.stderr
+    assert no_picks.returncode == 1 and "nope.star: pick file not found" in no_picks.stderr, no_picks.stderr
+    assert "--diameter" not in no_picks.stderr
+    assert ok(usage).stdout.startswith("usage: cryomae") and "``" not in usage.stdout
 
     config = ok_json(shown)
     assert config["broker_password"] == "********"  # read from the secrets folder, then hidden

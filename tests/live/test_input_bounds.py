@@ -16,73 +16,43 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pika
 import pytest
 
 from cryomae.errors import InputError
 from cryomae.io import write_mrc
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
-from cryomae.live import ops
 from cryomae.live.common import LOG_FIELD_CHARS, handling
-from cryomae.live.control import Control
 from cryomae.messages import MAX_MESSAGE_BYTES, MicrographReady, PicksReady, decode
 from cryomae.messaging import Broker, Envelope, topology
 from cryomae.messaging.base import QUEUE_HEADER, REASON_CHARS, REASON_HEADER
 from cryomae.messaging.rabbit import RabbitBroker
 from cryomae.settings import Settings, load_settings
-from cryomae.store.projects import ProjectStore
-from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
+from tests.io.test_micrographs import sparse_mrc
+from tests.live.conftest import (
+    CLI_TIMEOUT,
+    CRYOMAE,
+    MICS_DLQ,
+    PICKS_DLQ,
+    PIPELINE,
+    PROJECT,
+    RABBIT,
+    SESSION,
+    Live,
+    publish_raw,
+    ready,
+    running,
+    train_first_model,
+    wait_until,
+)
 from tests.messaging.conftest import AMQP_URL
 
-RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
-PIPELINE = ["writer", "trainer", "picker"]  # no watcher: the tests send the micrograph messages themselves
-CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch)
-_SCRIPT = Path(sys.executable).with_name("cryomae")
-CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
-MICS_DLQ = topology.dead_letters(topology.MICROGRAPHS)
-PICKS_DLQ = topology.dead_letters(topology.PICKS)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _train(live: Live, control: Control) -> None:
-    """Register exemplars and let the running trainer make the project's first model."""
-    settings = live.settings()
-    exemplars = live.dataset.exemplars(live.root / "exemplars.star")
-    ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
-    store = ProjectStore(settings.store)
-    wait_until(lambda: store.current_version(PROJECT) is not None, what="the project's first model")
-
-
-def _ready(path: Path) -> MicrographReady:
-    stat = path.stat()
-    return MicrographReady(
-        project=PROJECT, session=SESSION, path=str(path), size=stat.st_size, mtime=stat.st_mtime,
-        complete_at=time.time(),
-    )
-
-
-def _publish_raw(live: Live, queue: str, body: bytes) -> None:
-    """Bytes straight to a RabbitMQ queue, persistent, as a foreign producer might send them."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            "", f"{live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
-        )
-    finally:
-        connection.close()
 
 
 def _raw_micrograph_ready(path: str) -> bytes:
@@ -93,21 +63,6 @@ def _raw_micrograph_ready(path: str) -> bytes:
         "project": PROJECT, "session": SESSION, "path": path, "size": 1, "mtime": now, "complete_at": now,
     }
     return json.dumps(fields).encode()
-
-
-def _sparse_mrc(path: Path, nx: int, ny: int, mode: int = 0) -> Path:
-    """A single-image MRC whose header declares nx x ny pixels, its data a hole (no disk, no memory)."""
-    header = bytearray(1024)
-    struct.pack_into("<10i", header, 0, nx, ny, 1, mode, 0, 0, 0, nx, ny, 1)
-    struct.pack_into("<3f", header, 40, float(nx), float(ny), 1.0)
-    struct.pack_into("<3i", header, 64, 1, 2, 3)
-    header[208:212] = b"MAP "
-    header[212:216] = bytes([0x44, 0x44, 0, 0])
-    per_pixel = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}[mode]
-    with open(path, "wb") as f:
-        f.write(header)
-        f.truncate(1024 + nx * ny * per_pixel)
-    return path
 
 
 def _dead_letters(broker: Broker, queue: str) -> dict[int, Envelope]:
@@ -132,9 +87,9 @@ def test_micrograph_smaller_than_a_window_is_the_pickers_input_error(live: Live)
     write_mrc(tiny, np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32), pixel_size=2.0)
     good = live.drop(2).resolve()
     with running(live, live.settings(), PIPELINE) as (app, control):
-        _train(live, control)
-        control.send(topology.MICROGRAPHS, _ready(tiny.resolve()))
-        control.send(topology.MICROGRAPHS, _ready(good))
+        train_first_model(live, control)
+        control.send(topology.MICROGRAPHS, ready(tiny.resolve()))
+        control.send(topology.MICROGRAPHS, ready(good))
         wait_until(lambda: _settled(app.broker, live, 1, 1), what="the good micrograph picked, the tiny one refused")
         assert app.broker.depth(PICKS_DLQ) == 0, [e.headers for e in app.broker.peek(PICKS_DLQ)]
         [dead] = app.broker.peek(MICS_DLQ)
@@ -169,10 +124,10 @@ def test_oversized_messages_are_dead_lettered_with_a_short_reason(live: Live) ->
     long_path = _raw_micrograph_ready(str(live.session_folder / ("b" * 5000)) + ".mrc")  # small body, long path
     assert len(huge) > MAX_MESSAGE_BYTES > len(long_path)
     with running(live, live.settings(), PIPELINE) as (app, control):
-        _train(live, control)
-        _publish_raw(live, topology.MICROGRAPHS, huge)
-        _publish_raw(live, topology.MICROGRAPHS, long_path)
-        control.send(topology.MICROGRAPHS, _ready(good))
+        train_first_model(live, control)
+        publish_raw(live, topology.MICROGRAPHS, huge)
+        publish_raw(live, topology.MICROGRAPHS, long_path)
+        control.send(topology.MICROGRAPHS, ready(good))
         wait_until(lambda: _settled(app.broker, live, 1, 2), what="the good micrograph picked, two refused")
         letters = _dead_letters(app.broker, MICS_DLQ)
         assert app.broker.depth(PICKS_DLQ) == 0
@@ -228,7 +183,7 @@ def test_dlq_list_without_limit_shows_the_default_100_over_rabbitmq(live: Live) 
         broker.declare()
         for i in range(101):
             broker.publish(
-                MICS_DLQ, _ready(live.dataset.micrographs[0]),
+                MICS_DLQ, ready(live.dataset.micrographs[0]),
                 headers={REASON_HEADER: f"poison number {i}", QUEUE_HEADER: topology.MICROGRAPHS},
             )
     finally:
@@ -263,16 +218,16 @@ def test_micrographs_above_the_pixel_limit_are_refused_before_reading(live: Live
     live.session_folder.mkdir(parents=True)
     large = live.session_folder / "large.mrc"  # 1024 x 768 = 786,432 px: above the limit set below
     write_mrc(large, np.random.default_rng(2).normal(size=(768, 1024)).astype(np.float32), pixel_size=2.0)
-    huge = _sparse_mrc(live.session_folder / "huge.mrc", 16384, 16384)  # 268 Mpx, 256 MB of hole
+    huge = sparse_mrc(live.session_folder / "huge.mrc", 16384, 16384)  # 268 Mpx, 256 MB of hole
     good = live.drop(4).resolve()
     with running(live, live.settings(max_micrograph_pixels=300_000), PIPELINE) as (app, control):
-        _train(live, control)
-        control.send(topology.MICROGRAPHS, _ready(good))
-        control.send(topology.MICROGRAPHS, _ready(large.resolve()))
+        train_first_model(live, control)
+        control.send(topology.MICROGRAPHS, ready(good))
+        control.send(topology.MICROGRAPHS, ready(large.resolve()))
         # the large one is refused, or picked where the limit is not honoured: either way the test goes on
         wait_until(lambda: _settled(app.broker, live, 2, 0) or _settled(app.broker, live, 1, 1), what="both handled")
         assert app.broker.depth(MICS_DLQ) == 1 and app.broker.depth(PICKS_DLQ) == 0
-        control.send(topology.MICROGRAPHS, _ready(huge.resolve()))
+        control.send(topology.MICROGRAPHS, ready(huge.resolve()))
         wait_until(lambda: app.broker.depth(MICS_DLQ) == 2, what="the huge micrograph refused")
         letters = app.broker.peek(MICS_DLQ)
     reasons = {decode(e.body).path: str(e.headers[REASON_HEADER]) for e in letters}  # type: ignore[attr-defined]

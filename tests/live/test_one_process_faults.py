@@ -42,6 +42,23 @@ def _project_line(text: str) -> str:
     return next(line for line in text.splitlines() if line.strip().startswith(f"{PROJECT}:"))
 
 
+def _interrupt(proc: subprocess.Popen[str]) -> str:
+    """Ctrl-C (SIGINT) a running command; it must exit 130 within ``INTERRUPT_WAIT``. Its stderr."""
+    if proc.poll() is not None:
+        pytest.fail(f"the command had already exited with {proc.returncode}: {proc.communicate()[1]}")
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        _out, err = proc.communicate(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"no exit within {STOP_TIMEOUT} s of Ctrl-C: {proc.communicate()[1]}")
+    took = time.monotonic() - t0
+    assert proc.returncode == 130, err
+    assert took < INTERRUPT_WAIT, f"Ctrl-C took {took:.1f} s\n{err}"
+    return err
+
+
 def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, tmp_path: Path) -> None:
     live = mem
     store = _slow_project(live)
@@ -84,16 +101,8 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
             return run.poll() is None and status.get("state") == "training" and status.get("trainer") != killed
 
         wait_until(training_again, what="training again in the new process")
-        run.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        _out, err = run.communicate(timeout=STOP_TIMEOUT)
-        took = time.monotonic() - t0
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 130, err
-    assert took < INTERRUPT_WAIT, f"Ctrl-C took {took:.1f} s\n{err}"
+        err = _interrupt(run)
     # one line about the interrupt, the log in its file, no traceback, no abort of native threads
     assert "interrupted: stopping" in err and "Traceback" not in err and "terminate called" not in err, err
     assert len(err.strip().splitlines()) <= 3, err
@@ -143,15 +152,7 @@ def test_ctrl_c_of_a_foreground_command_exits_130_with_one_line(mem: Live, comma
                 return False
 
         wait_until(training, what="the demo training")
-        proc.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
-        _stdout, err = proc.communicate(timeout=STOP_TIMEOUT)
-        took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, err
-    assert took < INTERRUPT_WAIT, f"Ctrl-C took {took:.1f} s\n{err}"
+        err = _interrupt(proc)
     assert "Traceback" not in err and "terminate called" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted", err

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pika
 import pytest
 import tifffile
 from PIL import Image
@@ -28,14 +27,21 @@ from cryomae.io import read_micrograph, write_mrc
 from cryomae.live import ops
 from cryomae.live.app import App
 from cryomae.live.control import Control
-from cryomae.messages import Message, MicrographReady, PicksReady, Rethreshold, SessionCommand, TrainRequest
+from cryomae.messages import Message, PicksReady, Rethreshold, SessionCommand, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.base import REASON_HEADER
 from cryomae.store.projects import ProjectStore
-from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
-from tests.messaging.conftest import AMQP_URL
-
-RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+from tests.live.conftest import (
+    PROJECT,
+    RABBIT,
+    SESSION,
+    Live,
+    publish_raw,
+    ready,
+    running,
+    train_first_model,
+    wait_until,
+)
 
 
 @dataclass(frozen=True)
@@ -63,31 +69,9 @@ def _now() -> float:
     return time.time()
 
 
-def _ready(path: str | Path, **changes: object) -> MicrographReady:
-    fields: dict[str, object] = {
-        "project": PROJECT, "session": SESSION, "path": str(path), "size": 1, "mtime": _now(), "complete_at": _now(),
-    }
-    fields.update(changes)
-    return MicrographReady(**fields)
-
-
 def _publish(ctx: Ctx, queue: str, message: Message) -> bytes:
     ctx.control.send(queue, message)
     return message.body()
-
-
-def _raw(ctx: Ctx, queue: str, body: bytes) -> bytes:
-    """Bytes straight to a queue, as a foreign or hostile producer might send them."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            "", f"{ctx.live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
-        )
-    finally:
-        connection.close()
-    return body
 
 
 def _fields(**changes: object) -> dict[str, object]:
@@ -104,7 +88,7 @@ def _file(ctx: Ctx, name: str, write: Callable[[Path], object]) -> bytes:
     """Write a bad file inside the data root and ask the picker for it."""
     path = ctx.folder / name
     write(path)
-    return _publish(ctx, topology.MICROGRAPHS, _ready(path))
+    return _publish(ctx, topology.MICROGRAPHS, ready(path))
 
 
 def _good_image(ctx: Ctx) -> np.ndarray:
@@ -146,7 +130,7 @@ def _symlink_out(ctx: Ctx) -> bytes:
     target.write_bytes(_mrc_bytes(ctx))
     link = ctx.folder / "link_out.mrc"
     link.symlink_to(target)
-    return _publish(ctx, topology.MICROGRAPHS, _ready(link))
+    return _publish(ctx, topology.MICROGRAPHS, ready(link))
 
 
 class _RefusedError(Exception):
@@ -209,25 +193,26 @@ CASES = [
     Case("a folder named .mrc", "dead", M, "not a regular file",
          lambda c: _file(c, "folder.mrc", lambda p: p.mkdir())),
     Case("missing file", "dead", M, "file not found",
-         lambda c: _publish(c, M, _ready(c.folder / "never_written.mrc"))),
+         lambda c: _publish(c, M, ready(c.folder / "never_written.mrc"))),
     Case("path outside the data roots", "dead", M, "outside the configured data roots",
-         lambda c: _publish(c, M, _ready(_outside_copy(c)))),
+         lambda c: _publish(c, M, ready(_outside_copy(c)))),
     Case("symlink out of the data roots", "dead", M, "outside the configured data roots", _symlink_out),
-    Case("relative path", "dead", M, "not absolute", lambda c: _publish(c, M, _ready("data/sess/mic.mrc"))),
+    Case("relative path", "dead", M, "not absolute", lambda c: _publish(c, M, ready("data/sess/mic.mrc"))),
     Case("/etc/shadow as a micrograph", "dead", M, "outside the configured data roots",
-         lambda c: _publish(c, M, _ready("/etc/shadow"))),
+         lambda c: _publish(c, M, ready("/etc/shadow"))),
     # ---------------------------------------------------------------------------------------- bad messages
-    Case("not JSON", "dead", M, "not JSON", lambda c: _raw(c, M, b"\x00\x01 not json {")),
-    Case("a JSON array", "dead", M, "expected a JSON object", lambda c: _raw(c, M, b"[1, 2, 3]")),
+    Case("not JSON", "dead", M, "not JSON", lambda c: publish_raw(c.live, M, b"\x00\x01 not json {")),
+    Case("a JSON array", "dead", M, "expected a JSON object", lambda c: publish_raw(c.live, M, b"[1, 2, 3]")),
     Case("unknown schema version", "dead", M, "schema_version 99",
-         lambda c: _raw(c, M, json.dumps(_fields(schema_version=99)).encode())),
-    Case("unknown kind", "dead", M, "invalid message", lambda c: _raw(c, M, json.dumps(_fields(kind="pwn")).encode())),
+         lambda c: publish_raw(c.live, M, json.dumps(_fields(schema_version=99)).encode())),
+    Case("unknown kind", "dead", M, "invalid message",
+         lambda c: publish_raw(c.live, M, json.dumps(_fields(kind="pwn")).encode())),
     Case("an extra field", "dead", M, "Extra inputs are not permitted",
-         lambda c: _raw(c, M, json.dumps(_fields(shell="rm -rf /")).encode())),
+         lambda c: publish_raw(c.live, M, json.dumps(_fields(shell="rm -rf /")).encode())),
     Case("a hostile project name", "dead", M, "project",
-         lambda c: _raw(c, M, json.dumps(_fields(project="../../etc")).encode())),
+         lambda c: publish_raw(c.live, M, json.dumps(_fields(project="../../etc")).encode())),
     Case("a 10 MB string", "dead", M, "exceeds the",
-         lambda c: _raw(c, M, json.dumps(_fields(path="/data/" + "x" * 10_000_000)).encode())),
+         lambda c: publish_raw(c.live, M, json.dumps(_fields(path="/data/" + "x" * 10_000_000)).encode())),
     Case("wrong kind for the queue", "dead", M, "is not micrograph_ready",
          lambda c: _publish(c, M, TrainRequest(project=PROJECT, exemplar_set="x"))),
     Case("picks naming /etc/shadow", "dead", P, "/etc/shadow",
@@ -237,7 +222,7 @@ CASES = [
     Case("picks of an unknown model version", "dead", P, "v9999",
          lambda c: _publish(c, P, _picks(c, model_version="v9999-forged"))),
     Case("picks with mismatched lengths", "dead", P, "differ in length",
-         lambda c: _raw(c, P, _picks(c).body().replace(b'"x":[10.0]', b'"x":[10.0,11.0]'))),
+         lambda c: publish_raw(c.live, P, _picks(c).body().replace(b'"x":[10.0]', b'"x":[10.0,11.0]'))),
     Case("training of an unknown exemplar set", "dead", T, "no exemplar set",
          lambda c: _publish(c, T, TrainRequest(project=PROJECT, exemplar_set="20200101T000000Z-ffffff"))),
     Case("training of an unknown project", "dead", T, "no project 'ghost'",
@@ -289,8 +274,6 @@ def _more_letters(app: App, queue: str, letters: int) -> Callable[[], bool]:
 
 @pytest.mark.parametrize("transport", RABBIT)
 def test_every_kind_of_bad_input_ends_dead_lettered_picked_or_refused(live: Live) -> None:
-    from tests.live.test_resilience import _train
-
     live.create_project()
     live.session_folder.mkdir(parents=True)
     outside = live.root / "outside"
@@ -298,7 +281,7 @@ def test_every_kind_of_bad_input_ends_dead_lettered_picked_or_refused(live: Live
     folder = live.data / "poison"
     folder.mkdir(parents=True)
     with running(live, live.settings()) as (app, control):
-        version = _train(live, control)
+        version = train_first_model(live, control)
         ctx = Ctx(live, app, control, folder, outside, version)
         outcomes: dict[str, str] = {}
         for case in CASES:
@@ -330,11 +313,11 @@ def test_every_kind_of_bad_input_ends_dead_lettered_picked_or_refused(live: Live
             app.check()  # every service still running
         assert outcomes == {c.name: c.outcome for c in CASES}
         # still healthy: every readiness check holds and a good micrograph sent last is picked
-        ready = app.ready()
-        assert all(all(v for v in checks.values()) for checks in ready.values()), ready
+        health = app.ready()
+        assert all(all(v for v in checks.values()) for checks in health.values()), health
         last = live.drop(5).resolve()
         picked = live.picked()
-        control.send(topology.MICROGRAPHS, _ready(last, size=last.stat().st_size, mtime=last.stat().st_mtime))
+        control.send(topology.MICROGRAPHS, ready(last))
         wait_until(lambda: live.picked() == picked + 1, what="the good micrograph sent last")
         # nothing was written for the unknown project or the forged session
         assert not (live.root / "outputs" / "ghost").exists()

@@ -18,49 +18,40 @@ import collections
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pika
 import pytest
 import starfile
 
 from cryomae.io import write_mrc
 from cryomae.live import ops
 from cryomae.live.app import App
-from cryomae.live.control import Control
-from cryomae.messages import MicrographReady
 from cryomae.messaging import Broker, topology
 from cryomae.messaging.rabbit import RabbitBroker
-from cryomae.store.projects import ProjectStore
-from tests.live.conftest import PROJECT, SESSION, Live, control_for, running, wait_until
+from tests.live.conftest import (
+    CRYOMAE,
+    PROJECT,
+    RABBIT,
+    SESSION,
+    Live,
+    control_for,
+    publish_raw,
+    ready,
+    running,
+    train_first_model,
+    wait_until,
+)
 from tests.messaging.conftest import AMQP_URL
 
-RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
 STREAM = 20  # micrographs per stream
 STOP_TIMEOUT = 60.0  # seconds a service process may take to exit after SIGTERM
-_SCRIPT = Path(sys.executable).with_name("cryomae")
-CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _train(live: Live, control: Control) -> str:
-    """Register exemplars and request training from the running trainer; the new current version."""
-    settings = live.settings()
-    store = ProjectStore(settings.store)
-    exemplars = live.dataset.exemplars(live.root / "exemplars.star")
-    ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
-    wait_until(lambda: store.current_version(PROJECT) is not None, what="the project's first model")
-    version = store.current_version(PROJECT)
-    assert version is not None
-    return version
 
 
 def _dead_letter_depths(broker: Broker) -> dict[str, int]:
@@ -101,14 +92,6 @@ def _assert_exactly_once(live: Live, expected: set[str]) -> int:
 def _stage(live: Live, indices: Sequence[int]) -> list[Path]:
     """Micrographs copied into the session folder (nothing watches it), resolved as the picker names them."""
     return [live.drop(i).resolve() for i in indices]
-
-
-def _ready(path: Path) -> MicrographReady:
-    stat = path.stat()
-    return MicrographReady(
-        project=PROJECT, session=SESSION, path=str(path), size=stat.st_size, mtime=stat.st_mtime,
-        complete_at=time.time(),
-    )
 
 
 class Service:
@@ -188,19 +171,6 @@ def rabbitmqctl(*args: str) -> str:
     return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
-def _publish_raw(live: Live, queue: str, body: bytes) -> None:
-    """Bytes that are not a message, straight to a RabbitMQ queue, persistent, as a foreign producer might."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            "", f"{live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
-        )
-    finally:
-        connection.close()
-
-
 # ------------------------------------------------------------------------------------------------ crash safety
 
 
@@ -213,7 +183,7 @@ def test_picker_and_writer_killed_mid_stream_lose_and_duplicate_nothing(live: Li
     trainer = App(settings, ["trainer"])
     trainer.start()
     try:
-        _train(live, control_for(live, trainer.broker))
+        train_first_model(live, control_for(live, trainer.broker))
     finally:
         trainer.stop()
 
@@ -223,7 +193,7 @@ def test_picker_and_writer_killed_mid_stream_lose_and_duplicate_nothing(live: Li
     try:
         broker.declare()
         for path in micrographs:
-            broker.publish(topology.MICROGRAPHS, _ready(path))
+            broker.publish(topology.MICROGRAPHS, ready(path))
         with _reaped() as started:
             first = [Service(live, "writer", "first"), Service(live, "picker", "first")]
             started += first
@@ -283,24 +253,24 @@ def test_poison_micrographs_are_dead_lettered_with_reasons_and_the_pipeline_goes
     good = _stage(live, [2, 3])
 
     with running(live, settings) as (app, control):
-        _train(live, control)
+        train_first_model(live, control)
         dlq = topology.dead_letters(topology.MICROGRAPHS)
         # the one to be fixed goes first, alone: it stays the first dead letter whatever the order of the others
-        control.send(topology.MICROGRAPHS, _ready(truncated))
+        control.send(topology.MICROGRAPHS, ready(truncated))
         wait_until(lambda: app.broker.depth(dlq) == 1, what="the truncated micrograph dead-lettered")
         first = ops.dlq_list(control, topology.MICROGRAPHS, 100)
         assert (first["queue"], first["running"], first["depth"], len(first["messages"])) == (dlq, True, 1, 1)
         wait_until(lambda: app.broker.depth(dlq) == 1, what="the listed dead letter back in its queue")
         for path in (not_mrc, nan, outside):
-            control.send(topology.MICROGRAPHS, _ready(path))
+            control.send(topology.MICROGRAPHS, ready(path))
         poison = 4
         if live.transport == "rabbitmq":
             # a body that is no message at all; the in-memory broker only carries Message objects, and the
             # one-process inbox refuses such a request before it reaches a queue, so this case is RabbitMQ's
-            _publish_raw(live, topology.MICROGRAPHS, b"\x00\x01 not json {")
+            publish_raw(live, topology.MICROGRAPHS, b"\x00\x01 not json {")
             poison += 1
         for path in good:
-            control.send(topology.MICROGRAPHS, _ready(path))
+            control.send(topology.MICROGRAPHS, ready(path))
         wait_until(lambda: live.picked() == len(good), what="the good micrographs sent after the poison picked")
         wait_until(lambda: app.broker.depth(dlq) == poison, what=f"{poison} dead letters")
 
@@ -351,7 +321,7 @@ def test_session_finishes_exactly_once_across_a_broker_restart(live: Live) -> No
     live.create_project()
     settings = live.settings()
     with running(live, settings) as (app, control):
-        _train(live, control)
+        train_first_model(live, control)
         live.session_folder.mkdir(parents=True)
         ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
         half = STREAM // 2

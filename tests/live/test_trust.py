@@ -19,47 +19,43 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import pika
 import pytest
 import torch
 
 from cryomae.errors import InputError
 from cryomae.live import ops
 from cryomae.live.control import Control
-from cryomae.messages import MicrographReady, PicksReady, Rethreshold, TrainRequest
+from cryomae.messages import PicksReady, Rethreshold, TrainRequest
 from cryomae.messaging import topology
 from cryomae.model.checkpoint import MANIFEST, save_model
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import PRESETS
 from cryomae.preprocess import Geometry
 from cryomae.store.projects import ProjectStore
-from tests.live.conftest import DIAMETER, PROJECT, SESSION, Live, running, wait_until
-from tests.messaging.conftest import AMQP_URL
+from tests.live.conftest import (
+    CLI_TIMEOUT,
+    CRYOMAE,
+    DIAMETER,
+    MICS_DLQ,
+    PICKS_DLQ,
+    PROJECT,
+    RABBIT,
+    SESSION,
+    Live,
+    publish_raw,
+    ready,
+    running,
+    wait_until,
+)
 
-RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
-PIPELINE = ["writer", "trainer", "picker"]  # no watcher: the tests send the micrograph messages themselves
-CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch)
-_SCRIPT = Path(sys.executable).with_name("cryomae")
-CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
-MICS_DLQ = topology.dead_letters(topology.MICROGRAPHS)
-PICKS_DLQ = topology.dead_letters(topology.PICKS)
 TRAINING_DLQ = topology.dead_letters(topology.TRAINING)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _ready(path: Path) -> MicrographReady:
-    stat = path.stat()
-    return MicrographReady(
-        project=PROJECT, session=SESSION, path=str(path), size=stat.st_size, mtime=stat.st_mtime,
-        complete_at=time.time(),
-    )
 
 
 def _reasons(control: Control, queue: str) -> list[dict[str, object]]:
@@ -75,19 +71,6 @@ def _outside(live: Live, index: int = 0) -> Path:
     target.parent.mkdir(exist_ok=True)
     shutil.copyfile(live.dataset.micrographs[index], target)
     return target
-
-
-def _publish_raw(live: Live, queue: str, body: bytes) -> None:
-    """Bytes straight to a RabbitMQ queue, persistent, as a foreign producer might send them."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            "", f"{live.namespace}.{queue}", body, pika.BasicProperties(delivery_mode=2), mandatory=True
-        )
-    finally:
-        connection.close()
 
 
 # ------------------------------------------------------------------------------------------------ item 13
@@ -114,7 +97,7 @@ def test_a_changed_manifest_is_refused_by_the_picker_with_a_clear_reason(live: L
 
     with running(live, settings, ["writer", "picker"]) as (app, control):
         assert app.ready()["picker"]["models_loaded"] is False, "a picker whose model is refused is not ready"
-        control.send(topology.MICROGRAPHS, _ready(micrograph))
+        control.send(topology.MICROGRAPHS, ready(micrograph))
         wait_until(lambda: app.broker.depth(MICS_DLQ) == 1, what="the micrograph dead-lettered")
         (row,) = _reasons(control, topology.MICROGRAPHS)
         reason = str(row["reason"])
@@ -254,7 +237,7 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
         expected = len(poison)
         if live.transport == "rabbitmq":
             # a name that would be a path: refused when the body is decoded, before any folder is made
-            _publish_raw(live, topology.PICKS, _raw_picks(str(good), version, "../escape"))
+            publish_raw(live, topology.PICKS, _raw_picks(str(good), version, "../escape"))
             expected += 1
         control.send(topology.PICKS, _picks(str(good), version))
         index = outputs / PROJECT / SESSION / "autopick.star"
