@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
         assert "trainer: running (" in status and "training" in _project_line(status), status
         assert first.kill9() == -signal.SIGKILL
     assert store.current_version(PROJECT) is None
+    killed = (store.training_status(PROJECT) or {}).get("trainer")  # the killed process's trainer
+    assert killed is not None
 
     # nothing runs: status says the training request waits and that no trainer runs (not "training" forever)
     text = ok(cli(live, "status")).stdout
@@ -94,7 +97,6 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
     try:
         wait_until(lambda: run.poll() is None and log_file.is_file() and '"journal_restored"' in log_file.read_text(),
                    what="the journaled training request restored")
-        killed = (store.training_status(PROJECT) or {}).get("trainer")
 
         def training_again() -> bool:
             status = store.training_status(PROJECT) or {}
@@ -118,11 +120,15 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
     record["train_overrides"] = dict(TINY_TRAINING)
     project_file.write_text(json.dumps(record))
 
-    # 3. a second `cryomae run` on the same state folder is told the real reason, not a busy metrics port
+    # 3. a second `cryomae run` on the same state folder and metrics port is told the real reason first
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    live.extra_env["CRYOMAE_METRICS_PORT"] = str(port)
     with service(live, "run", log_name="run-3") as third:
         wait_until(alive_while([third], lambda: store.current_version(PROJECT) is not None),
                    what="the model trained after two interruptions", timeout=300.0)
-        second = cli(live, "run", env={"CRYOMAE_METRICS_PORT": "9400"})
+        second = cli(live, "run")
         assert second.returncode == 2, second.stderr
         assert "in use by another" in second.stderr and "metrics" not in second.stderr, second.stderr
         wait_until(alive_while([third], lambda: _training_state(store) == "done"), what="training done")

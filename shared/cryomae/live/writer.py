@@ -4,8 +4,8 @@ The picks queue has a single active consumer, so one writer writes a session at 
 replicas. One ``SessionOutputs`` per session stays open (opening one checks its particles STAR in full).
 
 The writer trusts no message: before it creates anything it checks that the project exists in the project store,
-that the picks come from one of the project's published model versions, that the micrograph (resolved, so a
-symlink is followed) is an existing regular file inside the data roots, and that the names are valid; a
+that the picks come from one of the project's published model versions, and that the micrograph (resolved, so a
+symlink is followed) is an existing regular file inside the data roots (the names were checked at decoding); a
 re-threshold needs the session's outputs to exist. What fails is dead-lettered (InputError) with the reason.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from cryomae.errors import InputError
 from cryomae.live import metrics
 from cryomae.live.common import get_logger, handling, inside_roots
-from cryomae.messages import PicksReady, Rethreshold, valid_name
+from cryomae.messages import PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.store.outputs import SessionOutputs
@@ -51,9 +51,7 @@ class Writer:
     def check(self, msg: PicksReady | Rethreshold) -> None:
         """Refuse a message that names what does not exist or lies outside the data roots (InputError, so the
         broker dead-letters it with the reason), before any folder or file is created for it."""
-        for value, what in ((msg.project, "project"), (msg.session, "session")):
-            if not valid_name(value):
-                raise InputError(None, f"invalid {what} name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        # project and session names were checked when the message was decoded (``messages.Name``)
         if isinstance(msg, Rethreshold):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
             folder = self.outputs / msg.project / msg.session
