@@ -321,6 +321,7 @@ def run_cryomae(
     for rec in per_mic:
         rec["score"] = at_threshold.per_micrograph[Path(rec["micrograph"]).stem].to_dict()
     pooled = at_threshold.pooled
+    count_errors = [abs(r["n_picks"] - r["n_truth"]) / max(r["n_truth"], 1) for r in per_mic]
     row = Row.scored(
         f"cryomae {preset}",
         pooled,
@@ -336,6 +337,19 @@ def run_cryomae(
             "device": info.get("provenance", {}).get("device"),
             "ap_of_picks_at_threshold": at_threshold.average_precision,
             "n_candidates": sum(len(s) for _, s in candidates.values()),
+            # the fraction of true particles that some candidate matches (scoring rule, before any cutoff):
+            # no cutoff can find the others
+            "candidate_recall": all_candidates.pooled.recall,
+            # how far the automatic cutoff's pick count is from the truth, per micrograph
+            "count_error": {
+                "median": float(np.median(count_errors)),
+                "min": float(np.min(count_errors)),
+                "max": float(np.max(count_errors)),
+                "picks_min": min(r["n_picks"] for r in per_mic),
+                "picks_max": max(r["n_picks"] for r in per_mic),
+                "truth_min": min(r["n_truth"] for r in per_mic),
+                "truth_max": max(r["n_truth"] for r in per_mic),
+            },
             "pick_s_median": float(np.median(seconds)),
         },
         per_micrograph=per_mic,
@@ -564,6 +578,16 @@ def markdown_report(meta: dict[str, Any], results: list[DatasetResult], complete
                     f"Oracle for {r.picker} (uses the ground truth): threshold {r.oracle['threshold']:.4f} gives "
                     f"precision {r.oracle['precision']:.3f}, recall {r.oracle['recall']:.3f}, "
                     f"F1 {r.oracle['f1']:.3f}."
+                )
+            recall = r.details.get("candidate_recall")
+            counts = r.details.get("count_error")
+            if recall is not None and counts is not None:
+                lines.append("")
+                lines.append(
+                    f"{r.picker} candidates: recall {recall:.3f} (true particles that some candidate matches, before "
+                    f"any cutoff). Picks per micrograph {counts['picks_min']}-{counts['picks_max']} against "
+                    f"{counts['truth_min']}-{counts['truth_max']} true: |picks - truth| / truth median "
+                    f"{counts['median']:.2f} (range {counts['min']:.2f}-{counts['max']:.2f})."
                 )
             peaks = r.details.get("all_peaks")
             if peaks:

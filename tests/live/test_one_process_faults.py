@@ -85,6 +85,9 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
     line = _project_line(text)
     assert "training request queued" in line and "trained again when a trainer runs" in line, text
     assert "trainer: not running" in text, text
+    # and where it looked: the state folder of its settings, and how to reach the running process
+    assert f"no `cryomae run` process uses the state folder {live.root / 'state'}" in text, text
+    assert "run operator commands where `cryomae run` runs" in text, text
     data = ok_json(cli(live, "status", "--json"))
     assert data["running"] is False and not any(t["alive"] for t in data["trainers"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -103,6 +104,19 @@ def bind(log: Any, message: Message, queue: str | None = None) -> Any:
         if hasattr(message, key):
             ctx[key] = getattr(message, key)
     return log.bind(**ctx)
+
+
+def pid_running(pid: Any) -> bool:
+    """Whether a process of this machine runs with that pid; True when it cannot tell (no pid, another user's)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def get_logger(name: str) -> Any:

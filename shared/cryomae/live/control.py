@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from cryomae.errors import InputError, TransientError
+from cryomae.live.common import pid_running
 from cryomae.messages import Message, decode
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Envelope
@@ -141,6 +142,8 @@ class SpoolControl(Control):
         except (OSError, json.JSONDecodeError):
             return None
         if time.time() - float(data.get("written", 0)) > STALE_SNAPSHOT_S:
+            return None
+        if not pid_running(data.get("pid")):  # killed since it wrote it (the state folder is on this machine's disk)
             return None
         return data
 

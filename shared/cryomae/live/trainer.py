@@ -30,7 +30,7 @@ from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling
+from cryomae.live.common import get_logger, handling, pid_running
 from cryomae.messages import ModelPublished, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -64,15 +64,9 @@ def trainer_liveness(store_root: Path, now: float | None = None) -> list[dict[st
 
 def _gone(heartbeat: dict[str, Any]) -> bool:
     """Whether a heartbeat's process is known to have ended (it ran on this host and its pid is gone)."""
-    if heartbeat.get("host") != socket.gethostname() or not isinstance(heartbeat.get("pid"), int):
+    if heartbeat.get("host") != socket.gethostname():
         return False  # another host (a pod): only the heartbeat's age tells
-    try:
-        os.kill(heartbeat["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, but another user's
-        return False
-    return False
+    return not pid_running(heartbeat.get("pid"))
 
 
 class Trainer:
