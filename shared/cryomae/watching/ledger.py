@@ -28,6 +28,8 @@ import fcntl
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,20 +259,33 @@ class Ledger:
         return [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
 
 
-def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, str], Summary]]:
-    """The watched sessions and every session's publication counts, read without taking the lock (for
-    ``cryomae status`` in another process while the watcher runs); empty when there is no ledger yet or its
-    schema is still being written."""
+@contextmanager
+def _reading(state_dir: Path) -> Iterator[tuple[sqlite3.Connection | None, int]]:
+    """The ledger opened read-only, without the lock, with its schema version; (None, 0) when there is none.
+    An SQLite error inside the block is an InputError naming the file."""
     path = state_dir / DATABASE
     if not path.is_file():
-        return [], {}
+        yield None, 0
+        return
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
     except sqlite3.Error as exc:
         raise InputError(path, f"cannot read the watcher state database ({exc})") from None
     try:
-        if db.execute("PRAGMA user_version").fetchone()[0] == 0:
-            return [], {}  # the watcher has created the file and not yet committed its schema
+        yield db, int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
+    finally:
+        db.close()
+
+
+def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, str], Summary]]:
+    """The watched sessions and every session's publication counts, read without taking the lock (for
+    ``cryomae status`` in another process while the watcher runs); empty when there is no ledger yet or its
+    schema is still being written."""
+    with _reading(state_dir) as (db, version):
+        if db is None or version == 0:  # no ledger, or its schema not yet committed by the watcher
+            return [], {}
         rows = db.execute(
             "SELECT project, session, folder, pattern, recursive, started_at FROM sessions ORDER BY started_at"
         ).fetchall()
@@ -278,10 +293,6 @@ def read_ledger(state_dir: Path) -> tuple[list[SessionRecord], dict[tuple[str, s
             "SELECT project, session, COUNT(*), COALESCE(SUM(1 - complete), 0), MAX(published_at) FROM published "
             "GROUP BY project, session"
         ).fetchall()
-    except sqlite3.Error as exc:
-        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
-    finally:
-        db.close()
     sessions = [SessionRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
     return sessions, {(c[0], c[1]): Summary(int(c[2]), int(c[3]), c[4]) for c in counts}
 
@@ -290,23 +301,12 @@ def read_incomplete(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFil
     """The files each session's watcher keeps waiting as incomplete, by (project, session), each list by path;
     read without the lock, like ``read_ledger``. Empty when there is no ledger, its schema is not yet written, or
     it predates the list (schema 1: a watcher of an older version is running)."""
-    path = state_dir / DATABASE
-    if not path.is_file():
-        return {}
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
-    except sqlite3.Error as exc:
-        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
-    try:
-        if db.execute("PRAGMA user_version").fetchone()[0] < 2:
+    with _reading(state_dir) as (db, version):
+        if db is None or version < 2:
             return {}
         rows = db.execute(
             "SELECT project, session, path, since, problem FROM incomplete ORDER BY project, session, path"
         ).fetchall()
-    except sqlite3.Error as exc:
-        raise InputError(path, f"cannot read the watcher state database ({exc})") from None
-    finally:
-        db.close()
     listed: dict[tuple[str, str], list[IncompleteFile]] = {}
     for project, session, file, since, problem in rows:
         listed.setdefault((project, session), []).append(IncompleteFile(file, since, problem))
