@@ -18,7 +18,7 @@ def test_demo_plays_a_session_and_reports_latency_throughput_and_f1(tmp_path: Pa
     out = tmp_path / "demo"
     lines: list[str] = []
     # the tiny model, trained for a few seconds: long enough for the progress display to show it training
-    tiny = {**{k: v for k, v in TINY_TRAINING.items() if k != "preset"}, "pretrain_epochs": 40}
+    tiny = {**{k: v for k, v in TINY_TRAINING.items() if k != "preset"}, "pretrain_epochs": 80}
     opts = DemoOptions(
         out=out,
         source="synthetic",
