@@ -55,8 +55,8 @@ def _served(settings: Settings) -> Iterator[App]:
     assert codes == [0]
 
 
-@pytest.mark.parametrize("transport", ["memory"])
 def test_cryomae_run_serves_metrics_on_localhost_only_by_default(live: Live) -> None:
+    """Both transports: the one-process mode and the services over the real RabbitMQ (``transport`` fixture)."""
     settings = live.settings(metrics_port=0)  # any free port; the address is the default one
     assert "metrics_host" not in settings.model_fields_set
     with _served(settings) as app:
