@@ -22,6 +22,10 @@ class InputError(CryomaeError):
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
 
+    def located(self, path: str | Path) -> InputError:
+        """This error, naming ``path`` when it names no file yet (a library error whose caller knows the file)."""
+        return self if self.path is not None else InputError(path, self.problem)
+
 
 class ConfigError(CryomaeError):
     """An invalid combination of settings or options."""

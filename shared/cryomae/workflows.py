@@ -108,7 +108,7 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
         try:
             result = pick_micrograph(trained, mic.data, cfg)
         except InputError as exc:  # smaller than one picking window
-            problem = str(InputError(path, exc.problem) if exc.path is None else exc)
+            problem = str(exc.located(path))
             log.error("micrograph_unpickable", micrograph=str(path), error=problem)
             failed.append({"micrograph": str(path), "error": problem})
             continue

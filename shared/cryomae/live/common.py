@@ -1,13 +1,13 @@
-"""What every handler shares: decoding with a clear reason, the data-root check, one log line per message."""
+"""What every handler shares: decoding with a clear reason, one log line per message (the data-root rule is in
+``cryomae.io.roots``)."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -28,17 +28,6 @@ def expect(env: Envelope, kinds: tuple[type[M], ...]) -> M:
         names = ", ".join(k.model_fields["kind"].default for k in kinds)
         raise InputError(None, f"message on {env.queue}: kind {getattr(message, 'kind', '?')!r} is not {names}")
     return message
-
-
-def inside_roots(path: str, roots: Sequence[Path]) -> Path:
-    """The resolved path, if it lies under one of the data roots; InputError naming it otherwise."""
-    p = Path(path)
-    if not p.is_absolute():
-        raise InputError(path, "micrograph path is not absolute")
-    resolved = p.resolve()
-    if not any(resolved.is_relative_to(r) for r in roots):
-        raise InputError(path, f"outside the configured data roots ({', '.join(str(r) for r in roots)})")
-    return resolved
 
 
 def outcome_of(exc: BaseException | None, delivery_count: int = 0) -> str:

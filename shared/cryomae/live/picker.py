@@ -22,8 +22,9 @@ from cryomae.device import resolve_device
 from cryomae.errors import CryomaeError, InputError
 from cryomae.io import read_micrograph
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
+from cryomae.io.roots import inside_roots
 from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling, inside_roots
+from cryomae.live.common import get_logger, handling
 from cryomae.messages import MicrographReady, ModelPublished, PicksReady
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -94,7 +95,7 @@ class Picker:
         try:
             result = pick_micrograph(trained, image.data, self.cfg, self.device)
         except InputError as exc:  # smaller than one window: name the file
-            raise (InputError(path, exc.problem) if exc.path is None else exc) from None
+            raise exc.located(path) from None
         xy = result.candidates_xy
         # no candidate (all too near the edges): the cutoff is infinite, which JSON cannot carry; any selects none
         threshold = result.threshold if math.isfinite(result.threshold) else NO_CANDIDATES_THRESHOLD

@@ -28,7 +28,7 @@ from typing import Any
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
-from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, atomic_output
 from cryomae.live import metrics
 from cryomae.live.common import get_logger, handling, pid_running
 from cryomae.messages import ModelPublished, TrainRequest
@@ -198,9 +198,8 @@ class Trainer:
         data = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **self._in_hand}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:
+                tmp.write_text(json.dumps(data))
         except OSError as exc:  # a full or read-only store must not stop the trainer; status then says unknown
             log.warning("heartbeat_failed", file=str(path), error=str(exc))
 

@@ -11,15 +11,15 @@ re-threshold needs the session's outputs to exist. What fails is dead-lettered (
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryomae.errors import InputError
+from cryomae.io.roots import inside_roots
 from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling, inside_roots
+from cryomae.live.common import get_logger, handling
 from cryomae.messages import PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
@@ -69,13 +69,7 @@ class Writer:
                 f"{source}: model version {msg.model_version!r} is not a published version of project "
                 f"{msg.project!r} (in {self.store.root})",
             )
-        try:
-            path = inside_roots(msg.micrograph, self.roots)
-        except InputError as e:
-            given = Path(msg.micrograph)
-            moved = given.is_absolute() and given.resolve() != Path(os.path.normpath(given))  # a symlink
-            via = f" (it resolves to {given.resolve()})" if moved else ""
-            raise InputError(given, f"{e.problem}{via}; picks are written only for micrographs under them") from None
+        path = inside_roots(msg.micrograph, self.roots, "; picks are written only for micrographs under them")
         if not path.exists():
             raise InputError(msg.micrograph, "the micrograph does not exist (nothing to write picks for)")
         if not path.is_file():

@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -31,7 +30,7 @@ from typing import Any
 import structlog
 
 from cryomae.errors import ConfigError
-from cryomae.io.micrographs import fsync_path
+from cryomae.io.micrographs import atomic_output, fsync_path
 
 log = structlog.get_logger("cryomae.messaging")
 
@@ -124,14 +123,10 @@ class Journal:
         folder.mkdir(exist_ok=True)
         sequence, self._next = self._next, self._next + 1
         path = folder / f"{sequence:020d}.{deliveries}{SUFFIX}"
-        tmp = folder / f".{uuid.uuid4().hex}.tmp"
         record = {"body": base64.b64encode(body).decode(), "headers": _encode(headers)}
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(folder)
+        with atomic_output(path) as tmp:  # written, fsynced, renamed
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+        fsync_path(folder)  # the rename itself survives a machine crash
         return path
 
     @staticmethod

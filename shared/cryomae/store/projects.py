@@ -48,6 +48,7 @@ from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
 from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, atomic_output, read_micrograph
+from cryomae.io.roots import inside_roots
 from cryomae.messages import valid_name
 from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
 
@@ -556,18 +557,10 @@ class ProjectStore:
 
 
 def _inside_data_roots(micrograph: Path, roots: Sequence[Path]) -> Path:
-    """The resolved path of an exemplar micrograph, if it lies under a data root; InputError naming it otherwise
-    (the rule the picker applies to micrographs, ``cryomae.live.common.inside_roots``)."""
-    from cryomae.live.common import inside_roots  # imported here: the store itself needs no broker
-
-    try:
-        return inside_roots(str(micrograph), [Path(r).resolve() for r in roots])
-    except InputError as e:
-        resolved = micrograph.resolve()
-        via = f" (it resolves to {resolved})" if resolved != Path(os.path.normpath(micrograph)) else ""
-        raise InputError(
-            micrograph, f"{e.problem}{via}; the trainer reads exemplar micrographs only under the data roots"
-        ) from None
+    """The resolved path of an exemplar micrograph, if it lies under a data root (the picker's rule)."""
+    resolved_roots = [Path(r).resolve() for r in roots]
+    why = "; the trainer reads exemplar micrographs only under the data roots"
+    return inside_roots(micrograph, resolved_roots, why)
 
 
 def _verify_complete(model_dir: Path) -> None:
