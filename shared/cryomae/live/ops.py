@@ -208,10 +208,12 @@ def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any
     return f"training {state}"
 
 
-def status_projects(settings: Settings, depths: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def status_projects(
+    settings: Settings, depths: dict[str, int] | None = None, trainers: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Every project with its model versions, training state and micrographs waiting for a first model."""
     store = ProjectStore(settings.store)
-    trainers = trainer_liveness(settings.store)
+    trainers = trainer_liveness(settings.store) if trainers is None else trainers
     queued = None if depths is None else depths.get(topology.TRAINING, 0)
     return [
         {
@@ -230,7 +232,8 @@ def status_projects(settings: Settings, depths: dict[str, int] | None = None) ->
 def status(settings: Settings, control: Control) -> dict[str, Any]:
     """Queue depths, projects with their model versions and training state, and per-session counts."""
     depths = control.depths()
-    projects = status_projects(settings, depths)
+    trainers = trainer_liveness(settings.store)
+    projects = status_projects(settings, depths, trainers)
     watched, summaries = read_ledger(settings.state / WATCHER_STATE)
     folders = {(r.project, r.session): str(r.folder) for r in watched}
     incomplete = read_incomplete(settings.state / WATCHER_STATE)  # files waiting, may still grow (or give up)
@@ -275,7 +278,7 @@ def status(settings: Settings, control: Control) -> dict[str, Any]:
         "queues": depths,
         "state": str(settings.state.resolve()),
         "store": str(settings.store.resolve()),
-        "trainers": trainer_liveness(settings.store),
+        "trainers": trainers,
         "projects": projects,
         "sessions": sessions,
     }
