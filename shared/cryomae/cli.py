@@ -398,8 +398,7 @@ def _add_live_parsers(sub: Any) -> None:
         "--log-file",
         type=Path,
         metavar="FILE",
-        help="write the log to FILE (appended, rotated at 50 MB, 5 kept) instead of the terminal "
-        "(or CRYOMAE_LOG_FILE)",
+        help="write the log to FILE (appended, rotated at 50 MB, 5 kept) instead of the terminal (or CRYOMAE_LOG_FILE)",
     )
     r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     r.set_defaults(func=cmd_run)

@@ -98,19 +98,24 @@ class PickConfig(BaseModel):
     gmm_min_weight: float = Field(
         0.05, ge=0.0, lt=1.0, description="auto: least share of candidates in the particle mode to trust it"
     )
-    robust_z: float = Field(
-        1.5, description="robust cut: robust standard deviations above the median candidate score"
+    gmm_max_weight: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="auto: most share of candidates in the particle mode to trust it (particles are a minority "
+        "of the candidates; a larger upper mode is background split in two, e.g. by carbon or thick ice)",
     )
+    robust_z: float = Field(1.25, description="robust cut: robust standard deviations above the median candidate score")
     knn_k: int = Field(5, ge=1)
     knn_smooth: int = Field(0, ge=0)
     nms: bool = True
-    nms_distance: float = Field(0.5, gt=0.0, description="minimum distance between picks / particle diameter")
+    nms_distance: float = Field(0.4, gt=0.0, description="minimum distance between picks / particle diameter")
     refine: bool = True
     edge_margin: float = Field(
-        1.0,
+        0.5,
         ge=0.0,
-        description="no picks closer than this many particle diameters to the image edge or to a "
-        "padded border band (a particle that close cannot be extracted whole)",
+        description="no picks closer than this many particle diameters to the image edge or to a padded border "
+        "band (0.5: the whole particle lies inside the micrograph; extraction drops boxes that overflow it)",
     )
     outlier_z: float | None = Field(
         3.0,

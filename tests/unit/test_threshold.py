@@ -240,9 +240,31 @@ def test_auto_cutoff_falls_back_when_the_mixture_does_not_describe_particles():
         assert mix.separation < 1.5 or mix.weights[1] < 0.05
         cut, rule = auto_cutoff(s)
         assert rule == "robust"
-        assert cut == pytest.approx(robust_cutoff(s, 1.5))
+        assert cut == pytest.approx(robust_cutoff(s, 1.25))
         auto_f1.append(f1(cut, s))
         gmm_f1.append(f1(gmm_cutoff(s, 0.35), s))
     assert min(auto_f1) > 0.6
     assert all(a > g for a, g in zip(auto_f1, gmm_f1, strict=True))
     assert sum(auto_f1) > 1.5 * sum(gmm_f1)
+
+
+def test_auto_cutoff_distrusts_an_upper_mode_that_holds_most_candidates():
+    """Background split in two (a low tail of 300 carbon-like candidates far below 600 ordinary ones) plus 100
+    particles: the two-Gaussian fit spends its lower mode on the tail and puts the ordinary background and the
+    particles together in its upper mode, whose cut keeps the whole background. Particles are a minority of the
+    candidates, so auto refuses an upper mode holding more than half of them and cuts by the robust rule."""
+    from cryomae.picking.threshold import auto_cutoff, fit_mixture, gmm_cutoff, robust_cutoff
+
+    for seed in (3, 4, 5):
+        rng = np.random.default_rng(seed)
+        s = np.concatenate([rng.normal(-2.0, 0.15, 300), rng.normal(0.0, 0.1, 600), rng.normal(0.4, 0.05, 100)])
+        mix = fit_mixture(s)
+        assert mix.weights[1] > 0.5 and mix.separation >= 1.5
+        assert np.sum(s[:900] >= gmm_cutoff(s, 0.35)) > 500  # the mixture's own cut keeps the background
+        cut, rule = auto_cutoff(s)
+        assert rule == "robust"
+        assert cut == pytest.approx(robust_cutoff(s, 1.25))
+        kept = s >= cut
+        assert kept[900:].mean() > 0.9 and kept[:900].sum() < 20
+        cut_trusting, rule_trusting = auto_cutoff(s, max_weight=1.0)
+        assert rule_trusting == "gmm" and cut_trusting == pytest.approx(gmm_cutoff(s, 0.35))

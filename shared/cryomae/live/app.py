@@ -121,9 +121,7 @@ class App:
         if broker is None and settings.broker.url.startswith("memory"):
             # one process: the queues are journaled in the state folder (its lock keeps a second process off)
             broker = MemoryBroker(settings.broker.namespace, Journal(settings.state / QUEUES_JOURNAL))
-        self.broker = broker or open_broker(
-            settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat
-        )
+        self.broker = broker or open_broker(settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat)
         self.embedded = isinstance(self.broker, MemoryBroker)
         self.store = ProjectStore(settings.store)
         self.services: dict[str, Service] = {}
@@ -141,7 +139,13 @@ class App:
             )
         if name == "picker":
             return Picker(
-                self.broker, self.store, s.roots(), s.pick, s.device, s.model_check_seconds, workers=s.pick_workers,
+                self.broker,
+                self.store,
+                s.roots(),
+                s.pick,
+                s.device,
+                s.model_check_seconds,
+                workers=s.pick_workers,
                 max_pixels=s.max_micrograph_pixels,
             )
         return WatcherService(self.broker, s)
@@ -236,6 +240,7 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
         log.info("http_listening", port=health.port, endpoints=["/metrics", "/healthz", "/readyz"])
     app.health = health
     previous: dict[signal.Signals, Any] = {}
+
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and interrupted:
             os.write(2, b"interrupted again: leaving now (unfinished work is redelivered at the next start)\n")
@@ -276,4 +281,3 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
         if health is not None:
             health.stop()
     return 130 if interrupted and code == 0 else code
-

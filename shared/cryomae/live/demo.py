@@ -366,4 +366,3 @@ def format_report(r: dict[str, Any]) -> str:
             f"  outputs: {r['outputs']}",
         ]
     )
-

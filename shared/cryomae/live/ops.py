@@ -122,9 +122,7 @@ def session_rethreshold(
     return {"project": project, "session": session, "threshold": threshold, "delivery": _delivery(control)}
 
 
-def session_repick(
-    settings: Settings, control: Control, project: str, session: str, every: bool
-) -> dict[str, Any]:
+def session_repick(settings: Settings, control: Control, project: str, session: str, every: bool) -> dict[str, Any]:
     """Re-pick a session's micrographs picked with an older model version than the current one (``every``:
     all of them)."""
     current = ProjectStore(settings.store).current_version(project)
@@ -359,8 +357,10 @@ def format_status(data: dict[str, Any]) -> str:
     lines.append("projects:" if data["projects"] else f"projects: none in the store {data['store']}")
     for p in data["projects"]:
         waiting = f", {p['waiting']} micrographs waiting for a model" if p["waiting"] else ""
-        lines.append(f"  {p['project']}: model {p['current_version'] or '-'} ({len(p['versions'])} versions), "
-                     f"{p['training_state']}{waiting}")
+        lines.append(
+            f"  {p['project']}: model {p['current_version'] or '-'} ({len(p['versions'])} versions), "
+            f"{p['training_state']}{waiting}"
+        )
     lines.append("")
     if not data["sessions"]:
         lines.append("sessions: none")

@@ -182,9 +182,7 @@ class Picker:
         self._consumers.append(self.broker.consume(topology.MICROGRAPHS, self.handle, prefetch=self.workers))
         self._sweeper = threading.Thread(target=self._sweep_loop, name="picker-sweep", daemon=True)
         self._sweeper.start()
-        log.info(
-            "picker_started", device=str(self.device), workers=self.workers, roots=[str(r) for r in self.roots]
-        )
+        log.info("picker_started", device=str(self.device), workers=self.workers, roots=[str(r) for r in self.roots])
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.model_check_seconds):

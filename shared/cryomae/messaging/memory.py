@@ -344,8 +344,7 @@ class _MemoryConsumer(Consumer):
         self._in_hand: dict[int, tuple[_Item, threading.Thread]] = {}
         self._tickets = 0
         self._workers = [
-            threading.Thread(target=self._work, name=f"cryomae-memory-{name}-{i}", daemon=True)
-            for i in range(prefetch)
+            threading.Thread(target=self._work, name=f"cryomae-memory-{name}-{i}", daemon=True) for i in range(prefetch)
         ]
 
     def start(self) -> None:

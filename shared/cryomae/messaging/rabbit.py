@@ -448,8 +448,7 @@ class _RabbitConsumer(Consumer):
         if not self._started.wait(START_TIMEOUT) or self._start_error is not None:
             self.stop(0)
             raise TransientError(
-                f"consume {self.name}: cannot connect to RabbitMQ at {self.broker._shown_url} "
-                f"({self._start_error!r})"
+                f"consume {self.name}: cannot connect to RabbitMQ at {self.broker._shown_url} ({self._start_error!r})"
             )
 
     # -- connection thread -----------------------------------------------------------------------------------

@@ -425,7 +425,9 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
     if cfg.threshold == "otsu":
         return otsu_cutoff(scores)
     if cfg.threshold == "auto":
-        cut, _ = auto_cutoff(scores, cfg.gmm_posterior, cfg.gmm_min_separation, cfg.gmm_min_weight, cfg.robust_z)
+        cut, _ = auto_cutoff(
+            scores, cfg.gmm_posterior, cfg.gmm_min_separation, cfg.gmm_min_weight, cfg.robust_z, cfg.gmm_max_weight
+        )
         return cut
     if cfg.threshold == "gmm":
         return gmm_cutoff(scores, cfg.gmm_posterior)
@@ -434,17 +436,10 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
     return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth)
 
 
-def pick_micrograph(
-    trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
-) -> PickResult:
-    """Pick particles on one micrograph [H, W]; coordinates in original micrograph pixels.
-
-    InputError (without a path) when the micrograph is smaller than one window; with no candidate left (all too
-    near the edges), the threshold is infinite: nothing is selected."""
-    t0 = time.perf_counter()
-    smap = compute_score_map(trained, image, cfg, device)
-    t1 = time.perf_counter()
-    geo = trained.geometry
+def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates of a score map: its peaks (or every window with ``nms`` off), placed between cells,
+    without those too near the image's edges or on carbon and contamination. Returns (xy [C, 2] original
+    pixels, scores [C]) in descending score order."""
     if cfg.nms:
         cells = cfg.nms_distance * geo.diameter * geo.scale / smap.stride
         rc, scores = peak_nms(smap.scores, cells)
@@ -462,7 +457,20 @@ def pick_micrograph(
         mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
         my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)
         inside &= ~bad[my, mx]
-    xy, scores = xy[inside], np.asarray(scores, dtype=np.float64)[inside]
+    return xy[inside], np.asarray(scores, dtype=np.float64)[inside]
+
+
+def pick_micrograph(
+    trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
+) -> PickResult:
+    """Pick particles on one micrograph [H, W]; coordinates in original micrograph pixels.
+
+    InputError (without a path) when the micrograph is smaller than one window; with no candidate left (all too
+    near the edges), the threshold is infinite: nothing is selected."""
+    t0 = time.perf_counter()
+    smap = compute_score_map(trained, image, cfg, device)
+    t1 = time.perf_counter()
+    xy, scores = find_candidates(smap, trained.geometry, image, cfg)
     threshold = _cutoff(scores, cfg)
     t2 = time.perf_counter()
     return PickResult(

@@ -246,13 +246,17 @@ def auto_cutoff(
     posterior_min: float = 0.35,
     min_separation: float = 1.5,
     min_weight: float = 0.05,
-    z: float = 1.5,
+    z: float = 1.25,
+    max_weight: float = 0.5,
 ) -> tuple[float, str]:
     """The mixture cut where the scores are clearly bimodal, else the robust background cut.
 
     A two-Gaussian fit only describes particles when the particle mode is really there: its means must be
     apart by at least ``min_separation`` in Ashman's D (2 is the textbook mark of a clean split; scores of
-    dense micrographs sit near 2) and the upper mode must hold at least ``min_weight`` of the candidates.
+    dense micrographs sit near 2) and the upper mode must hold at least ``min_weight`` and at most
+    ``max_weight`` of the candidates (candidates are peaks about half a diameter apart, so particles are a
+    minority of them even on a packed micrograph; an upper mode holding most candidates is the background split
+    in two by carbon, thick ice or a low-score tail, and its cut would keep the background).
     Otherwise (sparse particles, weak contrast, a unimodal fit that split the background or kept only its
     top tail) the cut falls back to ``robust_cutoff``. Returns the cutoff and which rule made it ("gmm" or
     "robust").
@@ -263,6 +267,6 @@ def auto_cutoff(
     if len(np.unique(s)) < 4:
         return float(s.min()), "gmm"
     mix = fit_mixture(s)
-    if mix.separation >= min_separation and mix.weights[1] >= min_weight:
+    if mix.separation >= min_separation and min_weight <= mix.weights[1] <= max_weight:
         return _mixture_cut(s, mix, posterior_min), "gmm"
     return robust_cutoff(s, z), "robust"
