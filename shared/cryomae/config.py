@@ -29,6 +29,12 @@ class TrainConfig(BaseModel):
         2.0, gt=0.0, description="flatten the background at this width in region sides (None: off)"
     )
     lowpass: float | None = Field(1.0, gt=0.0, description="Gaussian low-pass sigma in model pixels (None: off)")
+    ice_z: float | None = Field(
+        3.0,
+        gt=0.0,
+        description="flatten the background over the ice alone, with carbon and contamination (local level more "
+        "than this many robust standard deviations from the typical ice) set to zero; None flattens over all",
+    )
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
     pretrain_epochs: int = Field(10, ge=0)

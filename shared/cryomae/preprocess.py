@@ -11,10 +11,13 @@ resampling the centre of original pixel x lands at ``(x + 0.5) * scale - 0.5`` i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+LevelMap = TypeVar("LevelMap", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Geometry:
     img_size: int  # region side, model pixels
     highpass: float | None = 2.0  # background-flattening width in region sides (None: off), see ``prepare``
     lowpass: float | None = None  # Gaussian smoothing sigma in model pixels (None: off), see ``prepare``
+    # flatten the background over the ice only, carbon and contamination (``outlier_regions`` at this robust z
+    # of the local level) set to zero; None flattens over everything (models of format 3 and before)
+    ice_z: float | None = None
 
     @property
     def box(self) -> float:
@@ -149,7 +155,8 @@ def prepare_with_background(
 
     ``geometry.lowpass`` (model pixels) smooths the image once; ``geometry.highpass`` (in region sides)
     subtracts a Gaussian-smoothed copy of that width, removing ice-thickness gradients and uneven
-    illumination far larger than a particle (None keeps them). The second tensor is the local mean level at
+    illumination far larger than a particle (None keeps them); with ``geometry.ice_z`` that background is the
+    ice's alone, and carbon and contamination are set to zero. The second tensor is the local mean level at
     the scale of one region, before flattening, in the normalised units: it shows carbon and contamination
     (see ``outlier_regions``).
     """
@@ -158,10 +165,30 @@ def prepare_with_background(
         img = gaussian_blur(img, geometry.lowpass)
     level = smooth_background(img, geometry.img_size / 2)
     if geometry.highpass:
-        img = img - smooth_background(img, geometry.highpass * geometry.img_size)
-        _, spread = _robust_stats(img)
+        sigma = geometry.highpass * geometry.img_size
+        if geometry.ice_z is None:
+            img = img - smooth_background(img, sigma)
+            _, spread = _robust_stats(img)
+        else:
+            ice = (~outlier_regions(level, geometry.ice_z)).float()
+            # the background of the ice alone (a normalised convolution): carbon and contamination neither pull
+            # the ice next to them up or down nor keep their own texture, they become flat zero
+            bg = smooth_background(img * ice, sigma) / smooth_background(ice, sigma).clamp_min(1e-3)
+            img = (img - bg).mul_(ice)
+            spread = _ice_spread(img, ice)
         img = img.div_(spread).clamp_(-5.0, 5.0)
     return img, level
+
+
+def _ice_spread(img: torch.Tensor, ice: torch.Tensor) -> float:
+    """Robust spread (``robust_spread``) of the flattened image over the ice: a strided sample of at most about
+    256 K of its ice pixels; 1 when the ice is nearly absent."""
+    values = img[ice > 0]
+    sample = values[:: max(1, values.numel() // 262144)].cpu().numpy()
+    if sample.size < 64:
+        return 1.0
+    spread = robust_spread(sample, float(np.median(sample)))
+    return spread if np.isfinite(spread) and spread > 0 else 1.0
 
 
 def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -169,18 +196,27 @@ def prepare(image: np.ndarray, geometry: Geometry, device: torch.device | str = 
     return prepare_with_background(image, geometry, device)[0]
 
 
-def outlier_regions(level: np.ndarray, z_max: float) -> np.ndarray:
+def outlier_regions(level: LevelMap, z_max: float) -> LevelMap:
     """Where the local mean level is far from the micrograph's typical ice: carbon, thick contamination.
 
-    level [H', W'] from ``prepare_with_background``; returns bool [H', W'], True where the robust z-score of
-    the level (median and scaled MAD over the micrograph) exceeds ``z_max`` in either direction.
+    level [H', W'] (numpy or torch) from ``prepare_with_background``; returns a bool mask of the same kind,
+    True where the robust z-score of the level (median and scaled MAD of a strided sample of at most about
+    512 x 512 values) exceeds ``z_max`` in either direction; all False when the level has no spread.
+    The picker drops candidates there (``PickConfig.outlier_z``) and ``prepare_with_background`` flattens the
+    background without them (``Geometry.ice_z``).
     """
+    strided = level[:: max(1, level.shape[0] // 512), :: max(1, level.shape[1] // 512)]
+    sample = strided.cpu().numpy() if isinstance(strided, torch.Tensor) else np.asarray(strided, dtype=np.float32)
+    med = float(np.median(sample))
+    mad = robust_spread(sample, med)
+    if isinstance(level, torch.Tensor):
+        if not mad > 0:
+            return torch.zeros(level.shape, dtype=torch.bool, device=level.device)
+        return (level - med).abs_() > z_max * mad
     lv = np.asarray(level, dtype=np.float32)
-    med = float(np.median(lv))
-    mad = robust_spread(lv, med)
-    if mad <= 0:
+    if not mad > 0:
         return np.zeros(lv.shape, bool)
-    return np.abs(lv - med) / mad > z_max
+    return np.abs(lv - med) > z_max * mad
 
 
 def padded_borders(image: np.ndarray, rel_tol: float = 0.05) -> tuple[int, int, int, int]:

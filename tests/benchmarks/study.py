@@ -172,6 +172,20 @@ def table(cached: list[Cached], cfg: PickConfig, rule: CutoffRule = default_rule
     return {"rows": rows, "mean": mean}
 
 
+def markdown(result: dict[str, Any], command: str) -> str:
+    """The table of ``table`` as Markdown, with the command that made it."""
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| dataset | candidate recall | AP | best global-cutoff F1 | F1 at the automatic cutoff | ratio | "
+        "median count error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in [*result["rows"].items(), ("**mean**", result["mean"])]:
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("prepare", "evaluate"))
@@ -181,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--pick-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
     if args.action == "prepare":
@@ -190,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if args.out:
+        command = " ".join([".venv/bin/python tests/benchmarks/study.py", *(argv or sys.argv[1:])])
+        args.out.write_text(markdown(result, command))
     return 0
 
 

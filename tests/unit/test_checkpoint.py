@@ -281,3 +281,19 @@ def test_saving_recovers_from_a_leftover_old_directory(tmp_path):
     _, bank = _save(out, seed=1)
     assert torch.equal(load_model(out).bank, bank)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".model.old") == ["model"]
+
+
+def test_the_ice_mask_setting_round_trips_and_an_older_manifest_keeps_flattening_over_everything(tmp_path):
+    """``Geometry.ice_z`` changes how micrographs are prepared, so it is in the sealed manifest; a manifest
+    written before the field existed loads with ``ice_z`` None, the preparation that model was trained with."""
+    out = tmp_path / "model"
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(PRESETS["test"])
+    geo = Geometry(GEO.diameter, GEO.box_factor, PRESETS["test"].img_size, ice_z=3.0)
+    bank = model.features(torch.randn(4, 1, geo.img_size, geo.img_size))
+    save_model(out, model, bank, geo, {})
+    assert load_model(out).geometry.ice_z == 3.0
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["geometry"]["ice_z"]
+    write_manifest(out / MANIFEST, manifest)
+    assert load_model(out).geometry.ice_z is None

@@ -64,3 +64,23 @@ def test_outlier_regions_flags_carbon_and_not_ice():
     bad = outlier_regions(level.numpy(), 3.0)
     assert bad[:, :60].mean() > 0.95  # the carbon, away from its edge
     assert bad[:, 120:].mean() < 0.01  # the ice, gradient and all
+
+
+def test_flattening_over_the_ice_leaves_the_ice_beside_carbon_unbiased():
+    """A carbon film (much darker) beside the ice: flattening over everything pulls the background near the edge
+    down, so the ice beside the carbon comes out brighter than the rest; flattening over the ice alone
+    (``Geometry.ice_z``) leaves that ice like the rest and the carbon flat zero."""
+    from cryomae.preprocess import Geometry, prepare_with_background
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(512, 512)).astype(np.float32)
+    img[:, :160] -= 6.0
+    plain = Geometry(diameter=16.0, box_factor=1.0, img_size=16, highpass=2.0, ice_z=None)
+    masked = Geometry(diameter=16.0, box_factor=1.0, img_size=16, highpass=2.0, ice_z=3.0)
+    near, far = (slice(None), slice(180, 220)), (slice(None), slice(400, 500))  # ice beside the edge, far from it
+    flat_plain = prepare_with_background(img, plain)[0].numpy()
+    flat_masked = prepare_with_background(img, masked)[0].numpy()
+    assert flat_plain[near].mean() - flat_plain[far].mean() > 0.5  # the bias of flattening over the carbon
+    assert abs(flat_masked[near].mean() - flat_masked[far].mean()) < 0.1
+    assert np.all(flat_masked[:, :140] == 0.0)  # the carbon, away from its edge
+    assert 0.8 < flat_masked[far].std() < 1.2  # unit spread over the ice

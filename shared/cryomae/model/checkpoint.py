@@ -90,7 +90,8 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
         raise CheckpointError(f"{d}: no {MANIFEST}; is this a cryomae model directory?") from None
     try:
         preset = Preset(**manifest["preset"])
-        geometry = Geometry(**{"highpass": None, "lowpass": None, **manifest["geometry"]})  # format 1 had no high-pass
+        # fields that older formats lack keep their behaviour: no high-pass (format 1), no low-pass, no ice mask
+        geometry = Geometry(**{"highpass": None, "lowpass": None, "ice_z": None, **manifest["geometry"]})
         expected = manifest["weights"]["sha256"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{d / MANIFEST}: incomplete manifest ({e})") from None

@@ -243,6 +243,7 @@ def train_model(
         img_size=preset.img_size,
         highpass=cfg.highpass,
         lowpass=cfg.lowpass,
+        ice_z=cfg.ice_z,
     )
     t0 = time.perf_counter()
     ref = prepare(reference.data, geometry, device)
