@@ -89,7 +89,8 @@ class PickConfig(BaseModel):
     )
     threshold: Literal["auto", "gmm", "robust", "otsu", "knn"] | float = Field(
         "auto",
-        description="per-micrograph cutoff rule (see cryomae.picking.threshold) or a fixed score",
+        description="per-micrograph cutoff rule (see cryomae.picking.threshold) or a fixed score; auto follows "
+        "the session: where a micrograph's scores are not clearly bimodal it takes the session's usual cut",
     )
     gmm_posterior: float = Field(
         0.35,
@@ -99,7 +100,7 @@ class PickConfig(BaseModel):
         "F1-optimal cut for calibrated posteriors is half the achievable F1, about 0.7 / 2 here)",
     )
     gmm_min_separation: float = Field(
-        1.5, ge=0.0, description="auto: least Ashman's D between the mixture's modes to trust the mixture"
+        2.0, ge=0.0, description="auto: least Ashman's D between the mixture's modes to trust the mixture"
     )
     gmm_min_weight: float = Field(
         0.05, ge=0.0, lt=1.0, description="auto: least share of candidates in the particle mode to trust it"

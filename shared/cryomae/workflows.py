@@ -37,7 +37,7 @@ from cryomae.io.coordinates import (
 )
 from cryomae.io.micrographs import read_ahead, read_micrograph, write_mrc
 from cryomae.model.checkpoint import load_model, save_model
-from cryomae.picking.picker import pick_micrograph
+from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.training.train import train_model
 
 log = structlog.get_logger("cryomae.workflows")
@@ -94,6 +94,7 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
     out.mkdir(parents=True, exist_ok=True)
     (out / CANDIDATES_DIR).mkdir(exist_ok=True)
     version = trained.manifest.get("weights", {}).get("sha256", "")[:12]
+    session = session_cutoff(cfg, trained)  # the micrographs of one run are one session
     rows: list[dict[str, Any]] = []
     index: list[tuple[str, str]] = []
     names: list[str] = []
@@ -106,7 +107,7 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
             failed.append({"micrograph": str(path), "error": str(mic)})
             continue
         try:
-            result = pick_micrograph(trained, mic.data, cfg)
+            result = pick_micrograph(trained, mic.data, cfg, session=session)
         except InputError as exc:  # smaller than one picking window
             problem = str(exc.located(path))
             log.error("micrograph_unpickable", micrograph=str(path), error=problem)
@@ -128,6 +129,7 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
                 "picks": len(result.xy),
                 "candidates": len(result.candidate_scores),
                 "threshold": result.threshold,
+                "cutoff_rule": result.cutoff_rule,
                 "windows": result.n_windows,
                 "seconds": round(result.timings["total"], 3),
             }

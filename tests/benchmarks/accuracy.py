@@ -44,7 +44,7 @@ from cryomae.io import MICROGRAPH_SUFFIXES, read_coordinates, read_micrograph
 from cryomae.logging import configure_logging
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.presets import PRESETS
-from cryomae.picking.picker import pick_micrograph
+from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.preprocess import away_from_edges
 from cryomae.training.train import train_model
 
@@ -290,9 +290,10 @@ def run_cryomae(
     candidates: dict[str, Points] = {}
     per_mic: list[dict[str, Any]] = []
     seconds: list[float] = []
+    session = session_cutoff(pick_cfg, trained)  # the queries are one session, in file-name order
     for i, path in enumerate(split.queries, 1):
         image, read_s = _read_timed(path)
-        result = pick_micrograph(trained, image, pick_cfg)
+        result = pick_micrograph(trained, image, pick_cfg, session=session)
         del image
         picks[path.stem] = (result.xy, result.scores)
         candidates[path.stem] = (result.candidates_xy, result.candidate_scores)
@@ -305,6 +306,7 @@ def run_cryomae(
                 "n_candidates": len(result.candidate_scores),
                 "n_picks": len(result.scores),
                 "threshold": result.threshold,
+                "cutoff_rule": result.cutoff_rule,
                 "n_windows": result.n_windows,
                 "read_s": read_s,
                 "pick_s": result.timings["total"],

@@ -33,7 +33,7 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.evaluation.metrics import evaluate
 from cryomae.io import read_micrograph
 from cryomae.model.checkpoint import TrainedModel, load_model, save_model
-from cryomae.picking.picker import ScoreMap, compute_score_map, find_candidates
+from cryomae.picking.picker import ScoreMap, _cutoff, compute_score_map, find_candidates, session_cutoff
 from cryomae.training.train import train_model
 from tests.benchmarks.accuracy import (
     DEFAULT_DATA_ROOT,
@@ -125,10 +125,14 @@ CutoffRule = Callable[[Cached, dict[str, Points], PickConfig], dict[str, float]]
 
 
 def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[str, float]:
-    """The picker's own per-micrograph cutoff."""
-    from cryomae.picking.picker import _cutoff
-
-    return {stem: _cutoff(s, cfg) for stem, (_, s) in cands.items()}
+    """The picker's own cutoff: the queries are one session in file-name order, its ``auto`` cutoff seeded by
+    the reference's (as training measures it, here from the cached reference map)."""
+    session = session_cutoff(cfg)
+    if cfg.threshold == "auto":
+        cut, rule = session_cutoff(cfg).cut(cands[c.split.reference.stem][1])
+        if rule == "gmm":
+            session.history.append(cut)  # the seed
+    return {q.stem: _cutoff(cands[q.stem][1], cfg, session)[0] for q in c.split.queries}
 
 
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:

@@ -68,3 +68,23 @@ def test_training_reports_losses_and_timings(session):
     assert info["final_losses"]["pretrain_mse"] is not None
     assert np.isfinite(info["final_losses"]["scs"])
     assert trained.bank.shape[0] == 15 * 8
+
+
+def test_training_measures_the_reference_cutoff_that_seeds_every_session(session):
+    """The trained model picks its own reference micrograph; its mixture cut (when the reference's scores are
+    clearly bimodal) is the manifest's calibration and the first value of every session's auto cutoff."""
+    from cryomae.picking.picker import reference_cutoff, session_cutoff
+
+    mics, trained, info = session
+    calibration = info["calibration"]
+    assert trained.manifest["calibration"] == calibration
+    assert calibration["rule"] in ("gmm", "robust")
+    assert 0 < calibration["picks"] <= calibration["candidates"]
+    again = reference_cutoff(trained, mics[0].image, PickConfig(device="cpu"))
+    assert again == calibration  # measured with the default picking options, on the reference as trained
+    cut = session_cutoff(PickConfig(), trained)
+    if calibration["rule"] == "gmm":
+        assert list(cut.history) == [calibration["reference_cutoff"]]
+    else:
+        assert "reference_cutoff" not in calibration and not cut.history
+    assert "calibrate" in info["timings_s"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import pytest
 
@@ -261,10 +263,58 @@ def test_auto_cutoff_distrusts_an_upper_mode_that_holds_most_candidates():
         mix = fit_mixture(s)
         assert mix.weights[1] > 0.5 and mix.separation >= 1.5
         assert np.sum(s[:900] >= gmm_cutoff(s, 0.35)) > 500  # the mixture's own cut keeps the background
-        cut, rule = auto_cutoff(s)
+        cut, rule = auto_cutoff(s, min_separation=1.5)  # the modes are apart enough: the weight alone decides
         assert rule == "robust"
         assert cut == pytest.approx(robust_cutoff(s, 1.25))
         kept = s >= cut
         assert kept[900:].mean() > 0.9 and kept[:900].sum() < 20
-        cut_trusting, rule_trusting = auto_cutoff(s, max_weight=1.0)
+        cut_trusting, rule_trusting = auto_cutoff(s, min_separation=1.5, max_weight=1.0)
         assert rule_trusting == "gmm" and cut_trusting == pytest.approx(gmm_cutoff(s, 0.35))
+
+
+def _micrograph(rng: np.random.Generator, background: int, particles: int) -> np.ndarray:
+    """Candidate scores: background peaks about 0 and particles about 0.5 (the session's usual boundary)."""
+    return np.concatenate([rng.normal(0.0, 0.1, background), rng.normal(0.5, 0.1, particles)])
+
+
+def test_the_session_cutoff_follows_the_sessions_trusted_mixture_cuts():
+    """Micrographs whose scores are clearly bimodal set their own cut and teach it to the session; a micrograph
+    where the mixture is not trusted (here: so crowded that particles are most of the candidates) takes the median
+    of those cuts instead of the robust cut, which assumes sparse particles and keeps only the best of them."""
+    from cryomae.picking.threshold import SessionCutoff, auto_cutoff, robust_cutoff
+
+    rng = np.random.default_rng(7)
+    session = SessionCutoff()
+    own = []
+    for _ in range(3):
+        s = _micrograph(rng, 700, 300)
+        cut, rule = session.cut(s)
+        assert rule == "gmm" and cut == pytest.approx(auto_cutoff(s)[0])
+        own.append(cut)
+    assert list(session.history) == own
+    crowded = _micrograph(rng, 350, 650)
+    assert auto_cutoff(crowded)[1] == "robust"  # on its own: an upper mode holding most candidates is distrusted
+    cut, rule = session.cut(crowded)
+    assert rule == "session" and cut == pytest.approx(float(np.median(own)))
+    assert list(session.history) == own  # an untrusted micrograph teaches nothing
+    f1 = {}
+    for name, c in (("session", cut), ("robust", robust_cutoff(crowded, 1.25))):
+        kept = crowded >= c
+        f1[name] = 2 * kept[350:].sum() / (kept.sum() + 650)
+    assert f1["session"] > 0.9 and f1["session"] > f1["robust"] + 0.2, f1
+
+
+def test_a_new_session_starts_from_its_seed_or_else_cuts_each_micrograph_alone():
+    from cryomae.picking.threshold import SESSION_HISTORY, SessionCutoff, robust_cutoff
+
+    rng = np.random.default_rng(8)
+    crowded = _micrograph(rng, 350, 650)
+    assert SessionCutoff(seed=0.2).cut(crowded) == (0.2, "session")
+    alone = SessionCutoff()
+    assert alone.cut(crowded) == (pytest.approx(robust_cutoff(crowded, 1.25)), "robust")
+    assert not alone.history
+    assert SessionCutoff(seed=float("inf")).history == deque()  # no cutoff to start from (no candidates)
+    full = SessionCutoff(seed=-1.0)
+    for _ in range(SESSION_HISTORY + 5):
+        full.cut(_micrograph(rng, 700, 300))
+    assert len(full.history) == SESSION_HISTORY and -1.0 not in full.history  # the oldest forgotten

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ from cryomae.live.common import get_logger, handling
 from cryomae.messages import MicrographReady, ModelPublished, PicksReady
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
-from cryomae.picking.picker import pick_micrograph
+from cryomae.model.checkpoint import TrainedModel
+from cryomae.picking.picker import pick_micrograph, session_cutoff
+from cryomae.picking.threshold import SessionCutoff
 from cryomae.store.projects import ModelCache, ProjectStore
 
 log = get_logger("picker")
 NO_CANDIDATES_THRESHOLD = 1.0  # the cutoff sent for a micrograph without candidates: the highest cosine score
+SESSIONS_REMEMBERED = 1024  # sessions whose auto cutoff the picker follows at once (least recently used forgotten)
 
 
 class Picker:
@@ -64,6 +68,9 @@ class Picker:
         self._sweeper: threading.Thread | None = None
         self._versions: dict[str, str] = {}  # model version in use per project (metrics)
         self._versions_lock = threading.Lock()
+        # the auto cutoff of each (project, session, model version), following the session's micrographs
+        self._sessions: OrderedDict[tuple[str, str, str], SessionCutoff] = OrderedDict()
+        self._sessions_lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------------- handlers
 
@@ -93,7 +100,8 @@ class Picker:
         image = read_micrograph(path, self.max_pixels)
         t1 = time.perf_counter()
         try:
-            result = pick_micrograph(trained, image.data, self.cfg, self.device)
+            session = self._session_cutoff(msg.project, msg.session, version, trained)
+            result = pick_micrograph(trained, image.data, self.cfg, self.device, session)
         except InputError as exc:  # smaller than one window: name the file
             raise exc.located(path) from None
         xy = result.candidates_xy
@@ -119,7 +127,21 @@ class Picker:
         metrics.PICK_SECONDS.observe(time.perf_counter() - t0)
         metrics.MICROGRAPHS_PICKED.labels(msg.project).inc()
         metrics.PARTICLES_PER_MICROGRAPH.labels(msg.project).observe(n_picks)
-        out.update(model_version=version, picks=n_picks, candidates=len(xy))
+        out.update(model_version=version, picks=n_picks, candidates=len(xy), cutoff_rule=result.cutoff_rule)
+
+    def _session_cutoff(self, project: str, session: str, version: str, trained: TrainedModel) -> SessionCutoff:
+        """The session's auto cutoff for this model version, new (seeded by the model's reference cutoff) at its
+        first micrograph. In memory only: after a restart a session starts again from the reference's cut."""
+        key = (project, session, version)
+        with self._sessions_lock:
+            cut = self._sessions.get(key)
+            if cut is None:
+                cut = self._sessions[key] = session_cutoff(self.cfg, trained)
+                while len(self._sessions) > SESSIONS_REMEMBERED:
+                    self._sessions.popitem(last=False)
+            else:
+                self._sessions.move_to_end(key)
+            return cut
 
     def _in_use(self, project: str, version: str) -> None:
         """Export the model version in use for a project (one label set per project)."""

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,13 @@ from cryomae.device import autocast, resolve_device
 from cryomae.errors import InputError
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
-from cryomae.picking.threshold import auto_cutoff, gmm_cutoff, knn_cutoff, otsu_cutoff, robust_cutoff
+from cryomae.picking.threshold import (
+    SessionCutoff,
+    gmm_cutoff,
+    knn_cutoff,
+    otsu_cutoff,
+    robust_cutoff,
+)
 from cryomae.preprocess import Geometry, away_from_edges, outlier_regions, prepare_with_background
 
 
@@ -56,6 +63,7 @@ class PickResult:
     n_windows: int
     n_evaluated: int  # windows scored by the encoder (equals n_windows unless the search was coarse-to-fine)
     timings: dict[str, float] = field(default_factory=dict)
+    cutoff_rule: str = ""  # which rule set the threshold: gmm, session, robust (auto), or the configured one
 
     @property
     def selected(self) -> np.ndarray:
@@ -417,23 +425,49 @@ def _coarse_to_fine(
     return fine, evaluated
 
 
-def _cutoff(scores: np.ndarray, cfg: PickConfig) -> float:
+def _cutoff(scores: np.ndarray, cfg: PickConfig, session: SessionCutoff | None = None) -> tuple[float, str]:
+    """The cutoff of one micrograph's candidate scores and the rule that set it."""
     if isinstance(cfg.threshold, float):
-        return cfg.threshold
+        return cfg.threshold, "fixed"
     if len(scores) == 0:
-        return math.inf
+        return math.inf, cfg.threshold
     if cfg.threshold == "otsu":
-        return otsu_cutoff(scores)
+        return otsu_cutoff(scores), "otsu"
     if cfg.threshold == "auto":
-        cut, _ = auto_cutoff(
-            scores, cfg.gmm_posterior, cfg.gmm_min_separation, cfg.gmm_min_weight, cfg.robust_z, cfg.gmm_max_weight
-        )
-        return cut
+        return (session or session_cutoff(cfg)).cut(scores)
     if cfg.threshold == "gmm":
-        return gmm_cutoff(scores, cfg.gmm_posterior)
+        return gmm_cutoff(scores, cfg.gmm_posterior), "gmm"
     if cfg.threshold == "robust":
-        return robust_cutoff(scores, cfg.robust_z)
-    return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth)
+        return robust_cutoff(scores, cfg.robust_z), "robust"
+    return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth), "knn"
+
+
+def session_cutoff(cfg: PickConfig, trained: TrainedModel | None = None) -> SessionCutoff:
+    """A new session's ``auto`` cutoff with cfg's options, seeded by the model's reference cutoff (if any)."""
+    seed = (trained.manifest.get("calibration") or {}).get("reference_cutoff") if trained is not None else None
+    return SessionCutoff(
+        posterior_min=cfg.gmm_posterior,
+        min_separation=cfg.gmm_min_separation,
+        min_weight=cfg.gmm_min_weight,
+        z=cfg.robust_z,
+        max_weight=cfg.gmm_max_weight,
+        seed=float(seed) if isinstance(seed, int | float) else None,
+    )
+
+
+def reference_cutoff(trained: TrainedModel, reference: np.ndarray, cfg: PickConfig) -> dict[str, Any]:
+    """Pick the reference micrograph with a freshly trained model and measure its ``auto`` cutoff: the
+    ``calibration`` entry of the model's manifest. Its ``reference_cutoff`` (the mixture cut, present only where
+    the reference's scores are clearly bimodal) seeds every session's ``SessionCutoff``."""
+    result = pick_micrograph(trained, reference, cfg.model_copy(update={"threshold": "auto"}))
+    out: dict[str, Any] = {
+        "rule": result.cutoff_rule,
+        "candidates": len(result.candidate_scores),
+        "picks": int(result.selected.sum()),
+    }
+    if result.cutoff_rule == "gmm":
+        out["reference_cutoff"] = round(float(result.threshold), 6)
+    return out
 
 
 def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -461,17 +495,22 @@ def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickC
 
 
 def pick_micrograph(
-    trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
+    trained: TrainedModel,
+    image: np.ndarray,
+    cfg: PickConfig,
+    device: torch.device | None = None,
+    session: SessionCutoff | None = None,
 ) -> PickResult:
     """Pick particles on one micrograph [H, W]; coordinates in original micrograph pixels.
 
-    InputError (without a path) when the micrograph is smaller than one window; with no candidate left (all too
-    near the edges), the threshold is infinite: nothing is selected."""
+    ``session`` carries the ``auto`` cutoff across the micrographs of one session (``session_cutoff``); without
+    it the micrograph is cut on its own. InputError (without a path) when the micrograph is smaller than one
+    window; with no candidate left (all too near the edges), the threshold is infinite: nothing is selected."""
     t0 = time.perf_counter()
     smap = compute_score_map(trained, image, cfg, device)
     t1 = time.perf_counter()
     xy, scores = find_candidates(smap, trained.geometry, image, cfg)
-    threshold = _cutoff(scores, cfg)
+    threshold, rule = _cutoff(scores, cfg, session)
     t2 = time.perf_counter()
     return PickResult(
         candidates_xy=xy,
@@ -480,4 +519,5 @@ def pick_micrograph(
         n_windows=int(smap.scores.size),
         n_evaluated=int(smap.scores.size if smap.evaluated is None else smap.evaluated),
         timings={"score_map": t1 - t0, "peaks_threshold": t2 - t1, "total": t2 - t0},
+        cutoff_rule=rule,
     )

@@ -18,7 +18,9 @@ knobs to tame that, left for measurement on real data. All cutoffs are returned 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -29,6 +31,7 @@ from cryomae.errors import ConfigError, InputError
 
 __all__ = [
     "Mixture",
+    "SessionCutoff",
     "auto_cutoff",
     "fit_mixture",
     "gmm_cutoff",
@@ -244,7 +247,7 @@ def robust_cutoff(scores: np.ndarray, z: float = 1.5) -> float:
 def auto_cutoff(
     scores: np.ndarray,
     posterior_min: float = 0.35,
-    min_separation: float = 1.5,
+    min_separation: float = 2.0,
     min_weight: float = 0.05,
     z: float = 1.25,
     max_weight: float = 0.5,
@@ -270,3 +273,47 @@ def auto_cutoff(
     if mix.separation >= min_separation and min_weight <= mix.weights[1] <= max_weight:
         return _mixture_cut(s, mix, posterior_min), "gmm"
     return robust_cutoff(s, z), "robust"
+
+
+SESSION_HISTORY = 100  # trusted mixture cuts a session remembers (the most recent)
+
+
+@dataclass
+class SessionCutoff:
+    """The ``auto`` cutoff across one session's micrographs: each micrograph's own mixture cut where its scores
+    are clearly bimodal (``auto_cutoff``), else the median of the session's recent trusted mixture cuts (rule
+    "session"), else, before the session has any, the robust cut.
+
+    The scores are standardised cosines, comparable across micrographs of one session, and the particle/background
+    boundary moves little between them; the fallback rules do not know where it is (the robust cut assumes that
+    particles are a small minority of the candidates, which crowded micrographs break, keeping a tenth of their
+    particles). ``seed`` is the reference micrograph's trusted mixture cut, measured when the model was trained
+    (``cryomae.picking.picker.reference_cutoff``), so a session starts calibrated. Thread-safe: a picker with two
+    workers shares one per session. The options are ``auto_cutoff``'s.
+    """
+
+    posterior_min: float = 0.35
+    min_separation: float = 2.0
+    min_weight: float = 0.05
+    z: float = 1.25
+    max_weight: float = 0.5
+    seed: float | None = None
+    history: deque[float] = field(default_factory=lambda: deque(maxlen=SESSION_HISTORY))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and math.isfinite(self.seed) and not self.history:
+            self.history.append(float(self.seed))
+
+    def cut(self, scores: np.ndarray) -> tuple[float, str]:
+        """The cutoff of one micrograph's candidate scores and its rule: "gmm", "session" or "robust"."""
+        cut, rule = auto_cutoff(
+            scores, self.posterior_min, self.min_separation, self.min_weight, self.z, self.max_weight
+        )
+        with self._lock:
+            if rule == "gmm":
+                self.history.append(cut)
+                return cut, rule
+            if self.history:
+                return float(np.median(self.history)), "session"
+        return cut, rule

@@ -23,13 +23,14 @@ import structlog
 import torch
 
 from cryomae import __version__
-from cryomae.config import TrainConfig
+from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.errors import InputError, TransientError
 from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
+from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
 from cryomae.training.regions import crop_regions, dihedral_views, random_augmentation, random_centres
@@ -267,6 +268,13 @@ def train_model(
     t3 = time.perf_counter()
     bank = exemplar_bank(model, ref, exemplars, cfg.bank_views, device)
     model.eval()
+    t4 = time.perf_counter()
+    # the reference's own cutoff, with the default picking options: it seeds each session's auto cutoff
+    calibration = reference_cutoff(
+        TrainedModel(model=model, bank=bank, geometry=geometry, manifest={}),
+        reference.data,
+        PickConfig(device=str(device)),
+    )
     info: dict[str, Any] = {
         "cryomae_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -284,8 +292,10 @@ def train_model(
             "prepare": round(t1 - t0, 3),
             "pretrain": round(t2 - t1, 3),
             "scs_train": round(t3 - t2, 3),
+            "calibrate": round(time.perf_counter() - t4, 3),
             "total": round(time.perf_counter() - t0, 3),
         },
+        "calibration": calibration,
         "final_losses": {
             "pretrain_mse": round(float(np.mean(pre_hist[-10:])), 5) if pre_hist else None,
             **({k: round(float(np.mean([h[k] for h in scs_hist[-10:]])), 5) for k in scs_hist[0]} if scs_hist else {}),
