@@ -7,10 +7,12 @@ the trained model; ``evaluate`` then scores any ``PickConfig`` (and any cutoff r
 candidate recall, AP, the best single global cutoff's F1, F1 at the rule's own cutoff and the per-micrograph
 count error, with their means over the sets.
 
-    .venv/bin/python tests/benchmarks/study.py prepare               # trains and caches (about 10 minutes)
-    .venv/bin/python tests/benchmarks/study.py evaluate --pick-set edge_margin=0.5
+    .venv/bin/python tests/benchmarks/study.py prepare               # trains and caches (about 5 minutes)
+    .venv/bin/python tests/benchmarks/study.py evaluate --pick-set edge_margin=0.5 --out /tmp/table.md
 
-The cache (default ``.study/`` in the project root, ignored by git) holds one folder per dataset.
+The cache (default ``.study/`` in the project root, ignored by git) holds one folder per dataset; a training
+variant (``prepare --train-set lowpass=2.0``) or a score-map variant (``prepare --pick-set score=max``) needs a
+cache of its own (``--cache .study/lowpass2``). docs/accuracy-study.md has what was measured with it.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def _edge_image(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float16)
 
 
-def prepare(data_root: Path, cache: Path, names: Sequence[str] | None, train_cfg: TrainConfig) -> None:
+def prepare(
+    data_root: Path, cache: Path, names: Sequence[str] | None, train_cfg: TrainConfig, map_cfg: PickConfig
+) -> None:
+    """Train (unless cached) and score every micrograph of each dataset; ``map_cfg`` holds the options that shape
+    the score map itself (``score``, ``feature_norm``, ``stride_fraction``): give ``evaluate`` the same ones."""
     for ds in discover_datasets(data_root):
         if names and ds.name not in names:
             continue
@@ -87,7 +93,7 @@ def prepare(data_root: Path, cache: Path, names: Sequence[str] | None, train_cfg
             if out.is_file():
                 continue
             image = read_micrograph(path).data
-            smap = compute_score_map(trained, image, PickConfig())
+            smap = compute_score_map(trained, image, map_cfg)
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez(
                 out,
@@ -203,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
     if args.action == "prepare":
-        prepare(args.data_root, args.cache, names, TrainConfig(**_pairs(args.train_set, "--train-set")))
+        train_cfg = TrainConfig(**_pairs(args.train_set, "--train-set"))
+        prepare(args.data_root, args.cache, names, train_cfg, PickConfig(**_pairs(args.pick_set, "--pick-set")))
         return 0
     cached = load(args.data_root, args.cache, names)
     result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))
