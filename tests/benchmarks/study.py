@@ -37,6 +37,7 @@ from cryomae.io import read_micrograph
 from cryomae.model.checkpoint import TrainedModel, load_model, save_model
 from cryomae.picking.picker import ScoreMap, _cutoff, compute_score_map, find_candidates, session_cutoff
 from cryomae.training.train import train_model
+from tests.benchmarks import accuracy
 from tests.benchmarks.accuracy import (
     DEFAULT_DATA_ROOT,
     PROJECT_ROOT,
@@ -72,16 +73,36 @@ def _edge_image(image: np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float16)
 
 
+def _split(ds: Any, cache: Path) -> Split:
+    """The protocol's split with the cache's exemplar count (``study.json``; the protocol's 15 by default)."""
+    meta = cache / "study.json"
+    n = json.loads(meta.read_text())["exemplars"] if meta.is_file() else accuracy.N_EXEMPLARS
+    saved, accuracy.N_EXEMPLARS = accuracy.N_EXEMPLARS, n
+    try:
+        return few_shot_split(ds, None)
+    finally:
+        accuracy.N_EXEMPLARS = saved
+
+
 def prepare(
-    data_root: Path, cache: Path, names: Sequence[str] | None, train_cfg: TrainConfig, map_cfg: PickConfig
+    data_root: Path,
+    cache: Path,
+    names: Sequence[str] | None,
+    train_cfg: TrainConfig,
+    map_cfg: PickConfig,
+    exemplars: int | None = None,
 ) -> None:
     """Train (unless cached) and score every micrograph of each dataset; ``map_cfg`` holds the options that shape
-    the score map itself (``score``, ``feature_norm``, ``stride_fraction``): give ``evaluate`` the same ones."""
+    the score map itself (``score``, ``feature_norm``, ``stride_fraction``): give ``evaluate`` the same ones.
+    ``exemplars`` draws that many exemplars instead of the protocol's 15 (kept with the cache)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if exemplars is not None:
+        (cache / "study.json").write_text(json.dumps({"exemplars": exemplars}))
     for ds in discover_datasets(data_root):
         if names and ds.name not in names:
             continue
         folder = _folder(cache, ds.name)
-        split = few_shot_split(ds, None)
+        split = _split(ds, cache)
         if not (folder / "model" / "manifest.json").is_file():
             t0 = time.perf_counter()
             trained, info = train_model(read_micrograph(split.reference), split.exemplars_xy, split.diameter, train_cfg)
@@ -114,7 +135,7 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
         folder = _folder(cache, ds.name)
         if not (folder / "model" / "manifest.json").is_file():
             continue
-        split = few_shot_split(ds, None)
+        split = _split(ds, cache)
         maps, shapes, images = {}, {}, {}
         for path in [split.reference, *split.queries]:
             with np.load(folder / "maps" / f"{path.stem}.npz") as z:
@@ -206,11 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pick-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
+    p.add_argument("--exemplars", type=int, default=None, help="prepare: exemplars per reference (default 15)")
     args = p.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
     if args.action == "prepare":
         train_cfg = TrainConfig(**_pairs(args.train_set, "--train-set"))
-        prepare(args.data_root, args.cache, names, train_cfg, PickConfig(**_pairs(args.pick_set, "--pick-set")))
+        map_cfg = PickConfig(**_pairs(args.pick_set, "--pick-set"))
+        prepare(args.data_root, args.cache, names, train_cfg, map_cfg, args.exemplars)
         return 0
     cached = load(args.data_root, args.cache, names)
     result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))
