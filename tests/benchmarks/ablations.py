@@ -61,6 +61,18 @@ VARIANTS = [
     Variant("6", "25 exemplars", 0.594, exemplars=25),
     Variant("7", "stride window/4", 0.490, score_map={"stride_fraction": 0.25}),
     Variant("7", "stride window/16", 0.589, score_map={"stride_fraction": 0.0625}),
+    # which encoder layer gives the feature (the product's transformer at picking time; issue 13 item 4). Deeper
+    # layers embed every window separately (no shared-token shortcut): at stride window/4 to fit a CPU's time,
+    # so compare them with the "stride window/4" row
+    *(
+        Variant("layers", f"{label} (stride window/4)", None, train=train, score_map={"stride_fraction": 0.25})
+        for label, train in (
+            ("feature after transformer block 1", {"feature_layer": 1}),
+            ("feature after block 2", {"feature_layer": 2}),
+            ("feature after the last block, normed", {"feature_layer": -1}),
+            ("feature after block 1, untrained", {"feature_layer": 1, "pretrain_epochs": 0, "epochs": 0}),
+        )
+    ),
 ]
 PAPER_DEFAULT_F1 = 0.591  # adjusted SCS, pre-trained, max, 15 exemplars, stride 28 (window/8)
 
@@ -128,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(run_variant(v, args.cache, args.data_root, default))
         m = rows[-1]["mean"]
         print(f"   F1 {m['f1']:.3f} AP {m['ap']:.3f} best global F1 {m['oracle']:.3f}", flush=True)
-    command = " ".join([".venv/bin/python tests/benchmarks/ablations.py", *(argv or sys.argv[1:])])
-    args.out.write_text(markdown(rows, command))
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        # written after every variant: a long run stopped early keeps what it measured
+        command = " ".join([".venv/bin/python tests/benchmarks/ablations.py", *(argv or sys.argv[1:])])
+        args.out.write_text(markdown(rows, command))
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -392,6 +392,17 @@ def topaz_pi(n_expected: int, train_radius: int, binned_shape: tuple[int, int]) 
     return n_expected * disc_pixels(train_radius) / (h * w)
 
 
+def train_pi(n_expected: int, n_labelled: int, train_radius: int, binned_shape: tuple[int, int]) -> float:
+    """The ``--pi`` passed to ``topaz train``: ``topaz_pi``, unless that is not above the labelled fraction Topaz
+    observes. Topaz computes that fraction with the same (2r+1)-fold inflated disc and falls back to PN learning
+    when pi is not above it (15 exemplars of a large particle, e.g. the spliceosome binned 3-fold); there pi is
+    passed in Topaz's own units, the value its ``-n`` would set, so that GE-binomial runs as Topaz intends."""
+    h, w = binned_shape
+    pi = topaz_pi(n_expected, train_radius, binned_shape)
+    observed = n_labelled * disc_pixels(train_radius) * (2 * train_radius + 1) / (h * w)
+    return pi * (2 * train_radius + 1) if pi <= observed else pi
+
+
 def _final_metrics(curve: Path) -> dict[str, str]:
     """The last training row of Topaz's train/test curve (``-o``), as column -> text."""
     try:
@@ -424,7 +435,9 @@ def topaz_trained(
     - the PU prior: an operator without ground truth guesses ``n = round(0.25 * H * W / diameter**2)`` particles
       per micrograph (H, W of the original micrograph: particles cover about a quarter of the image in
       diameter-sized boxes); it is passed as ``--pi`` = n * (pixels in a disc of ``train_radius``) / binned
-      pixels, the value ``-n`` is documented to set, because Topaz 0.3.20's ``-n`` inflates it (:func:`topaz_pi`).
+      pixels, the value ``-n`` is documented to set, because Topaz 0.3.20's ``-n`` inflates it (:func:`topaz_pi`);
+      where that value is not above Topaz's (equally inflated) observed labelled fraction, Topaz would switch to
+      PN learning, so the inflated value ``-n`` gives is passed instead.
     - ``-r train_radius`` (positive region around each target, binned pixels): Topaz's default 3, not the
       extraction radius. With the extraction radius (14 on empiar10017/bin4) Topaz 0.3.20 overestimates the
       labelled fraction 29-fold (same bug) beyond any valid pi and silently switches GE-binomial to PN learning.
@@ -460,7 +473,7 @@ def topaz_trained(
     from cryomae.io import read_micrograph
 
     binned_shape = read_micrograph(workdir / "train_pre" / f"{stem}.mrc").shape
-    pi = topaz_pi(n_expected, train_radius, binned_shape)
+    pi = train_pi(n_expected, len(xy), train_radius, binned_shape)
     if not 0 < pi < 1:
         raise TopazError(f"PU prior pi = {pi:.4g} is outside (0, 1) ({n_expected} particles, radius {train_radius})")
     # Topaz reads the image list with whitespace separators: relative paths (cwd = workdir) keep spaces out.

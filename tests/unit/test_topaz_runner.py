@@ -238,3 +238,12 @@ def test_compare_reuses_an_identical_topaz_run_and_reruns_when_inputs_change(
     queries[1].write_bytes(b"changed" * 8)
     changed = compare.run_topaz(compare.TOPAZ_PRETRAINED, split, work, reuse=True)
     assert calls == [2, 2, 2] and "reused_from" not in changed.details  # new input contents, new key
+
+
+def test_the_prior_stays_above_the_labelled_fraction_topaz_observes() -> None:
+    """Topaz falls back to PN learning when pi <= its observed labelled fraction, which it inflates (2r+1)-fold:
+    the spliceosome (58 px, binned 3-fold to 341 px, 15 exemplars, 78 expected particles) would; bin4 would not."""
+    pi = topaz_runner.train_pi(78, 15, 3, (341, 341))
+    observed = 15 * 29 * 7 / 341**2
+    assert topaz_runner.topaz_pi(78, 3, (341, 341)) <= observed < pi == pytest.approx(78 * 29 * 7 / 341**2)
+    assert topaz_runner.train_pi(360, 15, 3, (1024, 1024)) == topaz_runner.topaz_pi(360, 3, (1024, 1024))
