@@ -371,7 +371,7 @@ def run_dog(split: Split, label: str) -> Row:
     """
     say(f"{label}: DoG baseline on {len(split.queries)} queries")
     # Tuned on the same few-shot input cryomae gets: polarity and threshold from the 15 exemplars on the
-    # reference; picks as close to the edge as cryomae's edge margin (one diameter) are dropped for both.
+    # reference; picks closer to the edge than cryomae's edge margin (PickConfig.edge_margin) are dropped for both.
     t_cal = time.perf_counter()
     reference, _ = _read_timed(split.reference)
     polarity, threshold = calibrate_dog(reference, split.exemplars_xy, split.diameter)
@@ -547,7 +547,7 @@ def markdown_report(meta: dict[str, Any], results: list[DatasetResult], complete
         "`dog_pick`), mean over the queries.",
         "- DoG: tuned on the same few-shot input as cryomae: polarity and threshold from its response at the 15 "
         "exemplars on the reference (threshold = their 10th percentile; its train s is this calibration); picks "
-        "closer than one particle diameter to the edge are dropped for both pickers.",
+        f"closer than {PickConfig().edge_margin:g} particle diameters to the edge are dropped for both pickers.",
         "",
     ]
     header = (
