@@ -318,3 +318,16 @@ def test_a_new_session_starts_from_its_seed_or_else_cuts_each_micrograph_alone()
     for _ in range(SESSION_HISTORY + 5):
         full.cut(_micrograph(rng, 700, 300))
     assert len(full.history) == SESSION_HISTORY and -1.0 not in full.history  # the oldest forgotten
+
+
+def test_a_micrograph_with_too_few_candidates_teaches_the_session_nothing():
+    """Three candidates (a micrograph mostly carbon): nothing to fit; on its own all are kept, in a session it
+    takes the session's cut, and the session's memory stays as it was."""
+    from cryomae.picking.threshold import SessionCutoff, auto_cutoff
+
+    few = np.array([0.1, 0.4, 0.9])
+    assert auto_cutoff(few) == (0.1, "few")
+    session = SessionCutoff(seed=0.3)
+    assert session.cut(few) == (0.3, "session")
+    assert list(session.history) == [0.3]
+    assert SessionCutoff().cut(few) == (0.1, "few")

@@ -262,13 +262,13 @@ def auto_cutoff(
     in two by carbon, thick ice or a low-score tail, and its cut would keep the background).
     Otherwise (sparse particles, weak contrast, a unimodal fit that split the background or kept only its
     top tail) the cut falls back to ``robust_cutoff``. Returns the cutoff and which rule made it ("gmm" or
-    "robust").
+    "robust"; "few" keeps all of fewer than 4 distinct scores).
     """
     s = _as_scores(scores)
     if len(s) == 0:
         raise InputError(None, "no scores to threshold")
     if len(np.unique(s)) < 4:
-        return float(s.min()), "gmm"
+        return float(s.min()), "few"  # no distribution to fit: keep all
     mix = fit_mixture(s)
     if mix.separation >= min_separation and min_weight <= mix.weights[1] <= max_weight:
         return _mixture_cut(s, mix, posterior_min), "gmm"
@@ -306,7 +306,8 @@ class SessionCutoff:
             self.history.append(float(self.seed))
 
     def cut(self, scores: np.ndarray) -> tuple[float, str]:
-        """The cutoff of one micrograph's candidate scores and its rule: "gmm", "session" or "robust"."""
+        """The cutoff of one micrograph's candidate scores and its rule: "gmm", "session", "robust" or "few".
+        Only a trusted mixture cut teaches the session."""
         cut, rule = auto_cutoff(
             scores, self.posterior_min, self.min_separation, self.min_weight, self.z, self.max_weight
         )
