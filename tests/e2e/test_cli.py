@@ -211,6 +211,11 @@ def test_pick_writes_particles_star_and_the_run_summary(run):
     assert [r["micrograph"] for r in summary["micrographs"]] == [str(m) for m in run.mics[1:]]
     total = sum(r["picks"] for r in summary["micrographs"])
     assert summary["total_picks"] == total
+    # the micrographs of one run are one session: after a trusted mixture cut, an untrusted one takes the session's
+    rules = [r["cutoff_rule"] for r in summary["micrographs"]]
+    assert set(rules) <= {"gmm", "session", "robust", "few"}
+    first_trusted = rules.index("gmm") if "gmm" in rules else len(rules)
+    assert "robust" not in rules[first_trusted:]
     version = _sha(run.model)[:12]
     assert summary["model_version"] == version
 
