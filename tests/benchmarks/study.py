@@ -60,17 +60,11 @@ class Cached:
     split: Split
     trained: TrainedModel
     maps: dict[str, ScoreMap]  # micrograph stem -> score map
-    shapes: dict[str, tuple[int, int]]
-    borders: dict[str, np.ndarray]  # stem -> a stand-in image for the edge test (see _edge_image)
+    images: dict[str, np.ndarray]  # stem -> the micrograph (float16), for the edge and padded-border test
 
 
 def _folder(cache: Path, name: str) -> Path:
     return cache / name.replace("/", "__")
-
-
-def _edge_image(image: np.ndarray) -> np.ndarray:
-    """The image itself (find_candidates looks at its shape and padded borders); kept as float16."""
-    return np.asarray(image, dtype=np.float16)
 
 
 def _split(ds: Any, cache: Path) -> Split:
@@ -122,7 +116,7 @@ def prepare(
                 level=smap.level if smap.level is not None else np.zeros(0),
                 stride=smap.stride,
                 offset=smap.offset,
-                image=_edge_image(image),
+                image=np.asarray(image, dtype=np.float16),
             )
         print(f"{ds.name}: {len(split.queries) + 1} score maps cached", flush=True)
 
@@ -136,15 +130,14 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
         if not (folder / "model" / "manifest.json").is_file():
             continue
         split = _split(ds, cache)
-        maps, shapes, images = {}, {}, {}
+        maps, images = {}, {}
         for path in [split.reference, *split.queries]:
             with np.load(folder / "maps" / f"{path.stem}.npz") as z:
                 maps[path.stem] = ScoreMap(
                     scores=z["scores"], stride=int(z["stride"]), offset=float(z["offset"]), level=z["level"]
                 )
                 images[path.stem] = z["image"]
-                shapes[path.stem] = tuple(z["image"].shape)
-        out.append(Cached(ds.name, split, load_model(folder / "model"), maps, shapes, images))
+        out.append(Cached(ds.name, split, load_model(folder / "model"), maps, images))
     return out
 
 
@@ -164,7 +157,7 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
 
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
     """Every micrograph's candidates (reference included) under cfg."""
-    return {stem: find_candidates(m, c.trained.geometry, c.borders[stem], cfg) for stem, m in c.maps.items()}
+    return {stem: find_candidates(m, c.trained.geometry, c.images[stem], cfg) for stem, m in c.maps.items()}
 
 
 def score(c: Cached, cfg: PickConfig, rule: CutoffRule = default_rule) -> dict[str, Any]:
@@ -172,7 +165,7 @@ def score(c: Cached, cfg: PickConfig, rule: CutoffRule = default_rule) -> dict[s
     cuts = rule(c, cands, cfg)
     queries = {q.stem: cands[q.stem] for q in c.split.queries}
     truth, d = c.split.truth, c.split.diameter
-    everything = evaluate({k: (xy, s) for k, (xy, s) in queries.items()}, truth, d)
+    everything = evaluate(dict(queries), truth, d)
     picks = {k: (xy[s >= cuts[k]], s[s >= cuts[k]]) for k, (xy, s) in queries.items()}
     at_cut = evaluate(picks, truth, d).pooled
     oracle = oracle_f1(queries, truth, d)
