@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from cryomae.config import PickConfig, TrainConfig
-from cryomae.errors import ConfigError, CryomaeError, TransientError
+from cryomae.errors import ConfigError, CryomaeError, InputError, TransientError
 from cryomae.logging import configure_logging
 from cryomae.model.presets import PRESETS
 
@@ -69,7 +69,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config:
         values.update(json.loads(Path(args.config).read_text()))
-    for name in ("preset", "box_factor", "epochs", "pretrain_epochs", "seed", "device"):
+    for name in ("preset", "box_factor", "epochs", "pretrain_epochs", "seed", "device", "encoder"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values.update(_set_pairs(args.set or []))
@@ -139,6 +139,83 @@ def cmd_example(args: argparse.Namespace) -> int:
     result = run_example(Path(args.out), preset=args.preset, seed=args.seed)
     print(result["table"])
     print(f"\nexample written to {args.out}: data/, model/, picks/, preview.png, evaluation.json")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ facility encoder
+
+
+def _micrograph_files(paths: Sequence[Path]) -> list[Path]:
+    """The given micrographs, with every folder replaced by the micrographs below it (any depth)."""
+    from cryomae.io.micrographs import MICROGRAPH_SUFFIXES
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in MICROGRAPH_SUFFIXES and f.is_file())
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_encoder_pretrain(args: argparse.Namespace) -> int:
+    from cryomae.config import EncoderConfig
+    from cryomae.training.encoder import next_version, pretrain_encoder
+
+    files = _micrograph_files(args.micrographs)
+    if not files:
+        raise InputError(None, "no micrographs found in " + ", ".join(str(p) for p in args.micrographs))
+    values: dict[str, Any] = {}
+    for name in ("preset", "epochs", "min_diameter", "max_diameter", "seed", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    values.update(_set_pairs(args.set or []))
+    cfg = EncoderConfig(**values)
+    out = args.out if args.out is not None else next_version(_settings(args).store / "encoders" / args.name)
+    print(f"pre-training a facility encoder on {len(files)} micrographs -> {out} (resumable: run again to go on)")
+
+    def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
+        print(
+            f"  {stage}: step {step}/{total} ({100 * step / total:.0f} %), loss {losses.get('mse', float('nan')):.4f}"
+        )
+
+    written = pretrain_encoder(files, out, cfg, on_progress=report)
+    print(f"facility encoder written to {written}; train projects from it with --encoder {written}")
+    return 0
+
+
+def cmd_encoder_list(args: argparse.Namespace) -> int:
+    from cryomae.errors import CheckpointError
+    from cryomae.model.layout import MANIFEST, read_manifest
+
+    root = _settings(args).store / "encoders"
+    rows = []
+    for manifest in sorted(root.glob(f"*/v*/{MANIFEST}")):
+        try:
+            m = read_manifest(manifest)
+            rows.append(
+                {
+                    "encoder": str(manifest.parent),
+                    "preset": m["preset"]["name"],
+                    "micrographs": m["micrographs"]["count"],
+                    "epochs": m["config"]["epochs"],
+                    "created": m["created"],
+                    "checksum": m["checksum"][:12],
+                }
+            )
+        except (CheckpointError, KeyError, TypeError) as e:
+            rows.append({"encoder": str(manifest.parent), "problem": str(e)})
+    text = "\n".join(
+        f"{r['encoder']}: "
+        + (
+            r["problem"]
+            if "problem" in r
+            else f"{r['preset']}, {r['micrographs']} micrographs, "
+            f"{r['epochs']} epochs, {r['created']}, checksum {r['checksum']}"
+        )
+        for r in rows
+    )
+    _print(args, rows, text or f"no facility encoders under {root}")
     return 0
 
 
@@ -374,6 +451,37 @@ def _add_live_parsers(sub: Any) -> None:
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    enc = sub.add_parser(
+        "encoder",
+        help="pre-train the facility encoder every project can start from",
+        description="A facility encoder is the MAE pre-trained on many micrographs of any samples (an archive); "
+        "projects trained with --encoder (or CRYOMAE_TRAIN__ENCODER) start from it.",
+    ).add_subparsers(dest="action", required=True)
+    epre = enc.add_parser(
+        "pretrain",
+        parents=[common],
+        help="pre-train a facility encoder (resumable)",
+        description="Masked reconstruction on random regions of the micrographs, at particle sizes drawn from "
+        "--min-diameter to --max-diameter pixels. After every epoch its state is saved beside the output; run "
+        "the same command again after an interruption to go on. Writes weights.safetensors and a manifest "
+        "sealed by a checksum.",
+    )
+    epre.add_argument("micrographs", type=Path, nargs="+", metavar="MICROGRAPH", help="micrographs or folders of them")
+    epre.add_argument(
+        "--out", type=Path, help="encoder directory to write (default: STORE/encoders/NAME/vNNNN, the next version)"
+    )
+    epre.add_argument("--name", default="facility", help="encoder name in the store (default facility)")
+    epre.add_argument("--preset", choices=list(PRESETS), help="model preset (default fast; projects must match)")
+    epre.add_argument("--epochs", type=int, help="passes over the micrographs (default 20)")
+    epre.add_argument("--min-diameter", type=float, help="smallest particle diameter drawn, pixels (default 24)")
+    epre.add_argument("--max-diameter", type=float, help="largest particle diameter drawn, pixels (default 160)")
+    epre.add_argument("--seed", type=int, help="random seed (default 0)")
+    epre.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    epre.add_argument("--set", action="append", metavar="KEY=VALUE", help="any EncoderConfig field (repeatable)")
+    epre.set_defaults(func=cmd_encoder_pretrain)
+    elist = enc.add_parser("list", parents=[common, js], help="the facility encoders in the store")
+    elist.set_defaults(func=cmd_encoder_list)
+
     s = sub.add_parser(
         "service",
         parents=[common],
@@ -545,6 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrain-epochs", type=int, help="pre-training epochs")
     t.add_argument("--seed", type=int, help="random seed (training is deterministic for a seed)")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    t.add_argument(
+        "--encoder",
+        help="start from this facility encoder (`cryomae encoder pretrain`): its directory, or a folder of "
+        "versions (the newest is used); default random weights, or CRYOMAE_TRAIN__ENCODER",
+    )
     t.add_argument("--config", type=Path, help="JSON file of training hyperparameters")
     t.add_argument(
         "--set",

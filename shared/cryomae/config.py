@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
     bank_views: Literal[1, 8] = Field(8, description="exemplar bank: 1 view or the 8 dihedral views each")
     seed: int = 0
     device: str = "auto"
+    encoder: str | None = Field(
+        None,
+        description="start from this facility encoder (`cryomae encoder pretrain`): an encoder directory, or a "
+        "folder of versions v0001, v0002, ... (the newest is used); None starts from random weights",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -148,3 +153,38 @@ class PickConfig(BaseModel):
         "fit a quarter of its free memory (cryomae.picking.picker.window_batch_size), 2048 on the CPU",
     )
     device: str = "auto"
+
+
+class EncoderConfig(BaseModel):
+    """Pre-training a facility encoder: masked reconstruction on regions of many micrographs of any samples.
+
+    A project's training later starts from it (``TrainConfig.encoder``). The regions are prepared as a project's
+    are (the same high-pass, low-pass and ice flattening, from ``TrainConfig``'s defaults) at particle sizes drawn
+    log-uniformly from ``min_diameter`` to ``max_diameter`` original pixels, since an archive mixes samples.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "fast"
+    min_diameter: float = Field(24.0, gt=0, description="smallest particle diameter drawn, original pixels")
+    max_diameter: float = Field(160.0, gt=0, description="largest particle diameter drawn, original pixels")
+    scales_per_micrograph: int = Field(2, ge=1, le=16, description="particle sizes drawn per micrograph per epoch")
+    regions_per_micrograph: int = Field(256, ge=1, description="regions cut per micrograph and size per epoch")
+    micrographs_per_chunk: int = Field(
+        8, ge=1, description="micrographs prepared at once; their regions are shuffled together (bounds memory)"
+    )
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=2)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.max_diameter < self.min_diameter:
+            raise ValueError(f"max_diameter {self.max_diameter} is below min_diameter {self.min_diameter}")
+        return self

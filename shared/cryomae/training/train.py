@@ -15,7 +15,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,72 +25,21 @@ import torch
 from cryomae import __version__
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import autocast, resolve_device
-from cryomae.errors import InputError, TransientError
+from cryomae.errors import InputError
 from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
 from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
+from cryomae.training.encoder import load_encoder, start_from_encoder
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
 from cryomae.training.regions import crop_regions, dihedral_views, random_augmentation, random_centres
+from cryomae.training.steps import Progress, ProgressHook, TrainingInterruptedError, adamw, lr_at
+
+__all__ = ["ProgressHook", "TrainingInterruptedError", "exemplar_bank", "pretrain", "scs_train", "train_model"]
 
 log = structlog.get_logger("cryomae.train")
-
-#: Called about every 10 % of a stage with (stage, step, total steps, running means of the losses).
-ProgressHook = Callable[[str, int, int, dict[str, float]], None]
-
-
-class TrainingInterruptedError(TransientError):
-    """Training stopped at a step boundary because its ``cancel`` event was set (the service is stopping).
-
-    Transient: the training request goes back to its queue and is trained again from the start.
-    """
-
-
-def _lr_at(step: int, total: int, base: float) -> float:
-    """Linear warm-up over the first 5 % of steps, then cosine decay to 5 % of the base rate."""
-    warm = max(1, total // 20)
-    if step < warm:
-        return base * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-class _Progress:
-    """Progress log lines about every 10 % of a stage, with the running mean of each loss."""
-
-    def __init__(
-        self, stage: str, total: int, hook: ProgressHook | None = None, cancel: threading.Event | None = None
-    ) -> None:
-        self.stage, self.total, self.t0, self.hook = stage, total, time.perf_counter(), hook
-        self.cancel = cancel
-        self.every = max(1, total // 10)
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def step(self, i: int, **losses: float) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise TrainingInterruptedError(f"training interrupted at {self.stage} step {i + 1}/{self.total}")
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        if (i + 1) % self.every == 0 or i + 1 == self.total:
-            means = {k: round(v / self.count, 5) for k, v in self.sums.items()}
-            log.info(self.stage, step=i + 1, of=self.total, seconds=round(time.perf_counter() - self.t0, 1), **means)
-            if self.hook is not None:
-                self.hook(self.stage, i + 1, self.total, means)
-            self.sums, self.count = {}, 0
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "token" in n]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
 
 
 def pretrain(
@@ -116,8 +65,8 @@ def pretrain(
     total = steps_per_epoch * cfg.pretrain_epochs
     if total == 0:
         return []
-    opt = _optimizer(model, cfg.pretrain_lr, cfg.weight_decay)
-    progress, history, step = _Progress("pretrain", total, on_progress, cancel), [], 0
+    opt = adamw(model, cfg.pretrain_lr, cfg.weight_decay)
+    progress, history, step = Progress("pretrain", total, on_progress, cancel), [], 0
     model.train()
     for _ in range(cfg.pretrain_epochs):
         order = rng.permutation(n)
@@ -133,7 +82,7 @@ def pretrain(
                 ]
             )
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, cfg.pretrain_lr)
+                g["lr"] = lr_at(step, total, cfg.pretrain_lr)
             with autocast(device):
                 loss, _ = model(batch, cfg.mask_ratio)
             opt.zero_grad(set_to_none=True)
@@ -164,8 +113,8 @@ def scs_train(
     if total == 0:
         return []
     m = len(exemplars)
-    opt = _optimizer(model, cfg.lr, cfg.weight_decay)
-    progress, history, step = _Progress("scs_train", total, on_progress, cancel), [], 0
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    progress, history, step = Progress("scs_train", total, on_progress, cancel), [], 0
     model.train()
     for _ in range(cfg.epochs):
         order = rng.permutation(cfg.n_unlabeled)
@@ -175,7 +124,7 @@ def scs_train(
             angles, flips = random_augmentation(len(centres), rng, cfg.rotate, cfg.flip)
             batch = crop_regions(image, centres, size, angles, flips)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, cfg.lr)
+                g["lr"] = lr_at(step, total, cfg.lr)
             with autocast(device):
                 l_mse, feats = model(batch, cfg.mask_ratio)
                 if cfg.scs_view == "full":
@@ -250,7 +199,15 @@ def train_model(
     ref = prepare(reference.data, geometry, device)
     extra = [prepare(mic.data, geometry, device) for mic in unlabeled]
     exemplars = geometry.to_model(exemplars_xy)
-    model = MaskedAutoencoder(preset).to(device)
+    model = MaskedAutoencoder(preset)
+    encoder = None
+    if cfg.encoder is not None:
+        encoder = load_encoder(cfg.encoder)
+        start_from_encoder(model, encoder)
+        differs = {k: v for k, v in encoder.manifest["preprocessing"].items() if getattr(cfg, k) != v}
+        if differs:
+            log.warning("encoder_preprocessing_differs", encoder=str(encoder.path), encoder_values=differs)
+    model = model.to(device)
     log.info(
         "train_start",
         preset=preset.name,
@@ -260,6 +217,7 @@ def train_model(
         box_px=round(geometry.box, 1),
         scale=round(geometry.scale, 4),
         extra_micrographs=len(extra),
+        encoder=None if encoder is None else str(encoder.path),
     )
     t1 = time.perf_counter()
     pre_hist = pretrain(model, [ref, *extra], cfg, rng, device, on_progress, cancel)
@@ -287,6 +245,14 @@ def train_model(
             "unlabeled_micrographs": [str(m.path) for m in unlabeled],
             "device": str(device),
             "torch": torch.__version__,
+            # the facility encoder it started from, named by its manifest's checksum (covers its weights)
+            "encoder": None
+            if encoder is None
+            else {
+                "path": str(encoder.path),
+                "checksum": encoder.checksum,
+                "micrographs": encoder.manifest["micrographs"]["count"],
+            },
         },
         "timings_s": {
             "prepare": round(t1 - t0, 3),
