@@ -9,8 +9,6 @@ verifies the manifest's checksum, then the weights' sha256, before any tensor is
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cryomae.errors import CheckpointError
-from cryomae.model.layout import FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest, sha256_file, write_manifest
+from cryomae.model.layout import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    read_manifest,
+    replace_dir,
+    sha256_file,
+    write_manifest,
+)
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import Preset
 from cryomae.preprocess import Geometry
@@ -70,14 +76,7 @@ def save_model(
         **info,
     }
     write_manifest(tmp / MANIFEST, manifest)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

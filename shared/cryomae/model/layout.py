@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,16 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{recorded[:12]}…, its content hashes to {actual[:12]}…; restore the original manifest or retrain"
         )
     return manifest
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the complete directory ``new`` to ``target``; an existing ``target`` is replaced only then, and a
+    reader sees either the old directory or the new one (``.<name>.old`` is the old one, briefly)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier replace
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -45,7 +44,15 @@ from cryomae.config import EncoderConfig, TrainConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.errors import CheckpointError, CryomaeError, InputError
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, read_micrograph
-from cryomae.model.layout import FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest, sha256_file, write_manifest
+from cryomae.model.layout import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    read_manifest,
+    replace_dir,
+    sha256_file,
+    write_manifest,
+)
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import Preset, get_preset
 from cryomae.preprocess import Geometry, prepare
@@ -109,7 +116,7 @@ def _save_partial(folder: Path, model: MaskedAutoencoder, opt: torch.optim.Optim
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file(tensors, str(tmp / STATE_FILE))
     write_manifest(tmp / PROGRESS_FILE, {**record, "state_sha256": sha256_file(tmp / STATE_FILE)})
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
 
 
 def _load_partial(
@@ -139,18 +146,6 @@ def _load_partial(
     sd["state"] = state
     opt.load_state_dict(sd)
     return record
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``, replacing an existing one only once ``new`` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 def next_version(folder: Path) -> Path:
@@ -351,7 +346,7 @@ def pretrain_encoder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
     write_manifest(tmp / MANIFEST, {**info, "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}})
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     shutil.rmtree(partial, ignore_errors=True)
     log.info("encoder_pretrain_done", out=str(out), seconds=round(seconds, 1), final_mse=history[-1])
     return out
