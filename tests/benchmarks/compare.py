@@ -46,6 +46,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the project root importable for ``tests.benchmarks``
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import tests.benchmarks.gpu_report as gpu_report
 import tests.benchmarks.topaz_runner as topaz_runner
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import resolve_device
@@ -376,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_name(out.stem + "-f1-time.png")
+    previous = out.read_text() if out.is_file() else ""  # its GPU section (gpu_report.py) is kept
     with tempfile.TemporaryDirectory(prefix="cryomae-compare-") as tmp:
         for name in names:
             split = few_shot_split(available[name], args.max_queries)
@@ -384,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
             results[name] = run_dataset(name, split, pickers, args.device, Path(tmp), not args.rerun_topaz)
             meta["total_s"] = time.perf_counter() - t0
             plot(results, png)
-            out.write_text(markdown(meta, results, splits, png))
+            out.write_text(gpu_report.keep_section(markdown(meta, results, splits, png), previous))
             out.with_suffix(".json").write_text(
                 json.dumps(
                     {"meta": meta, "results": {n: [asdict(r) for r in rows] for n, rows in results.items()}},
