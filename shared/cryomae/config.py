@@ -64,7 +64,14 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0.0)
     rotate: bool = True
     flip: bool = True
-    bank_views: Literal[1, 8] = Field(8, description="exemplar bank: 1 view or the 8 dihedral views each")
+    bank: Literal["views", "aligned"] = Field(
+        "views",
+        description="exemplar bank: each exemplar in bank_views views (the paper's), or the average of the exemplars "
+        "aligned in the plane, at bank_rotations angles each also mirrored (cryomae.training.bank; pick it with "
+        "score mean_max, docs/accuracy-study.md)",
+    )
+    bank_views: Literal[1, 8] = Field(8, description="bank views: 1 view or the 8 dihedral views of each exemplar")
+    bank_rotations: int = Field(16, ge=1, le=90, description="bank aligned: in-plane angles of the aligned average")
     seed: int = 0
     device: str = "auto"
     encoder: str | None = Field(
@@ -86,7 +93,12 @@ class PickConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stride_fraction: float = Field(0.125, gt=0.0, le=1.0, description="stride / window side (paper: 1/8)")
-    score: Literal["max", "mean"] = "mean"
+    score: Literal["max", "mean", "mean_max"] = Field(
+        "mean",
+        description="a window's score from its cosines to the bank: their mean, their max, or mean_max: "
+        "(1 - max_weight) x mean + max_weight x max (the rotational average plus the best orientation's match)",
+    )
+    max_weight: float = Field(0.4, ge=0.0, le=1.0, description="mean_max: the weight of the max")
     feature_norm: Literal["none", "center", "standardize"] = Field(
         "standardize",
         description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "

@@ -91,7 +91,9 @@ def untrained(spec: str, reference: Path, diameter: float, device: torch.device)
     model = MaskedAutoencoder(preset).to(device).eval()
     geometry = Geometry(diameter=diameter, box_factor=1.0, img_size=preset.img_size, lowpass=1.0, ice_z=3.0)
     image = prepare(read_micrograph(reference).data, geometry, device)
-    bank = exemplar_bank(model, image, geometry.to_model(_exemplars(reference)), 8, device)
+    cfg = TrainConfig()  # the default bank (its size sets the cost of the max in the score)
+    xy = geometry.to_model(_exemplars(reference))
+    bank = exemplar_bank(model, image, xy, device, kind=cfg.bank, views=cfg.bank_views, rotations=cfg.bank_rotations)
     return TrainedModel(model=model, bank=bank, geometry=geometry, manifest={})
 
 

@@ -50,8 +50,10 @@ def _micrograph(seed: int = 1, size: int = 160) -> np.ndarray:
         ("flat", {"feature_norm": "none"}),
         ("flat", {"stride_fraction": 0.5}),  # stride 16, patch 8: windows 2 token-grid cells apart
         ("flat", {"stride_fraction": 0.25}),  # stride 8 = patch: one token per patch position
+        ("flat", {"score": "mean_max"}),
         ("mean", {}),
         ("mean", {"score": "max"}),
+        ("mean", {"score": "mean_max", "max_weight": 0.7}),
     ],
 )
 def test_shared_tokens_give_the_windowed_scores(feature: Literal["mean", "flat"], overrides: dict[str, object]) -> None:
@@ -108,7 +110,7 @@ def test_coarse_to_fine_finds_the_full_search_peaks_with_fewer_windows() -> None
         image -= 3.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
     geo = trained.geometry
     prepared = prepare(image, geo)
-    trained.bank = exemplar_bank(trained.model, prepared, geo.to_model(centres[:4, ::-1]), 8, CPU)
+    trained.bank = exemplar_bank(trained.model, prepared, geo.to_model(centres[:4, ::-1]), CPU, kind="views")
     windowed = PickConfig(device="cpu", threshold=0.0, shared_tokens=False)  # the search matters window by window
     full = pick_micrograph(trained, image, windowed)
     c2f = pick_micrograph(trained, image, windowed.model_copy(update={"search": "coarse_to_fine"}))
@@ -161,3 +163,14 @@ def test_scores_do_not_depend_on_the_batch_size(batch_size: int | None) -> None:
     reference = compute_score_map(trained, image, PickConfig(device="cpu", batch_size=4096)).scores
     got = compute_score_map(trained, image, PickConfig(device="cpu", batch_size=batch_size)).scores
     np.testing.assert_allclose(got, reference, atol=2e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_blended_score_is_the_weighted_mean_and_max(shared: bool) -> None:
+    trained, image = _trained(), _micrograph()
+    cfg = PickConfig(device="cpu", shared_tokens=shared)
+    mean = compute_score_map(trained, image, cfg).scores
+    best = compute_score_map(trained, image, cfg.model_copy(update={"score": "max"})).scores
+    blend = compute_score_map(trained, image, cfg.model_copy(update={"score": "mean_max", "max_weight": 0.4})).scores
+    assert np.abs(best - mean).max() > 0.05  # the two differ, so the blend is a real test
+    np.testing.assert_allclose(blend, 0.6 * mean + 0.4 * best, atol=2e-5)

@@ -2,8 +2,8 @@
 
 The micrograph is normalised and resampled once (``cryomae.preprocess``), padded by half a window with its
 mean, and its windows are taken as a strided view (``Tensor.unfold``, no copy). Rows of windows go to the
-encoder in large batches; each window's score is the max (or mean) cosine similarity of its unmasked encoder
-feature to the exemplar bank, giving a score map with one cell per window position. Candidates are the
+encoder in large batches; each window's score is the mean, the max or a blend of the cosine similarities of its
+unmasked encoder feature to the exemplar bank, giving a score map with one cell per window position. Candidates are the
 local maxima of that map at least ``nms_distance * diameter`` apart (or every window, as in the paper, when
 ``nms`` is off); the per-micrograph cutoff is set on the candidates' scores (``cryomae.picking.threshold``).
 """
@@ -87,9 +87,13 @@ def _standardizer(
     return mu, sd
 
 
-def _reduce(sims: torch.Tensor, cfg: PickConfig) -> torch.Tensor:
-    """Cosine similarities [n, B] to the bank -> one score per window [n]."""
-    return sims.amax(dim=1) if cfg.score == "max" else sims.mean(dim=1)
+def _reduce(sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
+    """Cosine similarities to the bank (along ``dim``) -> one score per window (``PickConfig.score``)."""
+    if cfg.score == "max":
+        return sims.amax(dim=dim)
+    if cfg.score == "mean_max":
+        return (1 - cfg.max_weight) * sims.mean(dim=dim) + cfg.max_weight * sims.amax(dim=dim)
+    return sims.mean(dim=dim)
 
 
 def shared_token_stride(preset_patch: int, stride: int) -> int:
@@ -289,7 +293,7 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
         dots += window_view(dot_maps[:, idx], o)
         sq += window_view(lin_maps[idx], o) + window_view(quad_maps[idx], o)
     scores = dots / sq.clamp_min(0).sqrt().clamp_min(1e-12)  # [B or 1, Gy, Gx]
-    return scores.amax(dim=0) if cfg.score == "max" else scores[0]
+    return _reduce(scores, cfg, dim=0)  # (for mean, the one bank vector was the mean: the same)
 
 
 def check_fits(shape: tuple[int, ...], geometry: Geometry) -> None:

@@ -290,10 +290,10 @@ def pretrain_encoder(
         for start in range(0, len(files), cfg.micrographs_per_chunk):
             chunk = [files[i] for i in order[start : start + cfg.micrographs_per_chunk]]
             regions, bad = _chunk_regions(chunk, cfg, prep, preset.img_size, rng, device, max_pixels)
-            for b in bad:
-                if b not in failed:
-                    log.warning("encoder_micrograph_skipped", reason=b)
-                failed.add(b)
+            for problem in bad:
+                if problem not in failed:
+                    log.warning("encoder_micrograph_skipped", reason=problem)
+                failed.add(problem)
             wanted = math.ceil(len(chunk) * cfg.scales_per_micrograph * cfg.regions_per_micrograph / cfg.batch_size)
             perm = torch.randperm(len(regions), device=device)
             for b in range(wanted):  # a fixed number of steps per chunk: skipped files shorten none of the plan

@@ -5,8 +5,8 @@ extra micrographs given), freshly rotated and flipped every epoch.
 Stage 1b, SCS training: every step sees all m exemplars (randomly rotated and flipped) and a batch of the n
 unlabeled regions of the reference micrograph; the loss is the masked reconstruction error plus beta times
 the PU-adjusted self-cross similarity loss on the encoder's latent features.
-Finally the exemplar bank is the unmasked encoder features of the exemplars (with their 8 dihedral views
-when ``bank_views == 8``).
+Finally the exemplar bank is made from the unmasked encoder features of the exemplars (``cryomae.training.bank``:
+their 8 dihedral views by default).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
 from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
+from cryomae.training.bank import exemplar_bank
 from cryomae.training.encoder import load_encoder, start_from_encoder
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
-from cryomae.training.regions import crop_regions, dihedral_views, random_augmentation, random_centres
+from cryomae.training.regions import crop_regions, random_augmentation, random_centres
 from cryomae.training.steps import Progress, ProgressHook, TrainingInterruptedError, adamw, lr_at
 
 __all__ = ["ProgressHook", "TrainingInterruptedError", "exemplar_bank", "pretrain", "scs_train", "train_model"]
@@ -145,21 +146,6 @@ def scs_train(
     return history
 
 
-@torch.no_grad()
-def exemplar_bank(
-    model: MaskedAutoencoder, image: torch.Tensor, exemplars: np.ndarray, views: int, device: torch.device
-) -> torch.Tensor:
-    """Unmasked encoder features of the exemplars [m, 2]: [m * views, D]."""
-    model.eval()
-    if views == 8:
-        idx, angles, flips = dihedral_views(len(exemplars))
-        regions = crop_regions(image, exemplars[idx], model.preset.img_size, angles, flips)
-    else:
-        regions = crop_regions(image, exemplars, model.preset.img_size)
-    with autocast(device):
-        return model.features(regions).float()
-
-
 def train_model(
     reference: Micrograph,
     exemplars_xy: np.ndarray,
@@ -224,7 +210,9 @@ def train_model(
     t2 = time.perf_counter()
     scs_hist = scs_train(model, ref, exemplars, cfg, rng, device, on_progress, cancel)
     t3 = time.perf_counter()
-    bank = exemplar_bank(model, ref, exemplars, cfg.bank_views, device)
+    bank = exemplar_bank(
+        model, ref, exemplars, device, kind=cfg.bank, views=cfg.bank_views, rotations=cfg.bank_rotations
+    )
     model.eval()
     t4 = time.perf_counter()
     # the reference's own cutoff, with the default picking options: it seeds each session's auto cutoff
