@@ -133,16 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "ablations.md")
     args = p.parse_args(argv)
     default = args.default_cache or args.cache / "ablation-default"
-    rows = []
+    # the rows an earlier, interrupted run measured stay in the table until this run measures them again
+    json_out = args.out.with_suffix(".json")
+    earlier = {r["name"]: r for r in json.loads(json_out.read_text())} if json_out.is_file() else {}
+    order = [v.name for v in VARIANTS]
+    measured: list[dict[str, Any]] = []
     for v in VARIANTS:
         print(f"== table {v.table}: {v.name}", flush=True)
-        rows.append(run_variant(v, args.cache, args.data_root, default))
-        m = rows[-1]["mean"]
+        measured.append(run_variant(v, args.cache, args.data_root, default))
+        m = measured[-1]["mean"]
         print(f"   F1 {m['f1']:.3f} AP {m['ap']:.3f} best global F1 {m['oracle']:.3f}", flush=True)
         # written after every variant: a long run stopped early keeps what it measured
+        done = {r["name"] for r in measured}
+        rows = [*measured, *(r for name, r in earlier.items() if name not in done and name in order)]
+        rows.sort(key=lambda r: order.index(r["name"]))
         command = " ".join([".venv/bin/python tests/benchmarks/ablations.py", *(argv or sys.argv[1:])])
         args.out.write_text(markdown(rows, command))
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        json_out.write_text(json.dumps(rows, indent=1))
     return 0
 
 
