@@ -694,7 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
         "k = 5), or a fixed score",
     )
     k.add_argument(
-        "--score", choices=["max", "mean"], help="mean (default) or max cosine similarity over the exemplar bank"
+        "--score",
+        choices=["max", "mean", "mean_max"],
+        help="mean (default), max, or mean_max (a blend) of the cosine similarities to the exemplar bank",
     )
     k.add_argument(
         "--no-nms", action="store_true", help="keep every window above the cutoff (the paper's behaviour; duplicates)"
