@@ -58,7 +58,8 @@ def encoders(data_root: Path, root: Path, cfg: EncoderConfig) -> dict[str, Path]
     """One facility encoder per held-out set (pre-trained unless cached): held-out name -> encoder directory."""
     out = {}
     for name in DATASETS:
-        path = root / "facility-encoders" / f"epochs{cfg.epochs}" / name.replace("/", "__")
+        tag = f"epochs{cfg.epochs}" if cfg.preset == "fast" else f"{cfg.preset}-epochs{cfg.epochs}"
+        path = root / "facility-encoders" / tag / name.replace("/", "__")
         if not (path / "manifest.json").is_file():
             t0 = time.perf_counter()
             pretrain_encoder(archive(data_root, name), path, cfg)
@@ -86,7 +87,11 @@ def variants(layers: Sequence[int], epochs: int) -> list[tuple[str, int, str, di
     return rows
 
 
-def cache_for(root: Path, label: str, layer: int, start: str, train: dict[str, Any], epochs: int) -> Path:
+def cache_for(
+    root: Path, label: str, layer: int, start: str, train: dict[str, Any], epochs: int, preset: str = "fast"
+) -> Path:
+    if preset != "fast":  # nothing to share with ablations.py, which measures the fast preset
+        return root / f"encoder-{preset}-{start}-layer{layer}-{slug(label)}-e{epochs}"
     if start == "untrained" and layer == 0:
         return ablation_cache(root, "untrained encoder (neither stage)")
     if start == "scratch" and layer == 0:
@@ -107,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--layers", default="0,1,-1", help="feature layers (comma list; 0 = patch embedding)")
     p.add_argument("--epochs", type=int, default=8, help="facility encoder epochs")
+    p.add_argument("--preset", default="fast", help="model preset of the encoders and the projects (default fast)")
     p.add_argument("--regions", type=int, default=128, help="regions per micrograph and size per epoch")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "facility-encoder.md")
     p.add_argument(
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json-in", type=Path, default=None, help="keep the rows of an earlier run from here")
     args = p.parse_args(argv)
     layers = [int(x) for x in args.layers.split(",")]
-    enc_cfg = EncoderConfig(epochs=args.epochs, regions_per_micrograph=args.regions)
+    enc_cfg = EncoderConfig(preset=args.preset, epochs=args.epochs, regions_per_micrograph=args.regions)
     t0 = time.perf_counter()
     enc = encoders(args.data_root, args.cache, enc_cfg)
     pretrain_s = time.perf_counter() - t0
@@ -128,11 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_scs_only:
         plan = [v for v in plan if "SCS only" not in v[0]]
     for label, layer, start, train in plan:
-        cache = cache_for(args.cache, label, layer, start, train, args.epochs)
+        cache = cache_for(args.cache, label, layer, start, train, args.epochs, args.preset)
         pick = PickConfig(**({} if layer == 0 else {"stride_fraction": DEEP_STRIDE}))
         print(f"== layer {layer}: {label} ({cache.name})", flush=True)
         for name in DATASETS:  # one training configuration per held-out set (its own encoder)
-            cfg = TrainConfig(**train, **({"encoder": str(enc[name])} if start == "facility" else {}))
+            encoder = {"encoder": str(enc[name])} if start == "facility" else {}
+            cfg = TrainConfig(**train, preset=args.preset, **encoder)
             prepare(args.data_root, cache, [name], cfg, pick)
         result = table(load(args.data_root, cache, DATASETS), pick, quiet=True)
         m = result["mean"]
@@ -153,8 +160,8 @@ def markdown(rows: list[dict[str, Any]], command: str, cfg: EncoderConfig, pretr
     lines = [
         "# Facility encoder: leave one sample out",
         "",
-        f"Command: `{command}`. For each of the 7 distinct development sets, a facility encoder (`fast` preset) is",
-        "pre-trained on every micrograph of the other 6 sets (about 60 micrographs; "
+        f"Command: `{command}`. For each of the 7 distinct development sets, a facility encoder (`{cfg.preset}`",
+        "preset) is pre-trained on every micrograph of the other 6 sets (about 60 micrographs; "
         f"{cfg.epochs} epochs, {cfg.scales_per_micrograph} particle sizes per micrograph drawn from "
         f"{cfg.min_diameter:g}-{cfg.max_diameter:g} px, {cfg.regions_per_micrograph} regions each; the 7 took "
         f"{pretrain_s / 60:.0f} min in all here), and the held-out set's project is trained from it. F1 at the",
