@@ -97,7 +97,10 @@ def test_dry_run_measures_every_stage_in_time(dry_run: tuple[Path, Path, float])
     capacity, latency = stages[("service", "capacity")]["result"], stages[("service", "latency")]["result"]
     assert capacity["picked"] == capacity["micrographs"] == cfg["capacity_count"]
     assert capacity["per_hour"] > 0 and capacity["queue_never_empty"]
-    assert latency["picked"] == latency["micrographs"] and latency["latency"]["n"] == cfg["latency_count"]
+    # the micrographs written after the model are live; the exemplars' micrograph is too when the watcher saw it
+    # complete only after the (tiny) model was published, as on a busy machine
+    assert latency["picked"] == latency["micrographs"]
+    assert cfg["latency_count"] <= latency["latency"]["n"] <= latency["micrographs"]
     assert 0 < latency["latency"]["p50_s"] <= latency["latency"]["p95_s"]
     for s in stages.values():
         if s["kind"] == "switch" and s["switch"] is not None and "speed_up" in s["result"]:

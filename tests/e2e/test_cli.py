@@ -494,6 +494,7 @@ OPTIONS = {
         "--pretrain-epochs",
         "--seed",
         "--device",
+        "--encoder",
         "--config",
         "--set",
     ],
@@ -551,6 +552,7 @@ LIVE: dict[str, list[str]] = {
     "status": [],
     "dlq": [],
     "config": ["show"],
+    "encoder": ["pretrain", "list"],
 }
 
 
