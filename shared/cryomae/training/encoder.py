@@ -178,7 +178,9 @@ def load_encoder(path: str | Path) -> Encoder:
     try:
         preset = Preset(**manifest["preset"])
         expected = manifest["weights"]["sha256"]
-    except (KeyError, TypeError) as e:
+        # read by project training (the preprocessing check, the provenance): absent keys fail here, clearly
+        dict(manifest["preprocessing"]), int(manifest["micrographs"]["count"])
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / MANIFEST}: incomplete encoder manifest ({e})") from None
     if sha256_file(d / WEIGHTS) != expected:
         raise CheckpointError(f"{d / WEIGHTS}: checksum mismatch with its manifest")
@@ -191,7 +193,7 @@ def load_encoder(path: str | Path) -> Encoder:
 
 
 def start_from_encoder(model: MaskedAutoencoder, encoder: Encoder) -> None:
-    """Load a facility encoder's weights into a project's model; ConfigError-like InputError if they differ."""
+    """Load a facility encoder's weights into a project's model; InputError when its preset is not the project's."""
     ours, theirs = model.preset, encoder.preset
     if dataclasses.replace(ours, feature=theirs.feature, feature_layer=theirs.feature_layer) != theirs:
         raise InputError(
