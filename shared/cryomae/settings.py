@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     watch: WatchTuning = Field(default_factory=WatchTuning)
     pick: PickConfig = Field(default_factory=PickConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N for picking and training")
+    device: str = Field(
+        "auto", description="auto, cpu, cuda or cuda:N: the one device setting, for picking and training alike"
+    )
     model_check_seconds: float = Field(10.0, gt=0, description="how often a picker checks for a new model version")
     pick_workers: int | None = Field(
         None,
@@ -98,6 +100,12 @@ class Settings(BaseSettings):
         scheme = urlsplit(self.broker.url).scheme
         if scheme not in ("memory", "amqp", "amqps"):
             raise ValueError(f"broker.url must start with memory://, amqp:// or amqps://, got {scheme or '(none)'}://")
+        for section in ("pick", "train"):  # one device setting: the services would not read these
+            if "device" in getattr(self, section).model_fields_set:
+                raise ValueError(
+                    f"{section}.device (CRYOMAE_{section.upper()}__DEVICE) is not a service setting: set device "
+                    "(CRYOMAE_DEVICE), which the picker and the trainer both use"
+                )
         return self
 
     def roots(self) -> list[Path]:

@@ -43,8 +43,9 @@ def test_dotenv_file_may_hold_other_tools_variables_but_nested_typos_fail(tmp_pa
         load_settings()
 
 
-def test_password_from_the_secrets_folder_is_used_and_never_shown(monkeypatch: pytest.MonkeyPatch,
-                                                                 tmp_path: Path) -> None:
+def test_password_from_the_secrets_folder_is_used_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "cryomae_broker_password").write_text("s3cr:et/\n")
@@ -92,3 +93,26 @@ def test_metrics_listen_on_this_host_only_unless_told(monkeypatch: pytest.Monkey
     assert load_settings().metrics_host == "127.0.0.1"
     monkeypatch.setenv("CRYOMAE_METRICS_HOST", "0.0.0.0")
     assert load_settings().metrics_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("section", ["pick", "train"])
+def test_one_device_setting_every_service_honours(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, section: str
+) -> None:
+    # CRYOMAE_PICK__DEVICE and CRYOMAE_TRAIN__DEVICE used to load and then do nothing: now they are refused with
+    # a reason that names the one setting, and CRYOMAE_DEVICE reaches both the picker and the trainer
+    from cryomae.live.app import App
+
+    monkeypatch.setenv(f"CRYOMAE_{section.upper()}__DEVICE", "cuda:7")
+    with pytest.raises(ValidationError, match=r"CRYOMAE_DEVICE"):
+        load_settings()
+    monkeypatch.delenv(f"CRYOMAE_{section.upper()}__DEVICE")
+    monkeypatch.setenv("CRYOMAE_DEVICE", "cpu")
+    s = load_settings(store=tmp_path / "store", outputs=tmp_path / "out", state=tmp_path / "state")
+    app = App(s, services=["picker", "trainer"])
+    try:
+        app.build()
+        picker, trainer = app.services["picker"], app.services["trainer"]
+        assert str(picker.device) == "cpu" and trainer.device == "cpu"  # type: ignore[attr-defined]
+    finally:
+        app.stop()
