@@ -4,6 +4,7 @@ Each variant is one ``study.py`` cache (trained once, score maps kept) evaluated
 rules; variants that only change the score map reuse the default model. Writes docs/ablations.md and .json.
 
     .venv/bin/python tests/benchmarks/ablations.py            # about 35 minutes on 2 CPU cores
+    .venv/bin/python tests/benchmarks/ablations.py --missing  # only the rows docs/ablations.json lacks
 
 The 7 distinct development sets are used (empiar10017/full is bin4 at 4x the size, with the same figures).
 This file is not collected by pytest.
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--default-cache", type=Path, default=None, help="the default variant's cache (default: CACHE/ablation-default)"
     )
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "ablations.md")
+    p.add_argument(
+        "--missing", action="store_true", help="measure only the variants the table (its .json) does not hold yet"
+    )
     args = p.parse_args(argv)
     default = args.default_cache or args.cache / "ablation-default"
     # the rows an earlier, interrupted run measured stay in the table until this run measures them again
@@ -139,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = [v.name for v in VARIANTS]
     measured: list[dict[str, Any]] = []
     for v in VARIANTS:
+        if args.missing and v.name in earlier:
+            continue
         print(f"== table {v.table}: {v.name}", flush=True)
         measured.append(run_variant(v, args.cache, args.data_root, default))
         m = measured[-1]["mean"]
