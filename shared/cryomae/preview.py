@@ -9,8 +9,6 @@ visible where they coincide.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 from cryomae.errors import ConfigError, InputError
+from cryomae.io.atomic import atomic_output
 
 __all__ = ["render_preview"]
 
@@ -111,13 +110,6 @@ def render_preview(
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            rgb.save(fh, format="PNG")
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a preview is meant to be read by others
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(out, mode=0o644) as tmp:  # a preview is meant to be read by others
+        rgb.save(tmp, format="PNG")
     return out

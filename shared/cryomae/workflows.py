@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import resolve_device
 from cryomae.errors import InputError
 from cryomae.evaluation.metrics import Evaluation, evaluate
+from cryomae.io.atomic import write_json
 from cryomae.io.coordinates import (
     Coordinates,
     check_inside,
@@ -44,14 +43,6 @@ log = structlog.get_logger("cryomae.workflows")
 RUN_FILE = "pick_run.json"
 AUTOPICK_SUFFIX = "_autopick.star"
 CANDIDATES_DIR = "candidates"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def train_from_files(
@@ -157,7 +148,7 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
         "failed": failed,
         "total_picks": len(xy),
     }
-    _write_json(out / RUN_FILE, summary)
+    write_json(out / RUN_FILE, summary, indent=2)
     if failed and not rows:
         raise InputError(failed[0]["micrograph"], f"no micrograph could be read ({failed[0]['error']})")
     return summary
@@ -243,7 +234,7 @@ def run_example(out: Path, preset: str = "fast", seed: int = 0) -> dict[str, Any
     model_dir = train_from_files(mics[0], ex_file, diameter, out / "model", cfg)
     pick_files(model_dir, mics[1:], out / "picks", PickConfig())
     ev = evaluate_dirs(out / "picks", out / "data" / "coords", diameter)
-    _write_json(out / "evaluation.json", ev.to_dict())
+    write_json(out / "evaluation.json", ev.to_dict(), indent=2)
     preview_file(
         mics[1],
         out / "picks" / f"{mics[1].stem}{AUTOPICK_SUFFIX}",

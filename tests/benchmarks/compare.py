@@ -52,7 +52,7 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.device import resolve_device
 from cryomae.errors import CryomaeError
 from cryomae.evaluation.metrics import evaluate
-from cryomae.io.micrographs import atomic_output
+from cryomae.io.atomic import atomic_output
 from cryomae.logging import configure_logging
 from cryomae.model.layout import sha256_file
 from cryomae.model.presets import get_preset

@@ -27,7 +27,7 @@ import pandas as pd
 import starfile
 
 from cryomae.errors import InputError
-from cryomae.io.micrographs import atomic_output
+from cryomae.io.atomic import atomic_output
 
 COORDINATE_SUFFIXES: tuple[str, ...] = (".star", ".box", ".csv")
 

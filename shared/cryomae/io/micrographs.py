@@ -18,12 +18,10 @@ from __future__ import annotations
 import os
 import re
 import struct
-import uuid
 import warnings
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import tifffile
 from PIL import Image
 
 from cryomae.errors import InputError
+from cryomae.io.atomic import atomic_output
 
 MICROGRAPH_SUFFIXES: tuple[str, ...] = (".mrc", ".mrcs", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MRC_SUFFIXES: tuple[str, ...] = (".mrc", ".mrcs")
@@ -404,33 +403,6 @@ def read_micrograph(path: str | Path, max_pixels: int | None = MAX_MICROGRAPH_PI
     else:
         pixels = _read_pillow(p, max_pixels)
     return Micrograph(data=_checked_image(p, pixels), path=p, pixel_size=pixel_size)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data (or a folder's entries) to disk, so a rename never exposes an empty file after a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``path``; when the block succeeds, move it over ``path``.
-
-    Readers (and file watchers, which ignore the ``.tmp`` suffix) never see a half-written file; on
-    failure the temporary file is removed and ``path`` is left as it was.
-    """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _cast_for_mrc(data: np.ndarray, dtype: np.dtype) -> np.ndarray:

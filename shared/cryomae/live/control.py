@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from cryomae.errors import InputError, TransientError
+from cryomae.io.atomic import write_json
 from cryomae.live.common import pid_running
 from cryomae.messages import Message, decode
 from cryomae.messaging import topology
@@ -112,12 +113,6 @@ class BrokerControl(Control):
         self.broker.close()
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 class SpoolControl(Control):
     """Requests as files in ``<state>/inbox`` for the ``cryomae run`` process; reports from its snapshot."""
 
@@ -131,7 +126,7 @@ class SpoolControl(Control):
         try:
             self.inbox.mkdir(parents=True, exist_ok=True)
             name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            _write_atomic(self.inbox / name, op)
+            write_json(self.inbox / name, op)
         except OSError as exc:
             raise InputError(self.inbox, f"cannot write a request for the running process: {exc}") from None
 
@@ -252,4 +247,4 @@ class Inbox:
             "depths": {q: self.broker.depth(q) for q in names},
             "dead_letters": letters,
         }
-        _write_atomic(self.state / SNAPSHOT, snap)
+        write_json(self.state / SNAPSHOT, snap)

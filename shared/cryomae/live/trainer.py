@@ -28,7 +28,8 @@ from typing import Any
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
-from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, atomic_output
+from cryomae.io.atomic import atomic_output
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.live import metrics
 from cryomae.live.common import get_logger, handling, pid_running
 from cryomae.messages import ModelPublished, TrainRequest

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from cryomae.errors import ConfigError
-from cryomae.io.micrographs import atomic_output, fsync_path
+from cryomae.io.atomic import atomic_output
 
 log = structlog.get_logger("cryomae.messaging")
 
@@ -124,9 +124,8 @@ class Journal:
         sequence, self._next = self._next, self._next + 1
         path = folder / f"{sequence:020d}.{deliveries}{SUFFIX}"
         record = {"body": base64.b64encode(body).decode(), "headers": _encode(headers)}
-        with atomic_output(path) as tmp:  # written, fsynced, renamed
+        with atomic_output(path, durable=True) as tmp:  # written, fsynced, renamed; the rename survives a crash
             tmp.write_text(json.dumps(record), encoding="utf-8")
-        fsync_path(folder)  # the rename itself survives a machine crash
         return path
 
     @staticmethod

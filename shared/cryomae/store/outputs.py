@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import threading
 import time
@@ -60,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cryomae.errors import InputError
+from cryomae.io.atomic import TEMP_FILE, atomic_output, write_json
 from cryomae.io.coordinates import (
     Coordinates,
     _star_string,  # the io layer's STAR quoting rule, so names read the same in every file
@@ -67,7 +67,6 @@ from cryomae.io.coordinates import (
     write_autopick_star,
     write_coordinate_index,
 )
-from cryomae.io.micrographs import atomic_output, fsync_path
 from cryomae.messages import PicksReady, Rethreshold
 
 INDEX_NAME = "autopick.star"
@@ -80,7 +79,6 @@ PARTICLE_COLUMNS = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rl
 
 _FORMAT = 1
 _MAX_STEM_BYTES = 200  # file names hold the stem plus suffixes; most filesystems allow 255 bytes
-_TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # what atomic_output leaves behind when killed
 _PARTICLES_HEADER = "# written by cryomae\n\ndata_particles\n\nloop_\n" + "".join(
     f"_{c} #{k}\n" for k, c in enumerate(PARTICLE_COLUMNS, 1)
 )
@@ -542,7 +540,7 @@ class SessionOutputs:
     def _remove_temp_files(self) -> None:
         for folder in (self.root, self.coordinates_dir, self._state_dir, self._records_dir):
             for path in folder.iterdir():
-                if _TEMP_FILE.match(path.name) and path.is_file():
+                if TEMP_FILE.match(path.name) and path.is_file():
                     path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ STAR files
@@ -656,9 +654,7 @@ def _truncate(path: Path, length: int) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically and make the rename durable (fsync of the folder), so order on disk is kept."""
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, allow_nan=False)
-    fsync_path(path.parent)
+    write_json(path, data, allow_nan=False, durable=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

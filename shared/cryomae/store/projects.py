@@ -46,8 +46,9 @@ from pydantic import ValidationError
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
+from cryomae.io.atomic import fsync_path, write_json
 from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
-from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, atomic_output, read_micrograph
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, read_micrograph
 from cryomae.io.roots import inside_roots
 from cryomae.messages import valid_name
 from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
@@ -81,9 +82,7 @@ def _utc_stamp(t: float) -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file beside ``path``, fsync, rename over it)."""
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_json(path, data, indent=2)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -578,11 +577,7 @@ def _verify_complete(model_dir: Path) -> None:
     if sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: checksum differs from the manifest; the model was not fully written")
     for f in (weights, model_dir / MANIFEST):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # on disk before the rename makes it visible
-        finally:
-            os.close(fd)
+        fsync_path(f)  # on disk before the rename makes it visible
 
 
 # ---------------------------------------------------------------------------------------------- picker cache
