@@ -176,3 +176,12 @@ def decode(body: bytes | str, source: str = "message") -> Message:
 def valid_name(value: str) -> bool:
     """Whether a project or session name is acceptable (also used by the CLI before sending)."""
     return re.fullmatch(NAME_PATTERN, value) is not None
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` when it is a valid name (``NAME_PATTERN``: names become folder names), else an InputError naming
+    ``what`` ("project name", "session name", ...) and the rule."""
+    if not valid_name(value):
+        rule = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise InputError(None, f"invalid {what} {value!r}: use {rule}")
+    return value

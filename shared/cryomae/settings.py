@@ -19,9 +19,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
+from cryomae.messaging import redact_url
 from cryomae.watching.settings import WatchSettings, WatchTuning
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets/cryomae")
+SECRET_MASK = "********"  # what `cryomae config show` prints for a secret
 
 
 class BrokerSettings(BaseModel):
@@ -131,11 +133,8 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data with secrets hidden (``cryomae config show``)."""
         data = self.model_dump(mode="json")
-        data["broker_password"] = "********" if self.broker_password is not None else None
-        parts = urlsplit(self.broker.url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":********@")
-            data["broker"]["url"] = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        data["broker_password"] = SECRET_MASK if self.broker_password is not None else None
+        data["broker"]["url"] = redact_url(self.broker.url, SECRET_MASK)
         return data
 
 

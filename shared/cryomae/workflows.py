@@ -27,7 +27,7 @@ from cryomae.evaluation.metrics import Evaluation, evaluate
 from cryomae.io.atomic import write_json
 from cryomae.io.coordinates import (
     Coordinates,
-    check_inside,
+    check_exemplars,
     read_coordinates,
     write_autopick_star,
     write_coordinate_index,
@@ -56,11 +56,8 @@ def train_from_files(
     """Validate the inputs, train, and write a model directory."""
     mic = read_micrograph(reference)
     ex = read_coordinates(coords)
-    if len(ex) == 0:
-        raise InputError(coords, "no exemplar coordinates in the file")
-    check_inside(ex, mic.shape, coords)
-    if len(ex) < 5:
-        log.warning("few_exemplars", count=len(ex), advice="about 15 exemplars give the best accuracy")
+    for warning in check_exemplars(ex, mic.shape, coords):
+        log.warning("exemplars", warning=warning)
     extra = [read_micrograph(p) for p in unlabeled]
     trained, info = train_model(mic, ex.xy, diameter, cfg, extra)
     info["provenance"]["exemplar_file"] = str(coords)

@@ -272,6 +272,21 @@ def check_inside(coords: Coordinates, shape: tuple[int, int], path: str | Path) 
 # ---------------------------------------------------------------------------------------------- writing
 
 
+RECOMMENDED_EXEMPLARS = 15  # the few-shot protocol's count: the accuracy figures are measured with it
+FEW_EXEMPLARS = 5  # below this many, training still runs but the operator is warned
+
+
+def check_exemplars(coords: Coordinates, shape: tuple[int, int], path: str | Path) -> list[str]:
+    """The exemplar rule, the same for the CLI and the services: at least one centre, every centre inside the
+    image (``check_inside``); returns the warnings to show (fewer than ``FEW_EXEMPLARS``)."""
+    if len(coords) == 0:
+        raise InputError(path, "no exemplar coordinates in the file; mark at least one particle")
+    check_inside(coords, shape, path)
+    if len(coords) < FEW_EXEMPLARS:
+        return [f"few exemplars: {len(coords)}; about {RECOMMENDED_EXEMPLARS} are recommended"]
+    return []
+
+
 def _star_string(path: Path, value: str, what: str) -> str:
     """A string as a STAR token: quoted when it holds a space or '#' or starts like a keyword."""
     if not value:

@@ -15,7 +15,15 @@ from typing import Any
 from cryomae.errors import InputError
 from cryomae.live.control import DLQ_LISTED, BrokerControl, Control, SpoolControl
 from cryomae.live.trainer import trainer_liveness
-from cryomae.messages import MicrographReady, Rethreshold, SessionCommand, TrainRequest, decode, valid_name
+from cryomae.messages import (
+    MicrographReady,
+    Rethreshold,
+    SessionCommand,
+    TrainRequest,
+    check_name,
+    decode,
+    valid_name,
+)
 from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import QUEUE_HEADER, REASON_HEADER, Envelope
 from cryomae.settings import Settings
@@ -33,12 +41,6 @@ def open_control(settings: Settings) -> Control:
         return SpoolControl(settings.state)
     broker = open_broker(settings.broker_url(), settings.broker.namespace, settings.broker.heartbeat)
     return BrokerControl(broker, ProjectStore(settings.store))
-
-
-def _name(value: str, what: str) -> str:
-    if not valid_name(value):
-        raise InputError(None, f"invalid {what} name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    return value
 
 
 def _delivery(control: Control) -> str:
@@ -93,7 +95,7 @@ def session_start(
     settings: Settings, control: Control, project: str, session: str, folder: Path, pattern: str, recursive: bool
 ) -> dict[str, Any]:
     ProjectStore(settings.store).get_project(project)  # the project must exist
-    _name(session, "session")
+    check_name(session, "session name")
     resolved = check_folder(Path(os.path.abspath(folder)), settings.roots())  # the watcher checks it again
     command = SessionCommand(
         action="start", project=project, session=session, folder=str(resolved), pattern=pattern, recursive=recursive
@@ -103,13 +105,15 @@ def session_start(
 
 
 def session_stop(settings: Settings, control: Control, project: str, session: str) -> dict[str, Any]:
-    command = SessionCommand(action="stop", project=_name(project, "project"), session=_name(session, "session"))
+    command = SessionCommand(
+        action="stop", project=check_name(project, "project name"), session=check_name(session, "session name")
+    )
     control.send(topology.WATCHER, command)
     return {"project": project, "session": session, "delivery": _delivery(control)}
 
 
 def session_outputs_dir(settings: Settings, project: str, session: str) -> Path:
-    return settings.outputs / _name(project, "project") / _name(session, "session")
+    return settings.outputs / check_name(project, "project name") / check_name(session, "session name")
 
 
 def session_rethreshold(

@@ -12,14 +12,14 @@ from cryomae.messaging.base import Broker, Consumer, Envelope
 __all__ = ["Broker", "Consumer", "Envelope", "open_broker", "redact_url"]
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and error messages)."""
+def redact_url(url: str, mask: str = "***") -> str:
+    """The URL with its password replaced by ``mask`` (for logs, error messages and ``cryomae config show``)."""
     scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
     netloc, slash, path = rest.partition("/")
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+            netloc = f"{userinfo.split(':', 1)[0]}:{mask}@{host}"
     return f"{scheme}{sep}{netloc}{slash}{path}"
 
 

@@ -47,10 +47,16 @@ from pydantic import ValidationError
 from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
 from cryomae.io.atomic import fsync_path, write_json
-from cryomae.io.coordinates import Coordinates, check_inside, read_coordinates, write_coordinates
+from cryomae.io.coordinates import (
+    Coordinates,
+    check_exemplars,
+    check_inside,
+    read_coordinates,
+    write_coordinates,
+)
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, read_micrograph
 from cryomae.io.roots import inside_roots
-from cryomae.messages import valid_name
+from cryomae.messages import check_name, valid_name
 from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
 
 if TYPE_CHECKING:  # torch is imported only to load a model, so that the operator CLI starts fast
@@ -69,8 +75,6 @@ EXEMPLAR_FILE = "exemplar_set.json"
 EXEMPLAR_STAR = "exemplars.star"
 MODELS = "models"
 STAGING = ".staging"
-RECOMMENDED_EXEMPLARS = 15
-FEW_EXEMPLARS = 5
 STALE_STAGING_S = 6 * 3600.0
 _VERSION = re.compile(r"^v(\d{4,})-(\d{8}T\d{6}Z)$")
 _RESERVATION = re.compile(r"^v(\d{4,})$")
@@ -101,13 +105,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _number(version: str) -> int:
     """The number of a version name that matched ``_VERSION``."""
     return int(version[1 : version.index("-")])
-
-
-def _check_name(value: str, what: str) -> None:
-    """Names become directory names: letters, digits, '.', '_', '-', starting with a letter or digit."""
-    if not valid_name(value):
-        rule = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        raise InputError(None, f"invalid {what} {value!r}: use {rule}")
 
 
 def _check_diameter(diameter: float | None, what: str) -> None:
@@ -221,7 +218,7 @@ class ProjectStore:
         exist_ok: bool = False,
     ) -> Project:
         """Create a project; with ``exist_ok`` an existing one is returned unchanged (its settings are kept)."""
-        _check_name(name, "project name")
+        check_name(name, "project name")
         _check_diameter(diameter, "project diameter")
         overrides = dict(train_overrides or {})
         try:
@@ -259,7 +256,7 @@ class ProjectStore:
 
     def get_project(self, name: str) -> Project:
         """The project called ``name``; InputError if the name is invalid or there is no such project."""
-        _check_name(name, "project name")
+        check_name(name, "project name")
         path = self._dir(name)
         if not (path / PROJECT_FILE).is_file():
             raise InputError(None, f"no project {name!r} in {self.root}")
@@ -326,15 +323,10 @@ class ProjectStore:
         coords_path = Path(coords)
         mic = read_micrograph(mic_path)
         ex = read_coordinates(coords_path)
-        if len(ex) == 0:
-            raise InputError(coords_path, "no exemplar coordinates in the file; mark at least one particle")
-        check_inside(ex, mic.shape, coords_path)
+        warnings = check_exemplars(ex, mic.shape, coords_path)
         if diameter >= min(mic.shape):
             size = f"{mic.shape[1]}x{mic.shape[0]}"
             raise InputError(mic_path, f"particle diameter {diameter} px does not fit in the {size} image")
-        warnings = []
-        if len(ex) < FEW_EXEMPLARS:
-            warnings.append(f"few exemplars: {len(ex)}; about {RECOMMENDED_EXEMPLARS} are recommended")
         stat = mic_path.stat()
         created = time.time()
         set_id = f"{_utc_stamp(created)}-{uuid.uuid4().hex[:6]}"
@@ -372,7 +364,7 @@ class ProjectStore:
     def exemplar_set(self, project: str, set_id: str) -> ExemplarSet:
         """A stored exemplar set; InputError if the project or the set does not exist."""
         proj = self.get_project(project)
-        _check_name(set_id, "exemplar set id")
+        check_name(set_id, "exemplar set id")
         path = proj.path / EXEMPLARS / set_id
         if not (path / EXEMPLAR_FILE).is_file():
             raise InputError(None, f"no exemplar set {set_id!r} in project {project!r}")

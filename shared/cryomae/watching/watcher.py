@@ -39,7 +39,7 @@ import structlog
 from watchdog.observers import Observer
 
 from cryomae.errors import InputError, TransientError
-from cryomae.messages import MicrographReady, SessionCommand, valid_name
+from cryomae.messages import MicrographReady, SessionCommand, check_name
 from cryomae.watching.candidates import check_pattern, is_candidate, list_candidates
 from cryomae.watching.completeness import PendingFile, Signature, Verdict, incompleteness, signature_of
 from cryomae.watching.filesystems import Mount, mount_of, needs_polling, read_mounts
@@ -52,11 +52,6 @@ log = structlog.get_logger("cryomae.watcher")
 
 Publish = Callable[[MicrographReady], None]
 _Event = tuple[WatchedSession, Path, bool]  # session, path, is a folder
-
-
-def _check_name(value: str, what: str) -> None:
-    if not valid_name(value):
-        raise InputError(None, f"invalid {what} name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
 
 
 class Watcher:
@@ -109,8 +104,8 @@ class Watcher:
         pattern and recursion does nothing; with other values it replaces them (published files stay published).
         InputError: a bad name or pattern, or a folder that is missing, unreadable or outside every data root."""
         self._check_open()
-        _check_name(project, "project")
-        _check_name(session, "session")
+        check_name(project, "project name")
+        check_name(session, "session name")
         check_pattern(pattern)
         resolved = check_folder(folder, self._settings.data_roots)
         with self._lock:
