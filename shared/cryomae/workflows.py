@@ -25,23 +25,21 @@ from cryomae.device import resolve_device
 from cryomae.errors import InputError
 from cryomae.evaluation.metrics import Evaluation, evaluate
 from cryomae.io.atomic import write_json
-from cryomae.io.coordinates import (
-    Coordinates,
-    check_exemplars,
-    read_coordinates,
+from cryomae.io.coordinates import Coordinates, check_exemplars, read_coordinates
+from cryomae.io.micrographs import read_ahead, read_micrograph, write_mrc
+from cryomae.io.writers import (
+    AUTOPICK_SUFFIX,
     write_autopick_star,
     write_coordinate_index,
     write_coordinates,
     write_particles_star,
 )
-from cryomae.io.micrographs import read_ahead, read_micrograph, write_mrc
 from cryomae.model.checkpoint import load_model, save_model
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.training.train import train_model
 
 log = structlog.get_logger("cryomae.workflows")
 RUN_FILE = "pick_run.json"
-AUTOPICK_SUFFIX = "_autopick.star"
 CANDIDATES_DIR = "candidates"
 
 

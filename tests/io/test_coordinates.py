@@ -11,16 +11,8 @@ import pytest
 import starfile
 
 from cryomae.errors import InputError
-from cryomae.io.coordinates import (
-    COORDINATE_SUFFIXES,
-    Coordinates,
-    check_inside,
-    read_coordinates,
-    write_autopick_star,
-    write_coordinate_index,
-    write_coordinates,
-    write_particles_star,
-)
+from cryomae.io.coordinates import COORDINATE_SUFFIXES, Coordinates, check_inside, read_coordinates
+from cryomae.io.writers import write_autopick_star, write_coordinate_index, write_coordinates, write_particles_star
 
 REAL_COORDS = Path("/work/shared/data/empiar10017/bin4/coords")
 AUTOPICK_COLUMNS = [

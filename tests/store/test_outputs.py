@@ -17,9 +17,11 @@ import pytest
 import starfile
 
 from cryomae.errors import InputError
+from cryomae.io.writers import AUTOPICK_SUFFIX, VERSION_LABEL
+from cryomae.io.writers import SESSION_PARTICLE_COLUMNS as PARTICLE_COLUMNS
 from cryomae.messages import PicksReady, Rethreshold
 from cryomae.store import outputs
-from cryomae.store.outputs import AUTOPICK_SUFFIX, PARTICLE_COLUMNS, SessionOutputs
+from cryomae.store.outputs import SessionOutputs
 
 AUTOPICK_COLUMNS = ["rlnCoordinateX", "rlnCoordinateY", "rlnClassNumber", "rlnAutopickFigureOfMerit", "rlnAnglePsi"]
 MIC_A = "/data/grid1/FoilHole_1_Data_1.mrc"
@@ -126,7 +128,7 @@ def test_two_micrographs_give_files_rows_and_index(tmp_path: Path) -> None:
     assert list(particles["rlnMicrographName"]) == [MIC_A, MIC_A, MIC_B, MIC_B]
     np.testing.assert_allclose(particles["rlnAutopickFigureOfMerit"], [0.9, 0.6, 0.55, 0.7])
     np.testing.assert_allclose(particles["rlnCoordinateX"], [10.0, 51.0, 10.0, 30.5])
-    assert set(particles[outputs.VERSION_LABEL]) == {"v1"}
+    assert set(particles[VERSION_LABEL]) == {"v1"}
 
     counts = out.counts()
     assert (counts.micrographs, counts.particles, counts.candidates, counts.threshold) == (2, 4, 5, None)
@@ -164,9 +166,9 @@ def test_repick_with_a_new_model_replaces_rows_and_version(tmp_path: Path) -> No
     particles = read_particles(out)
     assert per_micrograph(particles) == {MIC_A: 3, MIC_B: 2}
     rows_a = particles[particles["rlnMicrographName"] == MIC_A]
-    assert set(rows_a[outputs.VERSION_LABEL]) == {"v2"}
+    assert set(rows_a[VERSION_LABEL]) == {"v2"}
     np.testing.assert_allclose(rows_a["rlnCoordinateX"], [400.0, 401.5, 50.0])
-    assert set(particles[particles["rlnMicrographName"] == MIC_B][outputs.VERSION_LABEL]) == {"v1"}
+    assert set(particles[particles["rlnMicrographName"] == MIC_B][VERSION_LABEL]) == {"v1"}
     np.testing.assert_allclose(read_autopick(repick.coordinate_file)["rlnCoordinateY"], [300.0, 600.0, 50.0])
     assert list(read_index(out)["rlnMicrographName"]) == [MIC_A, MIC_B]  # same entry, same place
     assert out.counts().particles == 5
@@ -312,7 +314,7 @@ def test_crash_after_state_before_star_files_is_repaired_on_open(tmp_path: Path,
         assert len(read_autopick(entries[MIC_B].coordinate_file)) == 2
     else:
         assert per_micrograph(particles) == {MIC_A: 1}
-        assert set(particles[outputs.VERSION_LABEL]) == {"v2"}
+        assert set(particles[VERSION_LABEL]) == {"v2"}
         fom = read_autopick(entries[MIC_A].coordinate_file)["rlnAutopickFigureOfMerit"]
         np.testing.assert_allclose(fom, [0.95])
 

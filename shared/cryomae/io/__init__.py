@@ -4,16 +4,7 @@ Coordinates are particle centres in pixels: x = column, y = row of the 2-D array
 0-based, pixel centres at integer positions. Bad input files raise ``cryomae.errors.InputError``.
 """
 
-from cryomae.io.coordinates import (
-    COORDINATE_SUFFIXES,
-    Coordinates,
-    check_inside,
-    read_coordinates,
-    write_autopick_star,
-    write_coordinate_index,
-    write_coordinates,
-    write_particles_star,
-)
+from cryomae.io.coordinates import COORDINATE_SUFFIXES, Coordinates, check_inside, read_coordinates
 from cryomae.io.micrographs import (
     MICROGRAPH_SUFFIXES,
     Micrograph,
@@ -22,6 +13,7 @@ from cryomae.io.micrographs import (
     validate_mrc_complete,
     write_mrc,
 )
+from cryomae.io.writers import write_autopick_star, write_coordinate_index, write_coordinates, write_particles_star
 
 __all__ = [
     "COORDINATE_SUFFIXES",

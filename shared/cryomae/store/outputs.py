@@ -60,10 +60,13 @@ import numpy as np
 
 from cryomae.errors import InputError
 from cryomae.io.atomic import TEMP_FILE, atomic_output, write_json
-from cryomae.io.coordinates import (
-    Coordinates,
-    _star_string,  # the io layer's STAR quoting rule, so names read the same in every file
-    check_inside,
+from cryomae.io.coordinates import Coordinates, check_inside
+from cryomae.io.writers import (
+    AUTOPICK_SUFFIX,
+    SESSION_PARTICLE_COLUMNS,
+    session_particles_header,
+    session_particles_rows,
+    star_string,
     write_autopick_star,
     write_coordinate_index,
 )
@@ -73,15 +76,10 @@ INDEX_NAME = "autopick.star"
 PARTICLES_NAME = "particles.star"
 COORDINATES_DIR = "coordinates"
 STATE_DIR = ".cryomae"
-AUTOPICK_SUFFIX = "_autopick.star"
-VERSION_LABEL = "cryomaeModelVersion"
-PARTICLE_COLUMNS = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit", VERSION_LABEL)
 
 _FORMAT = 1
 _MAX_STEM_BYTES = 200  # file names hold the stem plus suffixes; most filesystems allow 255 bytes
-_PARTICLES_HEADER = "# written by cryomae\n\ndata_particles\n\nloop_\n" + "".join(
-    f"_{c} #{k}\n" for k, c in enumerate(PARTICLE_COLUMNS, 1)
-)
+_PARTICLES_HEADER = session_particles_header()
 
 Outcome = Literal["new", "replaced", "duplicate", "stale"]
 
@@ -389,8 +387,8 @@ class SessionOutputs:
         if len(Path(file_name).stem.encode()) > _MAX_STEM_BYTES:
             raise InputError(where, f"PicksReady {msg.id}: file name longer than {_MAX_STEM_BYTES} bytes")
         name = self._name(msg.micrograph)
-        _star_string(where, name, "micrograph name")
-        _star_string(where, msg.model_version, "model version")
+        star_string(where, name, "micrograph name")
+        star_string(where, msg.model_version, "model version")
         for label in ("threshold", "diameter", "complete_at", "picked_at"):
             if not math.isfinite(getattr(msg, label)):
                 raise InputError(where, f"PicksReady {msg.id}: {label} is {getattr(msg, label)}")
@@ -571,9 +569,9 @@ class SessionOutputs:
         block = self._blocks.get(record.micrograph)
         if block is None:
             keep = self._keep(record)
-            name = _star_string(self.particles_path, self._name(record.micrograph), "micrograph name")
-            version = _star_string(self.particles_path, record.model_version, "model version")
-            block = _rows(name, version, record.x[keep], record.y[keep], record.scores[keep])
+            name = star_string(self.particles_path, self._name(record.micrograph), "micrograph name")
+            version = star_string(self.particles_path, record.model_version, "model version")
+            block = session_particles_rows(name, version, record.x[keep], record.y[keep], record.scores[keep])
             self._blocks[record.micrograph] = block
         return block
 
@@ -619,20 +617,12 @@ class SessionOutputs:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _rows(name: str, version: str, x: np.ndarray, y: np.ndarray, scores: np.ndarray) -> str:
-    """particles.star rows: name, X, Y (2 decimals, as the autopick files), FOM, model version."""
-    return "".join(
-        f"{name}\t{a:.2f}\t{b:.2f}\t{s:.6f}\t{version}\n"
-        for a, b, s in zip(x.tolist(), y.tolist(), scores.tolist(), strict=True)
-    )
-
-
 def _complete_length(data: bytes) -> int:
     """Bytes of ``data`` up to its last complete row: drops an unterminated line or a row of the wrong width."""
     end = data.rfind(b"\n") + 1
     start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1
     line = data[start:end].decode("utf-8", errors="replace").strip()
-    if line and not line.startswith(("_", "#", "loop_", "data_")) and _fields(line) != len(PARTICLE_COLUMNS):
+    if line and not line.startswith(("_", "#", "loop_", "data_")) and _fields(line) != len(SESSION_PARTICLE_COLUMNS):
         return start
     return end
 

@@ -47,15 +47,10 @@ from pydantic import ValidationError
 from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
 from cryomae.io.atomic import fsync_path, write_json
-from cryomae.io.coordinates import (
-    Coordinates,
-    check_exemplars,
-    check_inside,
-    read_coordinates,
-    write_coordinates,
-)
+from cryomae.io.coordinates import Coordinates, check_exemplars, check_inside, read_coordinates
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, read_micrograph
 from cryomae.io.roots import inside_roots
+from cryomae.io.writers import write_coordinates
 from cryomae.messages import check_name, valid_name
 from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
 
