@@ -23,30 +23,31 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.errors import ConfigError, CryomaeError, InputError, TransientError
 from cryomae.logging import configure_logging
 from cryomae.model.presets import PRESETS
+from cryomae.picking.threshold import THRESHOLD_RULES
 
 log = structlog.get_logger("cryomae.cli")
 
 
 def _threshold(value: str) -> str | float:
-    if value in ("auto", "gmm", "robust", "knn", "otsu"):
+    if value in THRESHOLD_RULES:
         return value
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, gmm, robust, otsu, knn or a number, got {value!r}") from None
+        rules = ", ".join(THRESHOLD_RULES)
+        raise argparse.ArgumentTypeError(f"expected {rules} or a number, got {value!r}") from None
 
 
-def _session_threshold(value: str) -> float | None:
-    """``session rethreshold --threshold``: a score, or auto (each micrograph's own automatic cutoff)."""
-    if value == "auto":
-        return None
+def _session_threshold(value: str) -> float:
+    """``session rethreshold --threshold``: a score (``--clear`` goes back to each micrograph's own cutoff)."""
     try:
         number = float(value)
     except ValueError:
         number = float("nan")
     if number != number or number in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(
-            f"expected a score (a number, e.g. 0.42) or auto (each micrograph's own automatic cutoff), got {value!r}"
+            f"expected a score (a number, e.g. 0.42), got {value!r}; --clear goes back to each micrograph's own "
+            "automatic cutoff"
         )
     return number
 
@@ -377,7 +378,7 @@ def cmd_session_rethreshold(args: argparse.Namespace) -> int:
     from cryomae.live import ops
 
     settings = _settings(args)
-    value = args.threshold
+    value = None if args.clear else args.threshold
     out = _with_control(args, lambda c: ops.session_rethreshold(settings, c, args.project, args.session, value))
     shown = "each micrograph's automatic cutoff" if value is None else f"score >= {value}"
     _print(args, out, f"{out['project']}/{out['session']}: threshold -> {shown} ({out['delivery']})")
@@ -580,11 +581,10 @@ def _add_live_parsers(sub: Any) -> None:
     sr = se.add_parser("rethreshold", parents=[common, js], help="change a session's cutoff without re-picking")
     sr.add_argument("--project", required=True)
     sr.add_argument("--session", required=True)
-    sr.add_argument(
-        "--threshold",
-        required=True,
-        type=_session_threshold,
-        help="a score, or auto for each micrograph's automatic cutoff",
+    cut = sr.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--threshold", type=_session_threshold, help="keep the candidates scoring at least this")
+    cut.add_argument(
+        "--clear", action="store_true", help="clear the session's cutoff: each micrograph's own automatic cutoff again"
     )
     sr.set_defaults(func=cmd_session_rethreshold)
     sp = se.add_parser("repick", parents=[common, js], help="re-pick a session with the current model")

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cryomae.model.presets import PRESETS
+from cryomae.picking.threshold import ThresholdRule
 
 
 class TrainConfig(BaseModel):
@@ -104,7 +105,7 @@ class PickConfig(BaseModel):
         description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "
         "each dimension by its spread over the micrograph (standardize)",
     )
-    threshold: Literal["auto", "gmm", "robust", "otsu", "knn"] | float = Field(
+    threshold: ThresholdRule | float = Field(
         "auto",
         description="per-micrograph cutoff rule (see cryomae.picking.threshold) or a fixed score; auto follows "
         "the session: where a micrograph's scores are not clearly bimodal it takes the session's usual cut",

@@ -21,7 +21,7 @@ import structlog
 from PIL import Image
 
 from cryomae.cli import build_parser, main
-from cryomae.config import TrainConfig
+from cryomae.config import PickConfig, TrainConfig
 from cryomae.io import Coordinates, write_coordinates, write_mrc
 from cryomae.synthetic import make_micrograph
 
@@ -477,6 +477,36 @@ def test_bad_options_are_usage_errors(run, tmp_path):
         main(["pick", str(run.mics[1]), "--model", str(run.model), "--out", str(out), "--threshold", "high"])
     assert info.value.code == 2
     assert "expected auto, gmm, robust, otsu, knn or a number" in err_io.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (["--threshold", "auto"], "--clear goes back to each micrograph's own automatic cutoff"),  # not a rule
+        (["--threshold", "0.4", "--clear"], "not allowed with argument"),
+        ([], "one of the arguments --threshold --clear is required"),
+    ],
+)
+def test_rethreshold_takes_a_score_or_clear(options: list[str], why: str) -> None:
+    with pytest.raises(SystemExit) as info, redirect_stderr(io.StringIO()) as err_io:
+        main(["session", "rethreshold", "--project", "p", "--session", "s", *options])
+    assert info.value.code == 2 and why in err_io.getvalue(), err_io.getvalue()
+
+
+def test_threshold_rules_come_from_one_registry() -> None:
+    from typing import get_args
+
+    from cryomae.picking.threshold import THRESHOLD_RULES
+
+    # the config's type and the CLI's parser read the registry; the picker dispatches on every rule
+    rule_type, number = get_args(PickConfig.model_fields["threshold"].annotation)
+    assert get_args(rule_type) == THRESHOLD_RULES and number is float
+    parser_rules = [
+        r
+        for r in THRESHOLD_RULES
+        if build_parser().parse_args(["pick", "m.mrc", "--model", "m", "--out", "o", "--threshold", r])
+    ]
+    assert parser_rules == list(THRESHOLD_RULES)
 
 
 # ------------------------------------------------------------------------------------------------- help

@@ -360,7 +360,7 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         assert consistent(live)
         assert set(particle_rows(live)) < set(rows_before)
         assert all(fom > high - 1e-5 for fom in particles(live)["rlnAutopickFigureOfMerit"])
-        ok(cli(live, "session", "rethreshold", "--project", PROJECT, "--session", SESSION, "--threshold", "auto"))
+        ok(cli(live, "session", "rethreshold", "--project", PROJECT, "--session", SESSION, "--clear"))
         wait_until(
             alive_while(
                 [run], lambda: outputs(live).threshold is None and len(particle_rows(live)) == len(rows_before)

@@ -27,6 +27,7 @@ from cryomae.errors import InputError
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import (
+    THRESHOLD_RULES,
     SessionCutoff,
     gmm_cutoff,
     knn_cutoff,
@@ -435,15 +436,15 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig, session: SessionCutoff | None =
         return cfg.threshold, "fixed"
     if len(scores) == 0:
         return math.inf, cfg.threshold
-    if cfg.threshold == "otsu":
-        return otsu_cutoff(scores), "otsu"
-    if cfg.threshold == "auto":
-        return (session or session_cutoff(cfg)).cut(scores)
-    if cfg.threshold == "gmm":
-        return gmm_cutoff(scores, cfg.gmm_posterior), "gmm"
-    if cfg.threshold == "robust":
-        return robust_cutoff(scores, cfg.robust_z), "robust"
-    return knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth), "knn"
+    rules: dict[str, Callable[[], tuple[float, str]]] = {
+        "auto": lambda: (session or session_cutoff(cfg)).cut(scores),
+        "gmm": lambda: (gmm_cutoff(scores, cfg.gmm_posterior), "gmm"),
+        "robust": lambda: (robust_cutoff(scores, cfg.robust_z), "robust"),
+        "otsu": lambda: (otsu_cutoff(scores), "otsu"),
+        "knn": lambda: (knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth), "knn"),
+    }
+    assert set(rules) == set(THRESHOLD_RULES), "every registered threshold rule has a cutoff here"
+    return rules[cfg.threshold]()
 
 
 def session_cutoff(cfg: PickConfig, trained: TrainedModel | None = None) -> SessionCutoff:

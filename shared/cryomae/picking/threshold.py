@@ -21,6 +21,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -29,9 +30,15 @@ from skimage.filters import threshold_otsu
 
 from cryomae.errors import ConfigError, InputError
 
+# the registry of cutoff rules: the config's type, the CLI's choices and the picker's dispatch all read it
+ThresholdRule = Literal["auto", "gmm", "robust", "otsu", "knn"]
+THRESHOLD_RULES: tuple[ThresholdRule, ...] = get_args(ThresholdRule)
+
 __all__ = [
+    "THRESHOLD_RULES",
     "Mixture",
     "SessionCutoff",
+    "ThresholdRule",
     "auto_cutoff",
     "fit_mixture",
     "gmm_cutoff",
