@@ -188,11 +188,11 @@ class MaskedAutoencoder(nn.Module):
             feat = torch.cat([feat[:, :1], full], dim=1)
         return self.reconstruction_loss(imgs, pred, mask), self.pool(feat)
 
-    @torch.no_grad()
-    def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Encoder features of whole (unmasked) regions: [N, 1, H, W] -> [N, D]."""
+    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder features of whole (unmasked) regions, with gradients (SCS training): [N, 1, H, W] -> [N, D]."""
         return self.pool(self._feature_tokens(imgs))
 
-    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoder features with gradients (training on whole regions): [N, 1, H, W] -> [N, D]."""
-        return self.pool(self._feature_tokens(imgs))
+    @torch.no_grad()
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``encode`` without gradients (picking, the exemplar bank)."""
+        return self.encode(imgs)

@@ -10,10 +10,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import structlog
 import torch
 
+from cryomae.device import autocast
 from cryomae.errors import TransientError
 
 log = structlog.get_logger("cryomae.train")
@@ -72,3 +75,52 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
         lr=lr,
         betas=(0.9, 0.95),
     )
+
+
+@dataclass(frozen=True)
+class TrainingLoop:
+    """The one training loop of a stage: ``epochs`` passes over ``n`` items in a new random order each, in steps
+    of ``per_step`` items, AdamW with the warm-up + cosine learning rate (``lr_at``), the loss under autocast,
+    progress and cancelling at every step (``Progress``)."""
+
+    stage: str
+    epochs: int
+    per_step: int
+    lr: float
+    weight_decay: float
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        n: int,
+        batch: Callable[[np.ndarray], torch.Tensor],
+        loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+        rng: np.random.Generator,
+        device: torch.device,
+        on_progress: ProgressHook | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[dict[str, float]]:
+        """Train; ``batch(indices)`` builds a step's input (outside autocast), ``loss(input)`` returns the loss to
+        minimise and the figures to log. Returns each step's figures."""
+        steps_per_epoch = math.ceil(n / self.per_step) if n else 0
+        total = steps_per_epoch * self.epochs
+        if total == 0:
+            return []
+        opt = adamw(model, self.lr, self.weight_decay)
+        progress, history, step = Progress(self.stage, total, on_progress, cancel), [], 0
+        model.train()
+        for _ in range(self.epochs):
+            order = rng.permutation(n)
+            for b in range(steps_per_epoch):
+                inputs = batch(order[b * self.per_step : (b + 1) * self.per_step])
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, self.lr)
+                with autocast(device):
+                    value, figures = loss(inputs)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                history.append(figures)
+                progress.step(step, **figures)
+                step += 1
+        return history

@@ -12,7 +12,6 @@ their 8 dihedral views by default).
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ import torch
 
 from cryomae import __version__
 from cryomae.config import PickConfig, TrainConfig
-from cryomae.device import autocast, resolve_device
+from cryomae.device import resolve_device
 from cryomae.errors import InputError
 from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
@@ -36,7 +35,7 @@ from cryomae.training.bank import exemplar_bank
 from cryomae.training.encoder import load_encoder, start_from_encoder
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
 from cryomae.training.regions import crop_regions, random_augmentation, random_centres
-from cryomae.training.steps import Progress, ProgressHook, TrainingInterruptedError, adamw, lr_at
+from cryomae.training.steps import ProgressHook, TrainingInterruptedError, TrainingLoop
 
 __all__ = ["ProgressHook", "TrainingInterruptedError", "exemplar_bank", "pretrain", "scs_train", "train_model"]
 
@@ -61,38 +60,24 @@ def pretrain(
     ]
     which = np.concatenate([np.full(len(p), i) for i, p in enumerate(pools)]).astype(int)
     centres = np.concatenate(pools) if pools else np.zeros((0, 2))
-    n = len(centres)
-    steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
-    total = steps_per_epoch * cfg.pretrain_epochs
-    if total == 0:
-        return []
-    opt = adamw(model, cfg.pretrain_lr, cfg.weight_decay)
-    progress, history, step = Progress("pretrain", total, on_progress, cancel), [], 0
-    model.train()
-    for _ in range(cfg.pretrain_epochs):
-        order = rng.permutation(n)
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            angles, flips = random_augmentation(len(idx), rng, cfg.rotate, cfg.flip)
-            batch = torch.cat(
-                [
-                    crop_regions(
-                        images[k], centres[idx][which[idx] == k], size, angles[which[idx] == k], flips[which[idx] == k]
-                    )
-                    for k in np.unique(which[idx])
-                ]
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.pretrain_lr)
-            with autocast(device):
-                loss, _ = model(batch, cfg.mask_ratio)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append(float(loss.detach()))
-            progress.step(step, mse=history[-1])
-            step += 1
-    return history
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        angles, flips = random_augmentation(len(idx), rng, cfg.rotate, cfg.flip)
+        return torch.cat(
+            [
+                crop_regions(
+                    images[k], centres[idx][which[idx] == k], size, angles[which[idx] == k], flips[which[idx] == k]
+                )
+                for k in np.unique(which[idx])
+            ]
+        )
+
+    def loss(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        mse, _ = model(batch, cfg.mask_ratio)
+        return mse, {"mse": float(mse.detach())}
+
+    loop = TrainingLoop("pretrain", cfg.pretrain_epochs, cfg.batch_size, cfg.pretrain_lr, cfg.weight_decay)
+    return [h["mse"] for h in loop.run(model, len(centres), batch, loss, rng, device, on_progress, cancel)]
 
 
 def scs_train(
@@ -109,41 +94,25 @@ def scs_train(
     size = model.preset.img_size
     unlabeled = random_centres(tuple(image.shape), cfg.n_unlabeled, rng, margin=size / 4)
     per_step = min(cfg.unlabeled_per_step, cfg.n_unlabeled)
-    steps_per_epoch = math.ceil(cfg.n_unlabeled / per_step)
-    total = steps_per_epoch * cfg.epochs
-    if total == 0:
-        return []
     m = len(exemplars)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    progress, history, step = Progress("scs_train", total, on_progress, cancel), [], 0
-    model.train()
-    for _ in range(cfg.epochs):
-        order = rng.permutation(cfg.n_unlabeled)
-        for b in range(steps_per_epoch):
-            idx = order[b * per_step : (b + 1) * per_step]
-            centres = np.concatenate([exemplars, unlabeled[idx]])
-            angles, flips = random_augmentation(len(centres), rng, cfg.rotate, cfg.flip)
-            batch = crop_regions(image, centres, size, angles, flips)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.lr)
-            with autocast(device):
-                l_mse, feats = model(batch, cfg.mask_ratio)
-                if cfg.scs_view == "full":
-                    feats = model.encode(batch)
-                if cfg.scs_standardize:
-                    feats = standardize(feats, feats[m:])
-                l_scs = scs_loss_from_features(
-                    feats[:m], feats[m:], cfg.alpha, cfg.tau, cfg.pi_hat, cfg.scs_normalization
-                )
-                loss = total_loss(l_mse, l_scs, cfg.beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            rec = {"mse": float(l_mse.detach()), "scs": float(l_scs.detach()), "total": float(loss.detach())}
-            history.append(rec)
-            progress.step(step, **rec)
-            step += 1
-    return history
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        centres = np.concatenate([exemplars, unlabeled[idx]])
+        angles, flips = random_augmentation(len(centres), rng, cfg.rotate, cfg.flip)
+        return crop_regions(image, centres, size, angles, flips)
+
+    def loss(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        l_mse, feats = model(batch, cfg.mask_ratio)
+        if cfg.scs_view == "full":
+            feats = model.encode(batch)
+        if cfg.scs_standardize:
+            feats = standardize(feats, feats[m:])
+        l_scs = scs_loss_from_features(feats[:m], feats[m:], cfg.alpha, cfg.tau, cfg.pi_hat, cfg.scs_normalization)
+        total = total_loss(l_mse, l_scs, cfg.beta)
+        return total, {"mse": float(l_mse.detach()), "scs": float(l_scs.detach()), "total": float(total.detach())}
+
+    loop = TrainingLoop("scs_train", cfg.epochs, per_step, cfg.lr, cfg.weight_decay)
+    return loop.run(model, cfg.n_unlabeled, batch, loss, rng, device, on_progress, cancel)
 
 
 def train_model(
