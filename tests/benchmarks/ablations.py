@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--missing", action="store_true", help="measure only the variants the table (its .json) does not hold yet"
     )
+    p.add_argument("--only", action="append", default=[], help="measure only the variants whose name contains this")
     args = p.parse_args(argv)
     default = args.default_cache or args.cache / "ablation-default"
     # the rows an earlier, interrupted run measured stay in the table until this run measures them again
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = [v.name for v in VARIANTS]
     measured: list[dict[str, Any]] = []
     for v in VARIANTS:
-        if args.missing and v.name in earlier:
+        if (args.missing and v.name in earlier) or (args.only and not any(o in v.name for o in args.only)):
             continue
         print(f"== table {v.table}: {v.name}", flush=True)
         measured.append(run_variant(v, args.cache, args.data_root, default))
