@@ -30,7 +30,7 @@ from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.live.common import LOG_FIELD_CHARS, handling
 from cryomae.messages import MAX_MESSAGE_BYTES, MicrographReady, PicksReady, decode
 from cryomae.messaging import Broker, Envelope, topology
-from cryomae.messaging.base import QUEUE_HEADER, REASON_CHARS, REASON_HEADER
+from cryomae.messaging.delivery import QUEUE_HEADER, REASON_CHARS, REASON_HEADER
 from cryomae.messaging.rabbit import RabbitBroker
 from cryomae.settings import Settings, load_settings
 from tests.io.test_micrographs import sparse_mrc

@@ -29,7 +29,7 @@ from cryomae.live.app import App
 from cryomae.live.control import Control
 from cryomae.messages import Message, PicksReady, Rethreshold, SessionCommand, TrainRequest
 from cryomae.messaging import topology
-from cryomae.messaging.base import REASON_HEADER
+from cryomae.messaging.delivery import REASON_HEADER
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import (
     PROJECT,

@@ -11,7 +11,7 @@ from cryomae.errors import InputError, TransientError
 from cryomae.messages import ModelPublished, PicksReady, decode
 from cryomae.messaging import Broker, Consumer, Envelope
 from cryomae.messaging import topology as t
-from cryomae.messaging.base import DELIVERY_LIMIT, QUEUE_HEADER, REASON_CHARS, REASON_HEADER
+from cryomae.messaging.delivery import DELIVERY_LIMIT, QUEUE_HEADER, REASON_CHARS, REASON_HEADER
 
 from .conftest import WAIT, Recorder, micrograph, wait_until
 

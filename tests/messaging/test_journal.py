@@ -13,7 +13,8 @@ import pytest
 
 from cryomae.errors import ConfigError, InputError
 from cryomae.messaging import topology as t
-from cryomae.messaging.base import DELIVERY_LIMIT, REASON_HEADER, Envelope
+from cryomae.messaging.base import Envelope
+from cryomae.messaging.delivery import DELIVERY_LIMIT, REASON_HEADER
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
 from tests.messaging.conftest import Recorder, micrograph, wait_until

@@ -14,7 +14,7 @@ from cryomae.errors import TransientError
 from cryomae.messages import decode
 from cryomae.messaging import Envelope
 from cryomae.messaging import topology as t
-from cryomae.messaging.base import DELIVERY_LIMIT
+from cryomae.messaging.delivery import DELIVERY_LIMIT
 from cryomae.messaging.rabbit import RabbitBroker
 
 from .conftest import WAIT, BrokerFactory, Recorder, micrograph, wait_until

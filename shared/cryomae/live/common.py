@@ -12,10 +12,11 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from cryomae.errors import CryomaeError, InputError, TransientError
+from cryomae.errors import InputError
 from cryomae.live import metrics
 from cryomae.messages import Message, decode
-from cryomae.messaging.base import DELIVERY_LIMIT, Envelope, shorten
+from cryomae.messaging.base import Envelope
+from cryomae.messaging.delivery import fate, shorten
 
 M = TypeVar("M", bound=Message)
 LOG_FIELD_CHARS = 4096  # longest text field of the per-message log line (``shorten``)
@@ -31,13 +32,9 @@ def expect(env: Envelope, kinds: tuple[type[M], ...]) -> M:
 
 
 def outcome_of(exc: BaseException | None, delivery_count: int = 0) -> str:
-    """The outcome word of the canonical log line; mirrors the broker's decision (messaging.base): a retryable
-    failure of the last allowed delivery is dead-lettered too."""
-    if exc is None:
-        return "ok"
-    if isinstance(exc, TransientError) or not isinstance(exc, CryomaeError):
-        return "dead_letter" if delivery_count + 1 >= DELIVERY_LIMIT else "retry"
-    return "dead_letter"
+    """The outcome word of the canonical log line: the broker's decision (``messaging.delivery.fate``) in the
+    log's words (ok, retry, dead_letter)."""
+    return {"ack": "ok", "requeue": "retry", "dead_letter": "dead_letter"}[fate(exc, delivery_count)]
 
 
 @dataclass

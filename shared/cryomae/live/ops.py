@@ -25,7 +25,8 @@ from cryomae.messages import (
     valid_name,
 )
 from cryomae.messaging import open_broker, topology
-from cryomae.messaging.base import QUEUE_HEADER, REASON_HEADER, Envelope
+from cryomae.messaging.base import Envelope
+from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore

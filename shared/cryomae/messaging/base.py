@@ -21,6 +21,9 @@ Delivery semantics (both transports):
   prefixes them with its namespace.
 - A dead-lettered message keeps its body; the reason is in the ``x-cryomae-reason`` header, the queue it came
   from in ``x-cryomae-queue``. A reason longer than ``REASON_CHARS`` is cut in the middle (``shorten``).
+
+The rules themselves (``fate``, ``judge``, the limit, the headers) are written once, in
+``cryomae.messaging.delivery``, and both transports apply them.
 """
 
 from __future__ import annotations
@@ -31,25 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryomae.messages import Message
-
-DELIVERY_LIMIT = 5
-REASON_HEADER = "x-cryomae-reason"
-QUEUE_HEADER = "x-cryomae-queue"
-# Longest dead-letter reason, in characters: a header must fit one AMQP frame (RabbitMQ: 128 KB), and a reason
-# is read by people. A longer one keeps its start and its end (``shorten``).
-REASON_CHARS = 4096
-
-
-def shorten(text: str, limit: int = REASON_CHARS) -> str:
-    """``text`` when it has at most ``limit`` characters; otherwise its start and its end around a note of the
-    original length, ``limit`` characters in all, never fewer than the note (a reason names the file first and
-    the problem last)."""
-    if len(text) <= limit:
-        return text
-    note = f" … [{len(text)} characters in all, cut here] … "
-    keep = max(0, limit - len(note))
-    head, tail = keep - keep // 2, keep // 2
-    return text[:head] + note + (text[-tail:] if tail else "")
 
 
 @dataclass(frozen=True)

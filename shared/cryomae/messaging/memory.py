@@ -11,7 +11,8 @@ elsewhere or purged, so a stop, a crash or kill -9 loses nothing: at the next st
 were, and the messages that were in hand are delivered again (their delivery counts kept). Without a journal
 (tests of the transport itself), messages live in memory only.
 
-``judge`` (the handler outcome rules) is shared with the RabbitMQ transport.
+The delivery rules (``judge``, the delivery limit, the headers) are ``cryomae.messaging.delivery``'s, shared
+with the RabbitMQ transport.
 """
 
 from __future__ import annotations
@@ -21,112 +22,28 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
-from cryomae.errors import CryomaeError, TransientError
+from cryomae.errors import TransientError
 from cryomae.messages import Message
 from cryomae.messaging import topology
-from cryomae.messaging.base import (
+from cryomae.messaging.base import Broker, Consumer, Envelope, Handler
+from cryomae.messaging.delivery import (
+    CLOSE_TIMEOUT,
     DELIVERY_LIMIT,
     QUEUE_HEADER,
-    REASON_CHARS,
     REASON_HEADER,
-    Broker,
-    Consumer,
-    Envelope,
-    Handler,
-    shorten,
+    Outcome,
+    check_headers,
+    judge,
+    replay_headers,
 )
 from cryomae.messaging.journal import Journal
 
 log = structlog.get_logger("cryomae.messaging")
-
-CLOSE_TIMEOUT = 30.0  # seconds ``close`` lets each consumer finish the message in hand
-# Headers that describe an earlier dead-lettering; dropped when a message is moved (replayed).
-DEATH_HEADERS = frozenset(
-    {
-        REASON_HEADER,
-        QUEUE_HEADER,
-        "x-death",
-        "x-delivery-count",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What becomes of a delivered message once its handler has run."""
-
-    action: Literal["ack", "requeue", "dead_letter"]
-    reason: str = ""
-
-
-def judge(handler: Handler, envelope: Envelope) -> Outcome:
-    """Run ``handler`` and decide the message's fate by the rules of ``cryomae.messaging.base``.
-
-    Returns normally: ack. ``CryomaeError`` other than ``TransientError`` (bad input): dead-letter now.
-    ``TransientError`` or any other exception: requeue, unless this was delivery number ``DELIVERY_LIMIT``,
-    in which case dead-letter with the error as the reason. Reasons and logged errors are ``shorten``-ed.
-    """
-    try:
-        handler(envelope)
-    except TransientError as exc:
-        error = str(exc) or type(exc).__name__
-    except CryomaeError as exc:
-        reason = shorten(str(exc) or type(exc).__name__)
-        log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
-        return Outcome("dead_letter", reason)
-    except Exception as exc:
-        # Not one of ours: possibly a bug, so the traceback is logged; retried like a transient failure.
-        error = f"{type(exc).__name__}: {exc}"
-        log.exception("handler failed unexpectedly", queue=envelope.queue, deliveries=envelope.delivery_count + 1)
-    else:
-        return Outcome("ack")
-    deliveries = envelope.delivery_count + 1
-    if deliveries >= DELIVERY_LIMIT:
-        suffix = f" (gave up after {deliveries} deliveries)"
-        reason = shorten(error, REASON_CHARS - len(suffix)) + suffix
-        log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
-        return Outcome("dead_letter", reason)
-    log.warning("message requeued", queue=envelope.queue, deliveries=deliveries, error=shorten(error))
-    return Outcome("requeue", shorten(error))
-
-
-_HEADER_TYPES = (str, bytes, int, Decimal, datetime, type(None))  # what AMQP (pika) can carry; bool is an int
-
-
-def check_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of message headers, refusing values AMQP cannot carry (so both transports accept the same)."""
-
-    def check(key: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                check(f"{key}.{k}", v)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                check(f"{key}[{i}]", v)
-        elif not isinstance(value, _HEADER_TYPES):
-            raise TypeError(f"header {key!r}: a {type(value).__name__} cannot be sent in AMQP headers (use a string)")
-
-    for key, value in (headers or {}).items():
-        check(str(key), value)
-    return dict(headers or {})
-
-
-def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers of a moved message: the application's own, without those of an earlier dead-lettering."""
-    return {k: v for k, v in headers.items() if k not in DEATH_HEADERS}
 
 
 @dataclass

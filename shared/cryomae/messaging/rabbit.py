@@ -44,17 +44,18 @@ import structlog
 from cryomae.errors import ConfigError, TransientError
 from cryomae.messages import Message
 from cryomae.messaging import redact_url, topology
-from cryomae.messaging.base import (
+from cryomae.messaging.base import Broker, Consumer, Envelope, Handler
+from cryomae.messaging.delivery import (
+    CLOSE_TIMEOUT,
     DELIVERY_LIMIT,
     QUEUE_HEADER,
     REASON_HEADER,
-    Broker,
-    Consumer,
-    Envelope,
-    Handler,
+    Outcome,
+    check_headers,
+    judge,
+    replay_headers,
     shorten,
 )
-from cryomae.messaging.memory import CLOSE_TIMEOUT, Outcome, check_headers, judge, replay_headers
 
 log = structlog.get_logger("cryomae.messaging")
 
