@@ -2,7 +2,7 @@
 
 import sys
 
-from cryomae.cli import main
+from cryomae.operator.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["service", "watcher", *sys.argv[1:]]))

@@ -658,7 +658,7 @@ def service_case(check: Check, run: str, workers: int) -> dict[str, Any]:
     """``cryomae demo`` (every service in this process, in-memory broker) on copies of a ``service_size``
     micrograph. ``capacity``: all written at once, waiting for the model; the backlog's drain rate is the
     capacity. ``latency``: one every ``latency_interval_s`` after the model, file complete -> rows in the STAR."""
-    from cryomae.live.demo import PROJECT, SESSION, DemoOptions, run_demo
+    from cryomae.operator.demo import PROJECT, SESSION, DemoOptions, run_demo
     from cryomae.store.outputs import SessionOutputs
 
     cfg = check.cfg

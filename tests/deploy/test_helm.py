@@ -26,9 +26,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cryomae import cli
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.messaging import topology
+from cryomae.operator import cli
 from cryomae.settings import Settings, load_settings
 from cryomae.watching.settings import WatchTuning
 

@@ -30,9 +30,9 @@ import yaml
 from compose_spec import PyCompose
 from pydantic import BaseModel
 
-from cryomae.cli import build_parser
-from cryomae.live.app import SERVICES
-from cryomae.live.metrics import HealthServer
+from cryomae.operator.cli import build_parser
+from cryomae.service.app import SERVICES
+from cryomae.service.metrics import HealthServer
 from cryomae.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -426,7 +426,7 @@ def test_dockerignore_keeps_the_context_small():
         "README.md",
         "shared/cryomae/__init__.py",
         "shared/cryomae/py.typed",
-        "shared/cryomae/live/app.py",
+        "shared/cryomae/service/app.py",
     ):
         assert in_build_context(path, patterns), path
     for path in (

@@ -1,7 +1,7 @@
 """The monitoring artefacts under ``deploy/``: the Grafana dashboard, its provisioning, the Prometheus alert rules
 and scrape configuration. Checked with Prometheus's own ``promtool`` (rules, unit tests, config, and every
 dashboard expression parsed as PromQL) and against the metrics the code really exports: every metric a panel or
-an alert queries must be one of ``cryomae.live.metrics`` (with the right histogram and counter suffixes and only
+an alert queries must be one of ``cryomae.service.metrics`` (with the right histogram and counter suffixes and only
 the labels it has), or a named RabbitMQ / DCGM exporter metric, or Prometheus's ``up``."""
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cryomae.live import metrics, ops
-from cryomae.live.app import App, serve
+from cryomae.operator import actions as ops
+from cryomae.service import metrics
+from cryomae.service.app import App, serve
 from cryomae.settings import Settings
 from tests.live.conftest import PROJECT, SESSION, Live, control_for, make_dataset, wait_until
 
@@ -66,7 +67,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _constructors() -> dict[str, tuple[str, tuple[str, ...], bool]]:
-    """Metrics constructed in cryomae/live/metrics.py: name -> (type, label names, registered at import time)."""
+    """Metrics constructed in cryomae/service/metrics.py: name -> (type, label names, registered at import time)."""
     tree = ast.parse(Path(metrics.__file__).read_text())
     at_import = {id(node) for stmt in tree.body for node in ast.walk(stmt)
                  if not isinstance(stmt, ast.FunctionDef | ast.ClassDef)}

@@ -1,6 +1,6 @@
 """The `cryomae` command end to end on small synthetic micrographs: train -> pick -> evaluate -> preview.
 
-Everything goes through ``cryomae.cli.main([...])`` (its exit code, stdout and stderr) and real files. The
+Everything goes through ``cryomae.operator.cli.main([...])`` (its exit code, stdout and stderr) and real files. The
 model is the tiny `test` preset trained for a few steps, so the tests check the plumbing, formats and error
 handling, not picking accuracy (tests/e2e/test_engine.py does that).
 """
@@ -20,9 +20,9 @@ import pytest
 import structlog
 from PIL import Image
 
-from cryomae.cli import build_parser, main
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.io import Coordinates, write_coordinates, write_mrc
+from cryomae.operator.cli import build_parser, main
 from cryomae.synthetic import make_micrograph
 
 DIAMETER = 20.0

@@ -22,11 +22,11 @@ import pytest
 import starfile
 
 from cryomae.io import Coordinates, write_coordinates, write_mrc
-from cryomae.live import ops
-from cryomae.live.app import App
-from cryomae.live.control import BrokerControl, Control, SpoolControl
 from cryomae.messages import MicrographReady
 from cryomae.messaging import topology
+from cryomae.operator import actions as ops
+from cryomae.operator.control import BrokerControl, Control, SpoolControl
+from cryomae.service.app import App
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
@@ -50,7 +50,7 @@ RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]  # parametrize `
 PIPELINE = ["writer", "trainer", "picker"]  # no watcher: tests that send the micrograph messages themselves
 CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch; the machine may be busy)
 _SCRIPT = Path(sys.executable).with_name("cryomae")
-CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.cli"]
+CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.operator.cli"]
 MICS_DLQ = topology.dead_letters(topology.MICROGRAPHS)
 PICKS_DLQ = topology.dead_letters(topology.PICKS)
 

@@ -30,8 +30,8 @@ import pytest
 import starfile
 
 from cryomae.io import Coordinates, write_coordinates
-from cryomae.live import ops
-from cryomae.live.control import INBOX, SpoolControl
+from cryomae.operator import actions as ops
+from cryomae.operator.control import INBOX, SpoolControl
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching.ledger import read_ledger

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cryomae.errors import InputError
-from cryomae.live.demo import DemoOptions, run_demo
+from cryomae.operator.demo import DemoOptions, run_demo
 from tests.live.conftest import TINY_TRAINING
 from tests.messaging.conftest import AMQP_URL
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cryomae.config import EncoderConfig
-from cryomae.live import ops
+from cryomae.operator import actions as ops
 from cryomae.settings import Settings, load_settings
 from cryomae.training.encoder import pretrain_encoder
 from tests.live.conftest import PROJECT, Live, running, wait_until

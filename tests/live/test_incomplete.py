@@ -14,8 +14,8 @@ import shutil
 import time
 from datetime import UTC, datetime
 
-from cryomae.live import ops
 from cryomae.messaging import topology
+from cryomae.operator import actions as ops
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
 

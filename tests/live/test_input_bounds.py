@@ -27,11 +27,11 @@ import pytest
 from cryomae.errors import InputError
 from cryomae.io import write_mrc
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
-from cryomae.live.common import LOG_FIELD_CHARS, handling
 from cryomae.messages import MAX_MESSAGE_BYTES, MicrographReady, PicksReady, decode
 from cryomae.messaging import Broker, Envelope, topology
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_CHARS, REASON_HEADER
 from cryomae.messaging.rabbit import RabbitBroker
+from cryomae.service.handling import LOG_FIELD_CHARS, handling
 from cryomae.settings import Settings, load_settings
 from tests.io.test_micrographs import sparse_mrc
 from tests.live.conftest import (

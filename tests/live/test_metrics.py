@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cryomae.live import ops
-from cryomae.live.app import App, serve
-from cryomae.live.metrics import HealthServer
+from cryomae.operator import actions as ops
+from cryomae.service.app import App, serve
+from cryomae.service.metrics import HealthServer
 from tests.live.conftest import PROJECT, SESSION, Live, control_for, wait_until
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cryomae.live.app import App, serve
+from cryomae.service.app import App, serve
 from cryomae.settings import Settings
 from tests.live.conftest import Live, wait_until
 

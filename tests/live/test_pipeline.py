@@ -10,7 +10,7 @@ import collections
 
 import starfile
 
-from cryomae.live import ops
+from cryomae.operator import actions as ops
 from tests.live.conftest import PROJECT, SESSION, Live, running, wait_until
 
 

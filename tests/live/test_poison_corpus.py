@@ -24,12 +24,12 @@ from PIL import Image
 
 from cryomae.errors import CryomaeError
 from cryomae.io import read_micrograph, write_mrc
-from cryomae.live import ops
-from cryomae.live.app import App
-from cryomae.live.control import Control
 from cryomae.messages import Message, PicksReady, Rethreshold, SessionCommand, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.delivery import REASON_HEADER
+from cryomae.operator import actions as ops
+from cryomae.operator.control import Control
+from cryomae.service.app import App
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import (
     PROJECT,

@@ -28,10 +28,10 @@ import pytest
 import starfile
 
 from cryomae.io import write_mrc
-from cryomae.live import ops
-from cryomae.live.app import App
 from cryomae.messaging import Broker, topology
 from cryomae.messaging.rabbit import RabbitBroker
+from cryomae.operator import actions as ops
+from cryomae.service.app import App
 from tests.live.conftest import (
     CRYOMAE,
     PROJECT,

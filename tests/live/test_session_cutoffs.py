@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cryomae.config import PickConfig
-from cryomae.live import picker as picker_module
-from cryomae.live.picker import Picker
 from cryomae.messaging import open_broker
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import PRESETS
 from cryomae.preprocess import Geometry
+from cryomae.service import picker as picker_module
+from cryomae.service.picker import Picker
 from cryomae.store.projects import ProjectStore
 
 

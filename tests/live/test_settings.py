@@ -70,8 +70,8 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_picker_works_on_one_micrograph_at_a_time_on_a_cpu_unless_told(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from cryomae.live.picker import Picker
     from cryomae.messaging import open_broker
+    from cryomae.service.picker import Picker
     from cryomae.store.projects import ProjectStore
 
     broker = open_broker("memory://", "workers-test")
@@ -101,7 +101,7 @@ def test_one_device_setting_every_service_honours(
 ) -> None:
     # CRYOMAE_PICK__DEVICE and CRYOMAE_TRAIN__DEVICE used to load and then do nothing: now they are refused with
     # a reason that names the one setting, and CRYOMAE_DEVICE reaches both the picker and the trainer
-    from cryomae.live.app import App
+    from cryomae.service.app import App
 
     monkeypatch.setenv(f"CRYOMAE_{section.upper()}__DEVICE", "cuda:7")
     with pytest.raises(ValidationError, match=r"CRYOMAE_DEVICE"):

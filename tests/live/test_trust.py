@@ -27,13 +27,13 @@ import pytest
 import torch
 
 from cryomae.errors import InputError
-from cryomae.live import ops
-from cryomae.live.control import Control
 from cryomae.messages import PicksReady, Rethreshold, TrainRequest
 from cryomae.messaging import topology
 from cryomae.model.checkpoint import MANIFEST, save_model
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import PRESETS
+from cryomae.operator import actions as ops
+from cryomae.operator.control import Control
 from cryomae.preprocess import Geometry
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import (

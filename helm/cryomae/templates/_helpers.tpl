@@ -17,7 +17,7 @@
 {{- end }}
 {{- end }}
 
-{{/* The components, in start order (downstream first), as cryomae.live.app.SERVICES. */}}
+{{/* The components, in start order (downstream first), as cryomae.service.app.SERVICES. */}}
 {{- define "cryomae.components" -}}
 writer trainer picker watcher
 {{- end }}

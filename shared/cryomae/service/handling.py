@@ -13,10 +13,10 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from cryomae.errors import InputError
-from cryomae.live import metrics
 from cryomae.messages import Message, decode
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import fate, shorten
+from cryomae.service import metrics
 
 M = TypeVar("M", bound=Message)
 LOG_FIELD_CHARS = 4096  # longest text field of the per-message log line (``shorten``)
@@ -49,7 +49,7 @@ class Handled(Generic[M]):
 @contextmanager
 def handling(log: Any, env: Envelope, kinds: tuple[type[M], ...]) -> Iterator[Handled[M]]:
     """Decode a delivery and handle it with one JSON log line (ids, duration, outcome and what the handler adds
-    to ``fields``) and the message metrics (``cryomae.live.metrics``). A body that does not decode is logged
+    to ``fields``) and the message metrics (``cryomae.service.metrics``). A body that does not decode is logged
     and counted too (and dead-lettered by the broker). Text fields longer than ``LOG_FIELD_CHARS`` are cut."""
     fields: dict[str, Any] = {"queue": env.queue, "delivery": env.delivery_count}
     t0 = time.perf_counter()

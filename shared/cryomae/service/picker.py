@@ -24,14 +24,14 @@ from cryomae.errors import CryomaeError, InputError
 from cryomae.io import read_micrograph
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.io.roots import inside_roots
-from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling
 from cryomae.messages import MicrographReady, ModelPublished, PicksReady
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.picking.threshold import SessionCutoff
+from cryomae.service import metrics
+from cryomae.service.handling import get_logger, handling
 from cryomae.store.projects import ModelCache, ProjectStore
 
 log = get_logger("picker")

@@ -25,7 +25,7 @@ from cryomae.logging import configure_logging
 from cryomae.model.presets import PRESETS
 from cryomae.picking.threshold import THRESHOLD_RULES
 
-log = structlog.get_logger("cryomae.cli")
+log = structlog.get_logger("cryomae.operator.cli")
 
 
 def _threshold(value: str) -> str | float:
@@ -95,7 +95,7 @@ def _pick_config(args: argparse.Namespace) -> PickConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cryomae.workflows import train_from_files
+    from cryomae.operator.workflows import train_from_files
 
     cfg = _train_config(args)
     out = train_from_files(args.reference, args.coords, args.diameter, args.out, cfg, args.unlabeled or [])
@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pick(args: argparse.Namespace) -> int:
-    from cryomae.workflows import pick_files
+    from cryomae.operator.workflows import pick_files
 
     summary = pick_files(args.model, args.micrographs, args.out, _pick_config(args))
     if args.json:
@@ -119,7 +119,7 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cryomae.workflows import evaluate_dirs
+    from cryomae.operator.workflows import evaluate_dirs
 
     ev = evaluate_dirs(args.picks, args.truth, args.diameter, args.iou)
     print(json.dumps(ev.to_dict(), indent=2) if args.json else ev.format_table())
@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from cryomae.workflows import preview_file
+    from cryomae.operator.workflows import preview_file
 
     out = preview_file(args.micrograph, args.picks, args.out, args.truth, args.diameter)
     print(f"preview written to {out}")
@@ -135,7 +135,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from cryomae.workflows import run_example
+    from cryomae.operator.workflows import run_example
 
     result = run_example(Path(args.out), preset=args.preset, seed=args.seed)
     print(result["table"])
@@ -241,13 +241,13 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
-    from cryomae.live.ops import dumps
+    from cryomae.operator.actions import dumps
 
     print(dumps(data) if getattr(args, "json", False) else text)
 
 
 def _serve(args: argparse.Namespace, names: Sequence[str]) -> int:
-    from cryomae.live.app import App, serve
+    from cryomae.service.app import App, serve
 
     settings = _settings(args)
     _log_from_settings(args, settings)
@@ -281,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cryomae.live.demo import DemoOptions, run_demo
+    from cryomae.operator.demo import DemoOptions, run_demo
 
     # the demo prints its own progress; the services' per-message log lines only with --log-level INFO
     configure_logging(args.log_level or "WARNING", json=True if args.log_json else None)
@@ -303,7 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     overrides = _set_pairs(args.set or [])
     if args.preset:
@@ -314,7 +314,7 @@ def cmd_project_create(args: argparse.Namespace) -> int:
 
 
 def cmd_project_list(args: argparse.Namespace) -> int:
-    from cryomae.live.ops import status_projects
+    from cryomae.operator.actions import status_projects
 
     rows = status_projects(_settings(args))
     lines = [f"{r['project']}: diameter {r['diameter']}, current model {r['current_version'] or '-'}" for r in rows]
@@ -323,7 +323,7 @@ def cmd_project_list(args: argparse.Namespace) -> int:
 
 
 def _with_control(args: argparse.Namespace, action: Any) -> Any:
-    from cryomae.live.ops import open_control
+    from cryomae.operator.actions import open_control
 
     control = open_control(_settings(args))
     try:
@@ -333,7 +333,7 @@ def _with_control(args: argparse.Namespace, action: Any) -> Any:
 
 
 def cmd_exemplars_add(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
 
@@ -352,7 +352,7 @@ def cmd_exemplars_add(args: argparse.Namespace) -> int:
 
 
 def cmd_session_start(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
     out = _with_control(
@@ -366,7 +366,7 @@ def cmd_session_start(args: argparse.Namespace) -> int:
 
 
 def cmd_session_stop(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
     out = _with_control(args, lambda c: ops.session_stop(settings, c, args.project, args.session))
@@ -375,7 +375,7 @@ def cmd_session_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_session_rethreshold(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
     value = None if args.clear else args.threshold
@@ -386,7 +386,7 @@ def cmd_session_rethreshold(args: argparse.Namespace) -> int:
 
 
 def cmd_session_repick(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
     out = _with_control(args, lambda c: ops.session_repick(settings, c, args.project, args.session, args.all))
@@ -401,7 +401,7 @@ def cmd_session_repick(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     settings = _settings(args)
     out = _with_control(args, lambda c: ops.status(settings, c))
@@ -410,7 +410,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from cryomae.live import ops
+    from cryomae.operator import actions as ops
 
     if args.action == "list":
         out = _with_control(args, lambda c: ops.dlq_list(c, args.queue, args.limit))
@@ -431,7 +431,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from cryomae.live.ops import config_show, dumps
+    from cryomae.operator.actions import config_show, dumps
 
     print(dumps(config_show(_settings(args))))
     return 0

@@ -28,10 +28,10 @@ import structlog
 
 from cryomae.errors import InputError, TransientError
 from cryomae.io.atomic import write_json
-from cryomae.live.common import pid_running
 from cryomae.messages import Message, decode
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Envelope
+from cryomae.service.handling import pid_running
 from cryomae.store.projects import ProjectStore
 
 log = structlog.get_logger("cryomae.control")

@@ -18,11 +18,11 @@ from typing import Any
 
 from cryomae.errors import InputError
 from cryomae.io.roots import inside_roots
-from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling
 from cryomae.messages import PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
+from cryomae.service import metrics
+from cryomae.service.handling import get_logger, handling
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 

@@ -1,7 +1,7 @@
 """What the operator CLI does, as functions returning plain data (the CLI prints it for people or as JSON).
 
 Every function takes the ``Settings`` and, where it sends or reports on messages, a ``Control``
-(``cryomae.live.control``): RabbitMQ directly, or the inbox of the ``cryomae run`` process.
+(``cryomae.operator.control``): RabbitMQ directly, or the inbox of the ``cryomae run`` process.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from cryomae.errors import InputError
-from cryomae.live.control import DLQ_LISTED, BrokerControl, Control, SpoolControl
-from cryomae.live.trainer import trainer_liveness
 from cryomae.messages import (
     MicrographReady,
     Rethreshold,
@@ -27,13 +25,15 @@ from cryomae.messages import (
 from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER
+from cryomae.operator.control import DLQ_LISTED, BrokerControl, Control, SpoolControl
+from cryomae.service.trainer import trainer_liveness
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
 
-WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (cryomae.live.app uses the same)
+WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (cryomae.service.app uses the same)
 
 
 def open_control(settings: Settings) -> Control:

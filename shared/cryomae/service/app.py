@@ -9,7 +9,7 @@ non-zero and its supervisor (Kubernetes, systemd, compose) restarts it. It takes
 (``build``) before it listens on the metrics port, so that a second instance is told the real reason.
 
 With the in-memory broker (one process), the operator CLI's requests come through the state folder's inbox
-(``cryomae.live.control``), and the queues are journaled in ``<state>/queues`` (``cryomae.messaging.journal``):
+(``cryomae.operator.control``), and the queues are journaled in ``<state>/queues`` (``cryomae.messaging.journal``):
 what was queued or in hand when the process stopped is there again at the next start.
 """
 
@@ -23,18 +23,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cryomae.errors import ConfigError, CryomaeError, TransientError
-from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling
-from cryomae.live.control import Inbox
-from cryomae.live.metrics import HealthServer, register_gpu_metrics
-from cryomae.live.ops import WATCHER_STATE
-from cryomae.live.picker import Picker
-from cryomae.live.trainer import Trainer
-from cryomae.live.writer import Writer
 from cryomae.messages import MicrographReady, SessionCommand
 from cryomae.messaging import Broker, Consumer, Envelope, open_broker, redact_url, topology
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
+from cryomae.operator.actions import WATCHER_STATE
+from cryomae.operator.control import Inbox
+from cryomae.service import metrics
+from cryomae.service.handling import get_logger, handling
+from cryomae.service.metrics import HealthServer, register_gpu_metrics
+from cryomae.service.picker import Picker
+from cryomae.service.trainer import Trainer
+from cryomae.service.writer import Writer
 from cryomae.settings import Settings
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import Watcher

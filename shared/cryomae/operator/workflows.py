@@ -38,7 +38,7 @@ from cryomae.model.checkpoint import load_model, save_model
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.training.train import train_model
 
-log = structlog.get_logger("cryomae.workflows")
+log = structlog.get_logger("cryomae.operator.workflows")
 RUN_FILE = "pick_run.json"
 CANDIDATES_DIR = "candidates"
 

@@ -30,12 +30,12 @@ from cryomae.config import TrainConfig
 from cryomae.errors import CryomaeError
 from cryomae.io.atomic import atomic_output
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
-from cryomae.live import metrics
-from cryomae.live.common import get_logger, handling, pid_running
 from cryomae.messages import ModelPublished, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.model.checkpoint import save_model
+from cryomae.service import metrics
+from cryomae.service.handling import get_logger, handling, pid_running
 from cryomae.store.projects import ProjectStore
 from cryomae.training.train import TrainingInterruptedError, train_model
 
