@@ -31,7 +31,8 @@ import starfile
 
 from cryomae.io import Coordinates, write_coordinates
 from cryomae.operator import actions as ops
-from cryomae.operator.control import INBOX, SpoolControl
+from cryomae.operator.control import SpoolControl
+from cryomae.service.inbox import INBOX
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching.ledger import read_ledger

@@ -15,13 +15,13 @@ from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, InputError
 from cryomae.io import Coordinates, write_coordinates, write_mrc
 from cryomae.model.checkpoint import MANIFEST, WEIGHTS, TrainedModel, save_model
+from cryomae.service.picker import ModelCache
 from cryomae.store.projects import (
     CURRENT_FILE,
     EXEMPLAR_FILE,
     MODELS,
     STAGING,
     ExemplarSet,
-    ModelCache,
     ProjectStore,
 )
 from cryomae.synthetic import make_micrograph

@@ -25,15 +25,15 @@ from cryomae.messages import (
 from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER
-from cryomae.operator.control import DLQ_LISTED, BrokerControl, Control, SpoolControl
+from cryomae.operator.control import BrokerControl, Control, SpoolControl
+from cryomae.service.inbox import DLQ_LISTED
 from cryomae.service.trainer import trainer_liveness
+from cryomae.service.watcher import WATCHER_STATE
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
-
-WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (cryomae.service.app uses the same)
 
 
 def open_control(settings: Settings) -> Control:

@@ -33,8 +33,9 @@ from cryomae.errors import ConfigError, InputError
 from cryomae.evaluation.metrics import evaluate
 from cryomae.io import Coordinates, read_coordinates, write_coordinates, write_mrc
 from cryomae.operator import actions as ops
-from cryomae.operator.control import BrokerControl, queue_names
+from cryomae.operator.control import BrokerControl
 from cryomae.service.app import App
+from cryomae.service.inbox import queue_names
 from cryomae.settings import Settings
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
 from cryomae.store.projects import ProjectStore

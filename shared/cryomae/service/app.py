@@ -23,21 +23,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cryomae.errors import ConfigError, CryomaeError, TransientError
-from cryomae.messages import MicrographReady, SessionCommand
-from cryomae.messaging import Broker, Consumer, Envelope, open_broker, redact_url, topology
+from cryomae.messaging import Broker, open_broker, redact_url, topology
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
-from cryomae.operator.actions import WATCHER_STATE
-from cryomae.operator.control import Inbox
-from cryomae.service import metrics
-from cryomae.service.handling import get_logger, handling
+from cryomae.service.handling import get_logger
+from cryomae.service.inbox import Inbox
 from cryomae.service.metrics import HealthServer, register_gpu_metrics
 from cryomae.service.picker import Picker
 from cryomae.service.trainer import Trainer
+from cryomae.service.watcher import WatcherService
 from cryomae.service.writer import Writer
 from cryomae.settings import Settings
 from cryomae.store.projects import ProjectStore
-from cryomae.watching import Watcher
 
 log = get_logger("app")
 
@@ -51,46 +48,6 @@ class Service(Protocol):
     def stop(self, timeout: float | None = None) -> None: ...
 
     def ready(self) -> dict[str, Any]: ...
-
-
-class WatcherService:
-    """The watcher publishing to the micrographs queue, and taking session commands from the watcher queue."""
-
-    def __init__(self, broker: Broker, settings: Settings) -> None:
-        self.broker = broker
-        self.watcher = Watcher(settings.state / WATCHER_STATE, self.publish, settings.watch_settings())
-        self._consumer: Consumer | None = None
-
-    def publish(self, message: MicrographReady) -> None:
-        self.broker.publish(topology.MICROGRAPHS, message)
-        metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
-
-    def handle(self, env: Envelope) -> None:
-        with handling(get_logger("watcher"), env, (SessionCommand,)) as h:
-            h.fields.update(action=h.message.action, folder=h.message.folder)
-            self.watcher.handle(h.message)
-            metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
-
-    def start(self) -> None:
-        self.watcher.start()
-        metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
-        self._consumer = self.broker.consume(topology.WATCHER, self.handle, prefetch=1)
-
-    def stop(self, timeout: float | None = None) -> None:
-        if self._consumer is not None:
-            self._consumer.stop(timeout)
-        self.watcher.close()
-
-    def check(self) -> None:
-        """Raise the exception that ended the watcher's loop, if it ended."""
-        self.watcher.join(0)
-
-    def ready(self) -> dict[str, Any]:
-        return {
-            "broker": self.broker.connected,
-            "watching": self.watcher.running,
-            "consumer": self._consumer is not None and self._consumer.running,
-        }
 
 
 def wait_for_broker(broker: Broker, seconds: float, url: str) -> None:

@@ -1,4 +1,4 @@
-"""The picker: MicrographReady -> PicksReady with the project's current model.
+"""The picker: MicrographReady -> PicksReady with the project's current model (held by ``ModelCache``).
 
 A micrograph of a project that has no model yet is parked in the project's waiting queue (kept, not dropped,
 not dead-lettered); when a model is published (broadcast), or at start-up and every model check for projects
@@ -13,6 +13,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 
 from cryomae.config import PickConfig
 from cryomae.device import resolve_device
-from cryomae.errors import CryomaeError, InputError
+from cryomae.errors import CheckpointError, CryomaeError, InputError
 from cryomae.io import read_micrograph
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.io.roots import inside_roots
@@ -32,7 +34,7 @@ from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.picking.threshold import SessionCutoff
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger, handling
-from cryomae.store.projects import ModelCache, ProjectStore
+from cryomae.store.projects import ProjectStore
 
 log = get_logger("picker")
 NO_CANDIDATES_THRESHOLD = 1.0  # the cutoff sent for a micrograph without candidates: the highest cosine score
@@ -225,3 +227,115 @@ class Picker:
             "consumers": bool(self._consumers) and all(c.running for c in self._consumers),
             "models_loaded": self.models_loaded(),
         }
+
+
+# ---------------------------------------------------------------------------------------------- model cache
+
+
+@dataclass
+class _Entry:
+    """One project's cached model; fields are guarded by ModelCache._lock, loading by ``loading``."""
+
+    loading: threading.Lock = field(default_factory=threading.Lock)
+    version: str | None = None  # loaded version
+    model: TrainedModel | None = None
+    current: str | None = None  # what current.json said at the last check
+    checked_at: float = -math.inf
+    generation: int = 0  # bumped by invalidate()
+    checked_generation: int = -1
+    failed: str | None = None  # a version that failed to load; not retried until current changes or invalidate
+
+
+class ModelCache:
+    """Each project's current model for a picker: loaded once, reloaded when the current version changes.
+
+    ``current.json`` is read at most every ``check_interval_s`` seconds per project, or at the next ``get`` after
+    ``invalidate`` (call it when a ModelPublished arrives). A new version is loaded without holding any lock that
+    other callers wait on: while one thread loads, the others keep getting the previous model, and the reference
+    is swapped when loading is done. If the new version fails to load (corrupt, deleted) and a previous model is
+    in hand, the error is logged and the previous model stays in use; with no previous model the error is raised.
+    """
+
+    def __init__(
+        self,
+        store: ProjectStore,
+        device: torch.device | str = "cpu",
+        check_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.device = device
+        self.check_interval_s = check_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+
+    def invalidate(self, project: str) -> None:
+        """Make the next ``get`` re-read the project's current version."""
+        with self._lock:
+            entry = self._entries.setdefault(project, _Entry())
+            entry.generation += 1
+            entry.failed = None
+
+    def loaded(self, project: str) -> str | None:
+        """The version in hand for a project (None: nothing loaded yet); reads no file."""
+        with self._lock:
+            entry = self._entries.get(project)
+            return None if entry is None or entry.model is None else entry.version
+
+    def get(self, project: str) -> tuple[str, TrainedModel] | None:
+        """(version, model) of the project's current model, or None before its first model is published."""
+        with self._lock:
+            entry = self._entries.setdefault(project, _Entry())
+        target = self._current(project, entry)
+        if target is None:
+            return None
+        with self._lock:
+            held = (entry.version, entry.model) if entry.model is not None and entry.version is not None else None
+            if held is not None and (held[0] == target or entry.failed == target):
+                return held
+        if held is not None:
+            if not entry.loading.acquire(blocking=False):
+                return held  # another thread is loading the new version; keep picking with the previous one
+        else:
+            entry.loading.acquire()  # nothing to pick with until the first load is done
+        try:
+            return self._load(project, entry, target)
+        finally:
+            entry.loading.release()
+
+    def _current(self, project: str, entry: _Entry) -> str | None:
+        """The current version, from current.json when due (the file is read outside the lock)."""
+        now = self._clock()
+        with self._lock:
+            generation = entry.generation
+            due = generation != entry.checked_generation or now - entry.checked_at >= self.check_interval_s
+            if not due:
+                return entry.current
+        current = self.store.current_version(project)
+        with self._lock:
+            if current != entry.current:
+                entry.failed = None
+            entry.current, entry.checked_at, entry.checked_generation = current, now, generation
+        return current
+
+    def _load(self, project: str, entry: _Entry, target: str) -> tuple[str, TrainedModel]:
+        """Load ``target`` (caller holds entry.loading) and swap it in; keep the previous model if it fails."""
+        with self._lock:
+            held = (entry.version, entry.model) if entry.model is not None and entry.version is not None else None
+            if held is not None and (held[0] == target or entry.failed == target):
+                return held  # loaded (or failed) by another thread while this one waited
+        t0 = time.perf_counter()
+        try:
+            model = self.store.load_version(project, target, self.device)
+        except CheckpointError as e:
+            if held is None:
+                raise
+            with self._lock:
+                entry.failed = target
+            log.error("model_load_failed", project=project, version=target, kept=held[0], error=str(e))
+            return held
+        with self._lock:
+            entry.version, entry.model = target, model
+        log.info("model_loaded", project=project, version=target, seconds=round(time.perf_counter() - t0, 3))
+        return target, model

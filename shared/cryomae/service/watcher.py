@@ -1,0 +1,55 @@
+"""The watcher service: watches session folders (``cryomae.watching.Watcher``) and publishes each complete
+micrograph to the micrographs queue; takes session commands (start, stop watching) from the watcher queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryomae.messages import MicrographReady, SessionCommand
+from cryomae.messaging import Broker, Consumer, Envelope, topology
+from cryomae.service import metrics
+from cryomae.service.handling import get_logger, handling
+from cryomae.settings import Settings
+from cryomae.watching import Watcher
+
+WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (its ledger; ``cryomae status`` reads it)
+
+
+class WatcherService:
+    """The watcher publishing to the micrographs queue, and taking session commands from the watcher queue."""
+
+    def __init__(self, broker: Broker, settings: Settings) -> None:
+        self.broker = broker
+        self.watcher = Watcher(settings.state / WATCHER_STATE, self.publish, settings.watch_settings())
+        self._consumer: Consumer | None = None
+
+    def publish(self, message: MicrographReady) -> None:
+        self.broker.publish(topology.MICROGRAPHS, message)
+        metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
+
+    def handle(self, env: Envelope) -> None:
+        with handling(get_logger("watcher"), env, (SessionCommand,)) as h:
+            h.fields.update(action=h.message.action, folder=h.message.folder)
+            self.watcher.handle(h.message)
+            metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
+
+    def start(self) -> None:
+        self.watcher.start()
+        metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
+        self._consumer = self.broker.consume(topology.WATCHER, self.handle, prefetch=1)
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._consumer is not None:
+            self._consumer.stop(timeout)
+        self.watcher.close()
+
+    def check(self) -> None:
+        """Raise the exception that ended the watcher's loop, if it ended."""
+        self.watcher.join(0)
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "broker": self.broker.connected,
+            "watching": self.watcher.running,
+            "consumer": self._consumer is not None and self._consumer.running,
+        }
