@@ -20,7 +20,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = "fast"
+    preset: str = Field("fast", description="model preset (cryomae.model.presets): paper, base, small, fast, test")
     feature: Literal["mean", "cls", "flat"] | None = Field(
         None, description="override the preset's latent feature (see cryomae.model.presets)"
     )
@@ -38,13 +38,13 @@ class TrainConfig(BaseModel):
     )
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
-    pretrain_epochs: int = Field(10, ge=0)
-    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_epochs: int = Field(10, ge=0, description="passes over the pre-training regions (0: no pre-training)")
+    pretrain_lr: float = Field(1e-3, gt=0, description="peak learning rate of pre-training")
     # SCS training: exemplars plus n unlabeled regions of the reference micrograph
     n_unlabeled: int = Field(512, ge=1, description="unlabeled regions of the reference micrograph (n)")
     unlabeled_per_step: int = Field(128, ge=1, description="unlabeled regions in each step with all exemplars")
     epochs: int = Field(30, ge=0, description="passes over the unlabeled regions in SCS training")
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate of SCS training (AdamW, warm-up then cosine)")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of S_cross against S_self (eq. 3)")
     tau: float = Field(0.0, description="floor of L_SCS (eq. 3)")
     beta: float = Field(1.0, ge=0.0, description="weight of L_SCS in the total loss (eq. 6)")
@@ -60,11 +60,11 @@ class TrainConfig(BaseModel):
         description="standardise features by the unlabeled regions' mean and spread before L_SCS, as the "
         "picker standardises window features by the micrograph's",
     )
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    batch_size: int = Field(128, ge=2)
-    weight_decay: float = Field(0.05, ge=0.0)
-    rotate: bool = True
-    flip: bool = True
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches masked for reconstruction")
+    batch_size: int = Field(128, ge=2, description="regions per pre-training step")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay")
+    rotate: bool = Field(True, description="augment regions with random in-plane rotations")
+    flip: bool = Field(True, description="augment regions with random mirror flips")
     bank: Literal["views", "aligned"] = Field(
         "views",
         description="exemplar bank: each exemplar in bank_views views (the paper's), or the average of the exemplars "
@@ -73,7 +73,7 @@ class TrainConfig(BaseModel):
     )
     bank_views: Literal[1, 8] = Field(8, description="bank views: 1 view or the 8 dihedral views of each exemplar")
     bank_rotations: int = Field(16, ge=1, le=90, description="bank aligned: in-plane angles of the aligned average")
-    seed: int = 0
+    seed: int = Field(0, description="seed of every random draw of training (deterministic on one machine)")
     device: str = "auto"
     encoder: str | None = Field(
         None,
@@ -131,11 +131,11 @@ class PickConfig(BaseModel):
         "of the candidates; a larger upper mode is background split in two, e.g. by carbon or thick ice)",
     )
     robust_z: float = Field(1.25, description="robust cut: robust standard deviations above the median candidate score")
-    knn_k: int = Field(5, ge=1)
-    knn_smooth: int = Field(0, ge=0)
-    nms: bool = True
+    knn_k: int = Field(5, ge=1, description="knn cutoff: neighbours in score space (the paper's k)")
+    knn_smooth: int = Field(0, ge=0, description="knn cutoff: moving-average width over the ranked distances (0: off)")
+    nms: bool = Field(True, description="keep only local maxima of the score map (nms_distance apart)")
     nms_distance: float = Field(0.4, gt=0.0, description="minimum distance between picks / particle diameter")
-    refine: bool = True
+    refine: bool = Field(True, description="refine peaks to sub-window precision with a parabola fit")
     edge_margin: float = Field(
         0.5,
         ge=0.0,

@@ -9,6 +9,7 @@ named like the environment variable, e.g. ``cryomae_broker_password``), then the
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -91,7 +92,7 @@ class Settings(BaseSettings):
         "projects and model versions, so only this host by default (the container images and the Helm chart "
         "set 0.0.0.0, behind their network and a NetworkPolicy)",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least level logged")
     log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
     log_file: Path | None = Field(
         None, description="write the services' log to this file (appended, rotated at 50 MB, 5 kept; default stderr)"
@@ -136,6 +137,39 @@ class Settings(BaseSettings):
         data["broker_password"] = SECRET_MASK if self.broker_password is not None else None
         data["broker"]["url"] = redact_url(self.broker.url, SECRET_MASK)
         return data
+
+
+REFUSED = frozenset({"CRYOMAE_PICK__DEVICE", "CRYOMAE_TRAIN__DEVICE"})  # the one device setting is CRYOMAE_DEVICE
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """Every setting a process reads, as (environment variable, default, meaning), in the model's order: the
+    table of docs/settings.md (``cryomae config reference`` prints it; a test keeps the two the same)."""
+
+    def rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        for name, field in model.model_fields.items():
+            env = prefix + name.upper()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += rows(field.annotation, env + "__")
+            elif env not in REFUSED:
+                default = field.get_default(call_default_factory=True)
+                shown = "none" if default is None or default == [] else f"`{json.dumps(default, default=str)}`"
+                out.append((env, shown, field.description or ""))
+        return out
+
+    return rows(Settings, "CRYOMAE_")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """``reference`` as a Markdown table."""
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{env}` | {default} | {_cell(text)} |" for env, default, text in reference()]
+    return "\n".join(lines) + "\n"
 
 
 def load_settings(**overrides: Any) -> Settings:

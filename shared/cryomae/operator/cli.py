@@ -430,6 +430,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from cryomae.settings import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from cryomae.operator.actions import config_show, dumps
 
@@ -608,9 +615,13 @@ def _add_live_parsers(sub: Any) -> None:
     q.add_argument("--yes", action="store_true", help="confirm a purge")
     q.set_defaults(func=cmd_dlq)
 
-    c = sub.add_parser("config", help="show the settings in force").add_subparsers(dest="action", required=True)
+    c = sub.add_parser("config", help="show the settings in force, or all of them").add_subparsers(
+        dest="action", required=True
+    )
     cs = c.add_parser("show", parents=[common], help="the settings, secrets hidden, as JSON")
     cs.set_defaults(func=cmd_config_show)
+    cr = c.add_parser("reference", help="every setting with its default and meaning, as a Markdown table")
+    cr.set_defaults(func=cmd_config_reference)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,9 @@ class WatchTuning(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: WatchMode = "auto"
+    mode: WatchMode = Field(
+        "auto", description="inotify, poll (NFS, CIFS), or auto (polls on network and FUSE filesystems)"
+    )
     settle_seconds: float = Field(2.0, ge=0, description="size and mtime unchanged this long before a file counts")
     give_up_seconds: float = Field(
         600.0,
