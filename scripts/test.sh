@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
 bash scripts/test-services.sh
-.venv/bin/ruff check shared tests
+.venv/bin/ruff check shared tests services
+.venv/bin/ruff format --check shared tests services
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""The picker service as a process: `python services/picker.py` is `cryomae service picker` (settings from CRYOMAE_*)."""
+"""The picker service as a process: `python services/picker.py` is `cryomae service picker` (CRYOMAE_* settings)."""
 
 import sys
 

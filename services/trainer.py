@@ -1,4 +1,4 @@
-"""The trainer service as a process: `python services/trainer.py` is `cryomae service trainer` (settings from CRYOMAE_*)."""
+"""The trainer service as a process: `python services/trainer.py` is `cryomae service trainer` (CRYOMAE_* settings)."""
 
 import sys
 

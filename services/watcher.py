@@ -1,4 +1,4 @@
-"""The watcher service as a process: `python services/watcher.py` is `cryomae service watcher` (settings from CRYOMAE_*)."""
+"""The watcher service as a process: `python services/watcher.py` is `cryomae service watcher` (CRYOMAE_* settings)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The writer service as a process: `python services/writer.py` is `cryomae service writer` (settings from CRYOMAE_*)."""
+"""The writer service as a process: `python services/writer.py` is `cryomae service writer` (CRYOMAE_* settings)."""
 
 import sys
 

@@ -215,9 +215,9 @@ def run_dataset(
 
 def plot(results: dict[str, list[Row]], out: Path) -> None:
     """F1 at each picker's own threshold against seconds per micrograph, one panel per dataset."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results)

@@ -168,13 +168,13 @@ def verify_wheels(wheel_dir: Path) -> dict[str, Any]:
                 ln.split(":", 1)[1].strip() for ln in _wheel_metadata(path) if ln.startswith("Requires-Dist:")
             ],
         }
-    for name in sorted(set(wanted) - set(wheels)):
-        problems.append(f"missing wheel: {name}=={wanted[name]}")
-    for name in sorted(set(wheels) - set(wanted)):
-        problems.append(f"unexpected wheel: {wheels[name]['file']}")
-    for name in sorted(set(wheels) & set(wanted)):
-        if wheels[name]["version"] != wanted[name]:
-            problems.append(f"{name}: wheel {wheels[name]['version']}, this environment {wanted[name]}")
+    problems.extend(f"missing wheel: {name}=={wanted[name]}" for name in sorted(set(wanted) - set(wheels)))
+    problems.extend(f"unexpected wheel: {wheels[name]['file']}" for name in sorted(set(wheels) - set(wanted)))
+    problems.extend(
+        f"{name}: wheel {wheels[name]['version']}, this environment {wanted[name]}"
+        for name in sorted(set(wheels) & set(wanted))
+        if wheels[name]["version"] != wanted[name]
+    )
     env: dict[str, str] = {
         **{k: str(v) for k, v in default_environment().items()},
         "python_version": DEVICE_PYTHON,
@@ -442,7 +442,7 @@ class Check:
                 entry["status"] = "ok"
             except StageTimeout:
                 entry.update(status="timeout", reason=f"ran past its limit of {allowed:.1f} s")
-            except Exception as exc:  # recorded; the run goes on with the next stage
+            except Exception as exc:  # noqa: BLE001 -- recorded; the run goes on with the next stage
                 entry.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             say(
@@ -526,10 +526,9 @@ def pick_case(spec: str, size: int, check: Check) -> dict[str, Any]:
     from tests.benchmarks.speed import one_case
 
     rate = check.report.get("rate") or 0.0
-    case = one_case(
+    return one_case(
         spec, size, str(check.device), check.data, check.cfg["repeats"], check.cfg["max_seconds"], 0.125, rate
     )
-    return case
 
 
 def _switch_image(which: str, check: Check) -> tuple[Any, Any, float, str]:

@@ -59,8 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     for journaled in (False, True):
         publish, consume = measure(args.messages, journaled)
-        print(f"journal {'on ' if journaled else 'off'}: publish {publish:.3f} ms, consume + ack {consume:.3f} ms "
-              f"per message ({args.messages} messages)")
+        print(
+            f"journal {'on ' if journaled else 'off'}: publish {publish:.3f} ms, consume + ack {consume:.3f} ms "
+            f"per message ({args.messages} messages)"
+        )
 
 
 if __name__ == "__main__":

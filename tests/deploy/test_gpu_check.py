@@ -173,8 +173,10 @@ def test_verify_wheels_names_every_problem(tmp_path: Path) -> None:
     assert sorted(problems) == sorted(
         [
             f"pika: wheel 0.0.1, this environment {versions['pika']}",
-            f"pydantic_core-{versions['pydantic-core']}-cp311-cp311-manylinux_2_17_x86_64.whl: no tag for CPython 3.12 "
-            "on x86-64 Linux",
+            (
+                f"pydantic_core-{versions['pydantic-core']}-cp311-cp311-manylinux_2_17_x86_64.whl: no tag for CPython "
+                "3.12 on x86-64 Linux"
+            ),
             f"watchdog-{versions['watchdog']}-py3-none-macosx_11_0_arm64.whl: no tag for CPython 3.12 on x86-64 Linux",
             "structlog needs not-on-the-device>=1: neither a wheel nor on the device",
             "unexpected wheel: extra_pkg-1.0-py3-none-any.whl",

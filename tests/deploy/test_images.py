@@ -121,7 +121,7 @@ def run_probe(argv: list[str], port: int) -> subprocess.CompletedProcess[str]:
 def check_probe_against_real_server(argv: list[str]) -> None:
     """The command passes while /healthz says alive (starting, or the main loop turning), fails on 503 (the loop
     has hung) and when nothing listens."""
-    alive = HealthServer("127.0.0.1", 0, lambda: {}, stale_after_s=3600)
+    alive = HealthServer("127.0.0.1", 0, dict, stale_after_s=3600)
     alive.start()
     try:
         starting = run_probe(argv, alive.port)  # no beat yet: starting (e.g. waiting for the broker)
@@ -131,7 +131,7 @@ def check_probe_against_real_server(argv: list[str]) -> None:
         assert turning.returncode == 0, f"healthcheck failed against a live /healthz: {turning.stderr}"
     finally:
         alive.stop()
-    hung = HealthServer("127.0.0.1", 0, lambda: {}, stale_after_s=0.0)
+    hung = HealthServer("127.0.0.1", 0, dict, stale_after_s=0.0)
     hung.start()
     try:
         hung.beat()  # and none since: with stale_after_s=0 every /healthz answers 503
@@ -803,11 +803,11 @@ def test_rabbitmq_has_management_prometheus_and_the_cryomae_user(compose):
     assert listed, f"enabled_plugins is not an Erlang list: {plugins}"
     assert {"rabbitmq_management", "rabbitmq_prometheus"} <= {p.strip() for p in listed.group(1).split(",")}
     conf = next(m for m in mounts(rabbit) if m.target.startswith("/etc/rabbitmq/conf.d/"))
-    settings = dict(
-        (k.strip(), v.strip())
+    settings = {
+        k.strip(): v.strip()
         for k, _, v in (ln.partition("=") for ln in (COMPOSE_DIR / conf.source).read_text().splitlines())
         if k.strip() and not k.startswith("#")
-    )
+    }
     assert int(settings["consumer_timeout"]) > 30 * 60 * 1000, "longer than RabbitMQ's default, for trainings"
     assert int(settings["prometheus.tcp.port"]) == 15692 and int(settings["management.tcp.port"]) == 15672
 

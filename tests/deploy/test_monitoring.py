@@ -41,17 +41,32 @@ SERVICES = ("watcher", "picker", "writer", "trainer")
 
 # RabbitMQ's rabbitmq_prometheus plugin, per-object endpoint (/metrics/per-object; the /metrics/detailed endpoint
 # names the same metrics rabbitmq_detailed_*): the per-queue metrics, checked against the plugin of RabbitMQ 3.10.
-RABBITMQ_QUEUE_METRICS = frozenset({
-    "rabbitmq_queue_messages", "rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked",
-    "rabbitmq_queue_messages_bytes", "rabbitmq_queue_messages_ready_bytes", "rabbitmq_queue_messages_unacked_bytes",
-    "rabbitmq_queue_messages_published_total", "rabbitmq_queue_consumers", "rabbitmq_queue_process_memory_bytes",
-})
+RABBITMQ_QUEUE_METRICS = frozenset(
+    {
+        "rabbitmq_queue_messages",
+        "rabbitmq_queue_messages_ready",
+        "rabbitmq_queue_messages_unacked",
+        "rabbitmq_queue_messages_bytes",
+        "rabbitmq_queue_messages_ready_bytes",
+        "rabbitmq_queue_messages_unacked_bytes",
+        "rabbitmq_queue_messages_published_total",
+        "rabbitmq_queue_consumers",
+        "rabbitmq_queue_process_memory_bytes",
+    }
+)
 RABBITMQ_LABELS = frozenset({"vhost", "queue", "job", "instance"})
 # NVIDIA DCGM exporter's default GPU fields
-DCGM_METRICS = frozenset({
-    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
-    "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_SM_CLOCK",
-})
+DCGM_METRICS = frozenset(
+    {
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_FB_FREE",
+        "DCGM_FI_DEV_POWER_USAGE",
+        "DCGM_FI_DEV_GPU_TEMP",
+        "DCGM_FI_DEV_SM_CLOCK",
+    }
+)
 TARGET_LABELS = frozenset({"job", "instance", "service"})  # added by Prometheus (and prometheus.yml) to every series
 GRAFANA_BUILTINS = frozenset({"__rate_interval", "__interval", "__range", "__interval_ms", "__range_s"})
 
@@ -69,17 +84,27 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def _constructors() -> dict[str, tuple[str, tuple[str, ...], bool]]:
     """Metrics constructed in cryomae/service/metrics.py: name -> (type, label names, registered at import time)."""
     tree = ast.parse(Path(metrics.__file__).read_text())
-    at_import = {id(node) for stmt in tree.body for node in ast.walk(stmt)
-                 if not isinstance(stmt, ast.FunctionDef | ast.ClassDef)}
+    at_import = {
+        id(node)
+        for stmt in tree.body
+        for node in ast.walk(stmt)
+        if not isinstance(stmt, ast.FunctionDef | ast.ClassDef)
+    }
     found = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
-                "Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("Counter", "Gauge", "Histogram", "Summary", "Info", "Enum")
+        ):
             name = node.args[0]
             assert isinstance(name, ast.Constant) and isinstance(name.value, str), ast.dump(node)
             labels: tuple[str, ...] = ()
-            label_node = node.args[2] if len(node.args) > 2 else next(
-                (k.value for k in node.keywords if k.arg == "labelnames"), None)
+            label_node = (
+                node.args[2]
+                if len(node.args) > 2
+                else next((k.value for k in node.keywords if k.arg == "labelnames"), None)
+            )
             if label_node is not None:
                 labels = tuple(ast.literal_eval(label_node))
             found[name.value] = (node.func.id.lower(), labels, id(node) in at_import)
@@ -116,8 +141,7 @@ def test_the_metric_list_comes_from_the_registry_and_the_code() -> None:
     """The two sources agree: what metrics.py constructs at import is exactly what the registry holds."""
     constructed = _constructors()
     registered = {f.name: f.type for f in prometheus_client.REGISTRY.collect() if f.name.startswith("cryomae_")}
-    at_import = {n.removesuffix("_total") if k == "counter" else n: k
-                 for n, (k, _, now) in constructed.items() if now}
+    at_import = {n.removesuffix("_total") if k == "counter" else n: k for n, (k, _, now) in constructed.items() if now}
     assert at_import == registered
     gpu_only = {n for n, (_, _, now) in constructed.items() if not now}
     assert gpu_only == {"cryomae_gpu_memory_used_bytes", "cryomae_gpu_memory_reserved_bytes"}
@@ -130,10 +154,24 @@ def test_the_metric_list_comes_from_the_registry_and_the_code() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # a PromQL metric-name extractor
 
-PROMQL_KEYWORDS = frozenset({
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
-    "atan2", "inf", "nan",
-})
+PROMQL_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "bool",
+        "atan2",
+        "inf",
+        "nan",
+    }
+)
 LABEL_LIST_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 _STRING = r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`'
 _TOKENS = re.compile(
@@ -164,8 +202,12 @@ def selectors(expr: str) -> list[tuple[str, frozenset[str]]]:
             i = next(j for j in range(i + 1, len(tokens)) if tokens[j][1] == ")") + 1  # skip the label list
             continue
         # a name followed by "(" is a function or an aggregation, as is one followed by "by (...)"/"without (...)"
-        if kind == "ident" and text.lower() not in PROMQL_KEYWORDS and nxt[1] != "(" and nxt[1] not in (
-                "by", "without"):
+        if (
+            kind == "ident"
+            and text.lower() not in PROMQL_KEYWORDS
+            and nxt[1] != "("
+            and nxt[1] not in ("by", "without")
+        ):
             labels = _matchers(nxt[1])[0] if nxt[0] == "braces" else set()
             out.append((text, frozenset(labels)))
         elif kind == "braces" and (i == 0 or tokens[i - 1][0] != "ident"):
@@ -208,7 +250,7 @@ def metric_names(expr: str) -> set[str]:
         ('sum without (instance) (m{q=~"a{1,2}", r!="}"})', {"m"}),
         ("rate(m[5m:1m]) + deriv(n[1h30m])", {"m", "n"}),
         ('max by (queue) (rabbitmq_queue_messages{queue=~"$namespace[.].+[.]dlq"})', {"rabbitmq_queue_messages"}),
-        ("sum(increase(m{project=~\"$project\"}[$__range])) * ${factor}", {"m"}),
+        ('sum(increase(m{project=~"$project"}[$__range])) * ${factor}', {"m"}),
     ],
 )
 def test_the_extractor_finds_exactly_the_metric_names(expr: str, names: set[str]) -> None:
@@ -217,7 +259,9 @@ def test_the_extractor_finds_exactly_the_metric_names(expr: str, names: set[str]
 
 def test_the_extractor_sees_matcher_labels() -> None:
     assert selectors('rate(m{project=~"$project", le="+Inf"}[5m]) / n') == [
-        ("m", frozenset({"project", "le"})), ("n", frozenset())]
+        ("m", frozenset({"project", "le"})),
+        ("n", frozenset()),
+    ]
 
 
 def unknown_metrics(expr: str, names: dict[str, frozenset[str]]) -> list[str]:
@@ -250,7 +294,8 @@ def test_the_checker_rejects_wrong_names_and_labels() -> None:
     assert unknown_metrics("cryomae_micrographs_picked", names)  # a counter without _total
     assert unknown_metrics("rabbitmq_queue_message_ready", names)
     assert unknown_metrics('cryomae_end_to_end_latency_seconds_bucket{project="a"}', names) == [
-        "cryomae_end_to_end_latency_seconds_bucket has no label(s) ['project']"]
+        "cryomae_end_to_end_latency_seconds_bucket has no label(s) ['project']"
+    ]
     assert unknown_metrics("vector(1)", names) == ["queries no metric"]
 
 
@@ -342,16 +387,21 @@ def test_dashboard_structure(path: Path) -> None:
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_every_dashboard_metric_is_exported(path: Path) -> None:
     names = exported()
-    problems = [f"{where}: {problem}" for where, expr in expressions(load_dashboard(path))
-                for problem in unknown_metrics(expr, names)]
+    problems = [
+        f"{where}: {problem}"
+        for where, expr in expressions(load_dashboard(path))
+        for problem in unknown_metrics(expr, names)
+    ]
     assert problems == []
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_every_dashboard_expression_is_valid_promql(path: Path, tmp_path: Path) -> None:
     """promtool parses each expression (Grafana's variables replaced by values), as a recording rule."""
-    rules = [{"record": f"dashboard:expr_{i}", "expr": substitute(expr)}
-             for i, (_, expr) in enumerate(expressions(load_dashboard(path)))]
+    rules = [
+        {"record": f"dashboard:expr_{i}", "expr": substitute(expr)}
+        for i, (_, expr) in enumerate(expressions(load_dashboard(path)))
+    ]
     rule_file = tmp_path / "dashboard_rules.yaml"
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     check = promtool("check", "rules", str(rule_file))
@@ -397,12 +447,17 @@ def test_the_dashboard_panels_show_data_from_a_live_session(scraped: str, tmp_pa
     """Every panel query on cryomae's own metrics returns series, with the labels its legend or table shows,
     given the metrics of a real process that picked a session: label names and values in the queries are the
     ones the code uses. (RabbitMQ, DCGM and `up` series do not come from cryomae; GPU gauges only on a GPU.)"""
-    samples = [s for family in text_string_to_metric_families(scraped) for s in family.samples
-               if not s.name.endswith("_created")]
+    samples = [
+        s
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+        if not s.name.endswith("_created")
+    ]
     present = {s.name for s in samples}
     target = {"job": "cryomae", "instance": "cryomae:9400"}
-    input_series = [{"series": _series(s.name, {**s.labels, **target}), "values": " ".join([repr(s.value)] * 4)}
-                    for s in samples]
+    input_series = [
+        {"series": _series(s.name, {**s.labels, **target}), "values": " ".join([repr(s.value)] * 4)} for s in samples
+    ]
     rules, skipped = [], []
     dash = next(load_dashboard(p) for p in DASHBOARDS if load_dashboard(p)["title"] == "cryomae facility")
     for where, expr, labels in queries(dash):
@@ -415,17 +470,23 @@ def test_the_dashboard_panels_show_data_from_a_live_session(scraped: str, tmp_pa
             shown = f"({shown}) unless on ({label}) vector(1)"
         rules.append({"alert": f"{where} shows nothing", "expr": f"absent({shown})"})
     assert len(rules) >= 25
-    assert all(re.search(r"GPU|Services up|Dead letters|queue depth|Consumers|variable namespace", w)
-               for w in skipped), skipped
+    assert all(
+        re.search(r"GPU|Services up|Dead letters|queue depth|Consumers|variable namespace", w) for w in skipped
+    ), skipped
     # the check itself: a query on a project that does not exist shows nothing
     rules.append({"alert": "control", "expr": 'absent(cryomae_micrographs_picked_total{project="nope"})'})
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
     cases: list[dict[str, Any]] = [{"eval_time": "3m", "alertname": r["alert"], "exp_alerts": []} for r in rules[:-1]]
     cases.append({"eval_time": "3m", "alertname": "control", "exp_alerts": [{"exp_labels": {"project": "nope"}}]})
-    (tmp_path / "test.yaml").write_text(yaml.safe_dump({
-        "rule_files": ["rules.yaml"], "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": input_series, "alert_rule_test": cases}],
-    }))
+    (tmp_path / "test.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["rules.yaml"],
+                "evaluation_interval": "1m",
+                "tests": [{"interval": "1m", "input_series": input_series, "alert_rule_test": cases}],
+            }
+        )
+    )
     run = promtool("test", "rules", str(tmp_path / "test.yaml"))
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -503,8 +564,15 @@ def test_every_alert_has_cases_that_fire_and_cases_that_do_not() -> None:
 
 def test_the_alerts_the_issue_asks_for() -> None:
     rules = {r["alert"]: r for r in alert_rules()}
-    assert {"CryomaeServiceDown", "CryomaeBacklogGrowing", "CryomaeDeadLetters", "CryomaeDeadLetterQueueNotEmpty",
-            "CryomaeNoPicks", "CryomaeLatencyHigh", "CryomaeTrainingFailed"} <= set(rules)
+    assert {
+        "CryomaeServiceDown",
+        "CryomaeBacklogGrowing",
+        "CryomaeDeadLetters",
+        "CryomaeDeadLetterQueueNotEmpty",
+        "CryomaeNoPicks",
+        "CryomaeLatencyHigh",
+        "CryomaeTrainingFailed",
+    } <= set(rules)
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
         assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
@@ -551,9 +619,12 @@ def test_scrape_jobs_match_the_services_and_the_alerts() -> None:
     assert port == 9400
     service_down, broker_down = _job_regex("CryomaeServiceDown"), _job_regex("CryomaeBrokerDown")
     for service in SERVICES:
-        (job,) = [j for j in jobs.values() if any(
-            t == f"{service}:{port}" for c in j.get("static_configs", []) for t in c["targets"]) or any(
-            c["names"] == [service] and c["port"] == port for c in j.get("dns_sd_configs", []))]
+        (job,) = [
+            j
+            for j in jobs.values()
+            if any(t == f"{service}:{port}" for c in j.get("static_configs", []) for t in c["targets"])
+            or any(c["names"] == [service] and c["port"] == port for c in j.get("dns_sd_configs", []))
+        ]
         assert job.get("metrics_path", "/metrics") == "/metrics"
         assert service_down.fullmatch(job["job_name"]) and not broker_down.fullmatch(job["job_name"])
     rabbit = jobs["rabbitmq"]

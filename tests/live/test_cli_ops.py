@@ -78,9 +78,9 @@ def _describe(args: Sequence[str], result: subprocess.CompletedProcess[str]) -> 
     return f"cryomae {' '.join(args)} -> exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
-def cli_many(live: Live, *commands: Sequence[str] | tuple[Sequence[str], dict[str, str]]) -> list[
-    subprocess.CompletedProcess[str]
-]:
+def cli_many(
+    live: Live, *commands: Sequence[str] | tuple[Sequence[str], dict[str, str]]
+) -> list[subprocess.CompletedProcess[str]]:
     """Run ``cryomae`` commands side by side (each a list of arguments, or (arguments, extra environment));
     their results in order."""
     specs = [(c[0], c[1]) if isinstance(c, tuple) else (c, {}) for c in commands]
@@ -308,18 +308,41 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         created = ok(cli(live, "project", "create", PROJECT, *tiny_project_args()))
         assert f"project {PROJECT}" in created.stdout
         assert ProjectStore(live.root / "store").get_project(PROJECT).diameter == DIAMETER
-        started = ok(cli(live, "session", "start", "--project", PROJECT, "--session", SESSION,
-                         "--folder", str(live.session_folder)))
+        started = ok(
+            cli(
+                live,
+                "session",
+                "start",
+                "--project",
+                PROJECT,
+                "--session",
+                SESSION,
+                "--folder",
+                str(live.session_folder),
+            )
+        )
         assert f"watching {resolved(live.session_folder)} as {PROJECT}/{SESSION}" in started.stdout
         # the second session through the same inbox, without paying for another process
-        ops.session_start(live.settings(), SpoolControl(live.root / "state"), PROJECT, OTHER, other_folder, "*.mrc",
-                          True)
+        ops.session_start(
+            live.settings(), SpoolControl(live.root / "state"), PROJECT, OTHER, other_folder, "*.mrc", True
+        )
         wait_until(alive_while([run], lambda: watched(live) == {SESSION, OTHER}), what="both sessions watched")
 
         dropped = [live.drop(i) for i in range(6)]
         wait_until(alive_while([run], lambda: seen(live) == 6), what="6 micrographs seen")
-        added = ok(cli(live, "exemplars", "add", "--project", PROJECT, "--micrograph",
-                       str(live.dataset.micrographs[0]), "--coords", str(exemplars)))
+        added = ok(
+            cli(
+                live,
+                "exemplars",
+                "add",
+                "--project",
+                PROJECT,
+                "--micrograph",
+                str(live.dataset.micrographs[0]),
+                "--coords",
+                str(exemplars),
+            )
+        )
         assert "15 exemplars" in added.stdout and "training requested" in added.stdout
         wait_until(alive_while([run], lambda: picked(live) == 6), what="6 micrographs picked")
         assert {e.micrograph for e in outputs(live).micrographs()} == {resolved(p) for p in dropped}
@@ -383,8 +406,7 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         assert (repick["micrographs"], repick["missing"]) == (6, [])
         assert repick["model_version"] == project["current_version"]
         wait_until(
-            alive_while([run], lambda: all(e.message_id != before[e.micrograph]
-                                           for e in outputs(live).micrographs())),
+            alive_while([run], lambda: all(e.message_id != before[e.micrograph] for e in outputs(live).micrographs())),
             what="every micrograph re-picked",
         )
         wait_until(alive_while([run], lambda: consistent(live)), what="particles.star in line with the state")
@@ -436,8 +458,19 @@ def test_one_process_mode_recovers_parked_micrographs_after_kill_9(mem: Live, tm
     exemplars = live.dataset.exemplars(tmp_path / "exemplars.star")
     with service(live, "run", log_name="run-2") as second:
         # the exemplars are registered while the new process starts (their training request waits in the inbox)
-        ok(cli(live, "exemplars", "add", "--project", PROJECT, "--micrograph", str(live.dataset.micrographs[0]),
-               "--coords", str(exemplars)))
+        ok(
+            cli(
+                live,
+                "exemplars",
+                "add",
+                "--project",
+                PROJECT,
+                "--micrograph",
+                str(live.dataset.micrographs[0]),
+                "--coords",
+                str(exemplars),
+            )
+        )
         wait_until(alive_while([second], lambda: picked(live) == 5), what="the 5 micrographs picked after restart")
         wait_until(alive_while([second], lambda: consistent(live)), what="consistent outputs")
         assert second.sigterm() == 0, second.tail()
@@ -451,7 +484,9 @@ def test_one_process_mode_recovers_parked_micrographs_after_kill_9(mem: Live, tm
         r["micrograph"]
         for svc in (first, second)
         for r in svc.log_lines()
-        if r.get("event") == "message" and r.get("queue") == "micrographs" and r.get("outcome") == "ok"
+        if r.get("event") == "message"
+        and r.get("queue") == "micrographs"
+        and r.get("outcome") == "ok"
         and r.get("model_version") is not None
     )
     assert picks == {resolved(p): 1 for p in dropped}, picks
@@ -466,8 +501,9 @@ def test_dead_letters_listed_and_purged_from_the_cli(mem: Live, tmp_path: Path) 
     spool = SpoolControl(live.root / "state")
     settings = live.settings()
     ops.session_start(settings, spool, PROJECT, SESSION, live.session_folder, "*.mrc", True)
-    ops.exemplars_add(settings, spool, PROJECT, live.dataset.micrographs[0],
-                      live.dataset.exemplars(tmp_path / "exemplars.star"), None)
+    ops.exemplars_add(
+        settings, spool, PROJECT, live.dataset.micrographs[0], live.dataset.exemplars(tmp_path / "exemplars.star"), None
+    )
     store = ProjectStore(live.root / "store")
     with service(live, "run", log_name="run") as run:
         wait_until(alive_while([run], lambda: store.current_version(PROJECT) is not None), what="a model")
@@ -478,8 +514,10 @@ def test_dead_letters_listed_and_purged_from_the_cli(mem: Live, tmp_path: Path) 
         os.replace(tmp, bad)
         good = live.drop(1)
         wait_until(alive_while([run], lambda: picked(live) == 1), what="the good micrograph picked")
-        wait_until(alive_while([run], lambda: len(spool.dead_letters("micrographs") or []) == 1),
-                   what="the bad file dead-lettered")
+        wait_until(
+            alive_while([run], lambda: len(spool.dead_letters("micrographs") or []) == 1),
+            what="the bad file dead-lettered",
+        )
 
         listing, refused, report = cli_many(live, ["dlq", "list", "--json"], ["dlq", "purge"], ["status", "--json"])
         letters = ok_json(listing)
@@ -581,13 +619,35 @@ def test_services_as_processes_over_rabbitmq(rabbit: Live, tmp_path: Path) -> No
         services = [stack.enter_context(service(live, "service", name, log_name=name)) for name in names]
         live.create_project()  # `cryomae project create` is exercised in the one-process test
         # published straight to RabbitMQ (the queue is declared if the watcher has not done it yet)
-        ok(cli(live, "session", "start", "--project", PROJECT, "--session", SESSION,
-               "--folder", str(live.session_folder)))
+        ok(
+            cli(
+                live,
+                "session",
+                "start",
+                "--project",
+                PROJECT,
+                "--session",
+                SESSION,
+                "--folder",
+                str(live.session_folder),
+            )
+        )
         wait_until(alive_while(services, lambda: watched(live) == {SESSION}), what="session watched")
         dropped = [live.drop(i) for i in range(4)]
         wait_until(alive_while(services, lambda: seen(live) == 4), what="4 micrographs seen")
-        added = ok(cli(live, "exemplars", "add", "--project", PROJECT, "--micrograph",
-                       str(live.dataset.micrographs[0]), "--coords", str(exemplars)))
+        added = ok(
+            cli(
+                live,
+                "exemplars",
+                "add",
+                "--project",
+                PROJECT,
+                "--micrograph",
+                str(live.dataset.micrographs[0]),
+                "--coords",
+                str(exemplars),
+            )
+        )
         assert "training requested (sent)" in added.stdout
         wait_until(alive_while(services, lambda: picked(live) == 4), what="4 micrographs picked")
         wait_until(alive_while(services, lambda: consistent(live)), what="consistent outputs")

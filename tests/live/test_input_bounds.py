@@ -59,8 +59,16 @@ def _raw_micrograph_ready(path: str) -> bytes:
     """A MicrographReady body built by hand, so that no bound of this side stops it before the queue."""
     now = time.time()
     fields = {
-        "schema_version": 1, "id": uuid.uuid4().hex, "created": now, "kind": "micrograph_ready",
-        "project": PROJECT, "session": SESSION, "path": path, "size": 1, "mtime": now, "complete_at": now,
+        "schema_version": 1,
+        "id": uuid.uuid4().hex,
+        "created": now,
+        "kind": "micrograph_ready",
+        "project": PROJECT,
+        "session": SESSION,
+        "path": path,
+        "size": 1,
+        "mtime": now,
+        "complete_at": now,
     }
     return json.dumps(fields).encode()
 
@@ -104,8 +112,17 @@ def test_micrograph_smaller_than_a_window_is_the_pickers_input_error(live: Live)
 
 def test_picks_with_a_non_finite_threshold_are_refused() -> None:
     fields: dict[str, Any] = {
-        "project": "p", "session": "s", "micrograph": "/data/x.mrc", "micrograph_id": "m", "model_version": "v",
-        "diameter": 24.0, "x": [], "y": [], "scores": [], "shape": (8, 8), "complete_at": 0.0,
+        "project": "p",
+        "session": "s",
+        "micrograph": "/data/x.mrc",
+        "micrograph_id": "m",
+        "model_version": "v",
+        "diameter": 24.0,
+        "x": [],
+        "y": [],
+        "scores": [],
+        "shape": (8, 8),
+        "complete_at": 0.0,
     }
     assert PicksReady(threshold=0.5, **fields).threshold == 0.5
     for bad in (math.nan, math.inf, -math.inf):
@@ -162,7 +179,7 @@ def test_long_fields_of_the_log_line_are_cut_with_their_length() -> None:
     log = _Log()
     long_error = "/data/x.mrc: " + "e" * 1_000_000 + " the problem at the end"
     envelope = Envelope(topology.MICROGRAPHS, message.body())
-    with pytest.raises(InputError), handling(log, envelope, (MicrographReady,)) as h:
+    with pytest.raises(InputError), handling(log, envelope, (MicrographReady,)) as h:  # noqa: PT012 -- raised inside
         h.fields["note"] = "n" * 50_000
         raise InputError(None, long_error)
     [line] = log.lines
@@ -183,14 +200,20 @@ def test_dlq_list_without_limit_shows_the_default_100_over_rabbitmq(live: Live) 
         broker.declare()
         for i in range(101):
             broker.publish(
-                MICS_DLQ, ready(live.dataset.micrographs[0]),
+                MICS_DLQ,
+                ready(live.dataset.micrographs[0]),
                 headers={REASON_HEADER: f"poison number {i}", QUEUE_HEADER: topology.MICROGRAPHS},
             )
     finally:
         broker.close()
     result = subprocess.run(
-        [*CRYOMAE, "dlq", "list", "--json"], env=live.env(), cwd=live.root, capture_output=True, text=True,
-        timeout=CLI_TIMEOUT, check=False,
+        [*CRYOMAE, "dlq", "list", "--json"],
+        env=live.env(),
+        cwd=live.root,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
     )
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     listing = json.loads(result.stdout)

@@ -68,8 +68,9 @@ def test_probes_and_metrics_of_a_live_session(live: Live, served: App) -> None:
     control = control_for(live, app.broker)
     live.session_folder.mkdir(parents=True)
     ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
-    ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0],
-                      live.dataset.exemplars(live.root / "ex.star"), None)
+    ops.exemplars_add(
+        settings, control, PROJECT, live.dataset.micrographs[0], live.dataset.exemplars(live.root / "ex.star"), None
+    )
     for i in range(3):
         live.drop(i)
     wait_until(lambda: live.picked() == 3, what="3 micrographs picked")

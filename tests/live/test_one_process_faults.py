@@ -68,11 +68,24 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
 
     # 1. kill -9 in the middle of a training
     with service(live, "run", log_name="run-1") as first:
-        ok(cli(live, "exemplars", "add", "--project", PROJECT, "--micrograph", str(live.dataset.micrographs[0]),
-               "--coords", str(exemplars)))
+        ok(
+            cli(
+                live,
+                "exemplars",
+                "add",
+                "--project",
+                PROJECT,
+                "--micrograph",
+                str(live.dataset.micrographs[0]),
+                "--coords",
+                str(exemplars),
+            )
+        )
         wait_until(alive_while([first], lambda: _training_state(store) == "training"), what="training started")
-        wait_until(alive_while([first], lambda: any(t["alive"] for t in trainer_liveness(live.root / "store"))),
-                   what="the trainer's heartbeat")
+        wait_until(
+            alive_while([first], lambda: any(t["alive"] for t in trainer_liveness(live.root / "store"))),
+            what="the trainer's heartbeat",
+        )
         status = ok(cli(live, "status")).stdout
         assert "trainer: running (" in status and "training" in _project_line(status), status
         assert first.kill9() == -signal.SIGKILL
@@ -94,12 +107,18 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
     # 2. the restarted process trains it again (the request was journaled, not lost); Ctrl-C in the middle
     run = subprocess.Popen(
         [*CRYOMAE, "run", "--log-file", str(log_file)],
-        env=live.env(), cwd=live.root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=live.env(),
+        cwd=live.root,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        wait_until(lambda: run.poll() is None and log_file.is_file() and '"journal_restored"' in log_file.read_text(),
-                   what="the journaled training request restored")
+        wait_until(
+            lambda: run.poll() is None and log_file.is_file() and '"journal_restored"' in log_file.read_text(),
+            what="the journaled training request restored",
+        )
 
         def training_again() -> bool:
             status = store.training_status(PROJECT) or {}
@@ -129,8 +148,11 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
         port = probe.getsockname()[1]
     live.extra_env["CRYOMAE_METRICS_PORT"] = str(port)
     with service(live, "run", log_name="run-3") as third:
-        wait_until(alive_while([third], lambda: store.current_version(PROJECT) is not None),
-                   what="the model trained after two interruptions", timeout=300.0)
+        wait_until(
+            alive_while([third], lambda: store.current_version(PROJECT) is not None),
+            what="the model trained after two interruptions",
+            timeout=300.0,
+        )
         second = cli(live, "run")
         assert second.returncode == 2, second.stderr
         assert "in use by another" in second.stderr and "metrics" not in second.stderr, second.stderr
@@ -147,7 +169,11 @@ def test_ctrl_c_of_a_foreground_command_exits_130_with_one_line(mem: Live, comma
     out = live.root / "demo"
     proc = subprocess.Popen(
         [*CRYOMAE, *command, "--out", str(out), "--preset", "test", "--set", "pretrain_epochs=200"],
-        env=live.env(), cwd=live.root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=live.env(),
+        cwd=live.root,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:

@@ -30,8 +30,14 @@ def test_session_picked_end_to_end_with_exemplars_midway(live: Live) -> None:
         # the first ten wait (parked) until the project has a model: nothing is picked, nothing dead-lettered
         wait_until(lambda: app.broker.depth("waiting." + PROJECT) == 10, what="10 micrographs parked")
         assert live.picked() == 0
-        ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], live.dataset.exemplars(
-            live.root / "exemplars.star"), None)
+        ops.exemplars_add(
+            settings,
+            control,
+            PROJECT,
+            live.dataset.micrographs[0],
+            live.dataset.exemplars(live.root / "exemplars.star"),
+            None,
+        )
         for i in range(10, 20):
             live.drop(i)
         wait_until(lambda: live.picked() == 20, what="20 micrographs in the session outputs")

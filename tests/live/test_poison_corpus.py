@@ -76,8 +76,15 @@ def _publish(ctx: Ctx, queue: str, message: Message) -> bytes:
 
 def _fields(**changes: object) -> dict[str, object]:
     fields: dict[str, object] = {
-        "schema_version": 1, "id": uuid.uuid4().hex, "created": _now(), "kind": "micrograph_ready",
-        "project": PROJECT, "session": SESSION, "path": "/nowhere/x.mrc", "size": 1, "mtime": _now(),
+        "schema_version": 1,
+        "id": uuid.uuid4().hex,
+        "created": _now(),
+        "kind": "micrograph_ready",
+        "project": PROJECT,
+        "session": SESSION,
+        "path": "/nowhere/x.mrc",
+        "size": 1,
+        "mtime": _now(),
         "complete_at": _now(),
     }
     fields.update(changes)
@@ -117,9 +124,18 @@ def _mrc_bytes(ctx: Ctx) -> bytes:
 def _picks(ctx: Ctx, **changes: object) -> PicksReady:
     mic = str(ctx.live.dataset.micrographs[3].resolve())
     fields: dict[str, object] = {
-        "project": PROJECT, "session": SESSION, "micrograph": mic, "micrograph_id": uuid.uuid4().hex,
-        "model_version": ctx.version, "diameter": 24.0, "threshold": 0.5, "x": [10.0], "y": [10.0],
-        "scores": [0.9], "shape": (256, 256), "complete_at": _now(),
+        "project": PROJECT,
+        "session": SESSION,
+        "micrograph": mic,
+        "micrograph_id": uuid.uuid4().hex,
+        "model_version": ctx.version,
+        "diameter": 24.0,
+        "threshold": 0.5,
+        "x": [10.0],
+        "y": [10.0],
+        "scores": [0.9],
+        "shape": (256, 256),
+        "complete_at": _now(),
     }
     fields.update(changes)
     return PicksReady(**fields)
@@ -159,94 +175,293 @@ M, P, T, W = topology.MICROGRAPHS, topology.PICKS, topology.TRAINING, topology.W
 
 CASES = [
     # ---------------------------------------------------------------------------------------- bad files
-    Case("truncated MRC", "dead", M, "truncated MRC file",
-         lambda c: _file(c, "truncated.mrc", lambda p: p.write_bytes(_mrc_bytes(c)[:-5000]))),
-    Case("text file named .mrc", "dead", M, "not an MRC file",
-         lambda c: _file(c, "text.mrc", lambda p: p.write_text("a log file, not a micrograph\n" * 60))),
+    Case(
+        "truncated MRC",
+        "dead",
+        M,
+        "truncated MRC file",
+        lambda c: _file(c, "truncated.mrc", lambda p: p.write_bytes(_mrc_bytes(c)[:-5000])),
+    ),
+    Case(
+        "text file named .mrc",
+        "dead",
+        M,
+        "not an MRC file",
+        lambda c: _file(c, "text.mrc", lambda p: p.write_text("a log file, not a micrograph\n" * 60)),
+    ),
     Case("empty file", "dead", M, "file is empty", lambda c: _file(c, "empty.mrc", lambda p: p.write_bytes(b""))),
-    Case("NaN pixels", "dead", M, "NaN", lambda c: _file(
-        c, "nan.mrc", lambda p: write_mrc(p, np.full((128, 128), np.nan, np.float32), dtype=np.float32))),
-    Case("infinite pixels", "dead", M, "infinite", lambda c: _file(
-        c, "inf.mrc", lambda p: write_mrc(p, np.where(np.eye(128) > 0, np.inf, 1.0).astype(np.float32),
-                                          dtype=np.float32))),
-    Case("constant image", "dead", M, "constant", lambda c: _file(
-        c, "constant.mrc", lambda p: write_mrc(p, np.ones((128, 128), np.float32), dtype=np.float32))),
-    Case("stack of images", "dead", M, "stack", lambda c: _file(
-        c, "stack.mrc", lambda p: p.write_bytes(_header(64, 64, 3, 2) + bytes(64 * 64 * 3 * 4)))),
-    Case("complex MRC mode", "dead", M, "unsupported MRC mode 4", lambda c: _file(
-        c, "complex.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 4) + bytes(64 * 64 * 8)))),
-    Case("unknown machine stamp", "dead", M, "machine stamp", lambda c: _file(
-        c, "stamp.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 2, stamp=b"\x99\x99\0\0") + bytes(64 * 64 * 4)))),
-    Case("longer than its header", "dead", M, "longer than its header", lambda c: _file(
-        c, "long.mrc", lambda p: p.write_bytes(_mrc_bytes(c) + bytes(4096)))),
-    Case("smaller than one window", "dead", M, "smaller than one picking window", lambda c: _file(
-        c, "tiny.mrc", lambda p: write_mrc(p, np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32),
-                                           dtype=np.float32))),
-    Case("header of 100000 x 100000 px", "dead", M, "exceeds the limit", lambda c: _file(
-        c, "huge.mrc", lambda p: _sparse(p, _header(100_000, 100_000, 1, 0), 10**10))),
-    Case("unsupported file type", "dead", M, "unsupported micrograph file type",
-         lambda c: _file(c, "notes.txt", lambda p: p.write_text("hello"))),
-    Case("corrupt JPEG", "dead", M, "cannot decode image",
-         lambda c: _file(c, "broken.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"junk" * 100))),
-    Case("corrupt TIFF", "dead", M, "TIFF",
-         lambda c: _file(c, "broken.tif", lambda p: p.write_bytes(b"II*\x00" + b"\xff" * 200))),
-    Case("a folder named .mrc", "dead", M, "not a regular file",
-         lambda c: _file(c, "folder.mrc", lambda p: p.mkdir())),
-    Case("missing file", "dead", M, "file not found",
-         lambda c: _publish(c, M, ready(c.folder / "never_written.mrc"))),
-    Case("path outside the data roots", "dead", M, "outside the configured data roots",
-         lambda c: _publish(c, M, ready(_outside_copy(c)))),
+    Case(
+        "NaN pixels",
+        "dead",
+        M,
+        "NaN",
+        lambda c: _file(
+            c, "nan.mrc", lambda p: write_mrc(p, np.full((128, 128), np.nan, np.float32), dtype=np.float32)
+        ),
+    ),
+    Case(
+        "infinite pixels",
+        "dead",
+        M,
+        "infinite",
+        lambda c: _file(
+            c,
+            "inf.mrc",
+            lambda p: write_mrc(p, np.where(np.eye(128) > 0, np.inf, 1.0).astype(np.float32), dtype=np.float32),
+        ),
+    ),
+    Case(
+        "constant image",
+        "dead",
+        M,
+        "constant",
+        lambda c: _file(c, "constant.mrc", lambda p: write_mrc(p, np.ones((128, 128), np.float32), dtype=np.float32)),
+    ),
+    Case(
+        "stack of images",
+        "dead",
+        M,
+        "stack",
+        lambda c: _file(c, "stack.mrc", lambda p: p.write_bytes(_header(64, 64, 3, 2) + bytes(64 * 64 * 3 * 4))),
+    ),
+    Case(
+        "complex MRC mode",
+        "dead",
+        M,
+        "unsupported MRC mode 4",
+        lambda c: _file(c, "complex.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 4) + bytes(64 * 64 * 8))),
+    ),
+    Case(
+        "unknown machine stamp",
+        "dead",
+        M,
+        "machine stamp",
+        lambda c: _file(
+            c, "stamp.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 2, stamp=b"\x99\x99\0\0") + bytes(64 * 64 * 4))
+        ),
+    ),
+    Case(
+        "longer than its header",
+        "dead",
+        M,
+        "longer than its header",
+        lambda c: _file(c, "long.mrc", lambda p: p.write_bytes(_mrc_bytes(c) + bytes(4096))),
+    ),
+    Case(
+        "smaller than one window",
+        "dead",
+        M,
+        "smaller than one picking window",
+        lambda c: _file(
+            c,
+            "tiny.mrc",
+            lambda p: write_mrc(p, np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), dtype=np.float32),
+        ),
+    ),
+    Case(
+        "header of 100000 x 100000 px",
+        "dead",
+        M,
+        "exceeds the limit",
+        lambda c: _file(c, "huge.mrc", lambda p: _sparse(p, _header(100_000, 100_000, 1, 0), 10**10)),
+    ),
+    Case(
+        "unsupported file type",
+        "dead",
+        M,
+        "unsupported micrograph file type",
+        lambda c: _file(c, "notes.txt", lambda p: p.write_text("hello")),
+    ),
+    Case(
+        "corrupt JPEG",
+        "dead",
+        M,
+        "cannot decode image",
+        lambda c: _file(c, "broken.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"junk" * 100)),
+    ),
+    Case(
+        "corrupt TIFF",
+        "dead",
+        M,
+        "TIFF",
+        lambda c: _file(c, "broken.tif", lambda p: p.write_bytes(b"II*\x00" + b"\xff" * 200)),
+    ),
+    Case("a folder named .mrc", "dead", M, "not a regular file", lambda c: _file(c, "folder.mrc", lambda p: p.mkdir())),
+    Case("missing file", "dead", M, "file not found", lambda c: _publish(c, M, ready(c.folder / "never_written.mrc"))),
+    Case(
+        "path outside the data roots",
+        "dead",
+        M,
+        "outside the configured data roots",
+        lambda c: _publish(c, M, ready(_outside_copy(c))),
+    ),
     Case("symlink out of the data roots", "dead", M, "outside the configured data roots", _symlink_out),
     Case("relative path", "dead", M, "not absolute", lambda c: _publish(c, M, ready("data/sess/mic.mrc"))),
-    Case("/etc/shadow as a micrograph", "dead", M, "outside the configured data roots",
-         lambda c: _publish(c, M, ready("/etc/shadow"))),
+    Case(
+        "/etc/shadow as a micrograph",
+        "dead",
+        M,
+        "outside the configured data roots",
+        lambda c: _publish(c, M, ready("/etc/shadow")),
+    ),
     # ---------------------------------------------------------------------------------------- bad messages
     Case("not JSON", "dead", M, "not JSON", lambda c: publish_raw(c.live, M, b"\x00\x01 not json {")),
     Case("a JSON array", "dead", M, "expected a JSON object", lambda c: publish_raw(c.live, M, b"[1, 2, 3]")),
-    Case("unknown schema version", "dead", M, "schema_version 99",
-         lambda c: publish_raw(c.live, M, json.dumps(_fields(schema_version=99)).encode())),
-    Case("unknown kind", "dead", M, "invalid message",
-         lambda c: publish_raw(c.live, M, json.dumps(_fields(kind="pwn")).encode())),
-    Case("an extra field", "dead", M, "Extra inputs are not permitted",
-         lambda c: publish_raw(c.live, M, json.dumps(_fields(shell="rm -rf /")).encode())),
-    Case("a hostile project name", "dead", M, "project",
-         lambda c: publish_raw(c.live, M, json.dumps(_fields(project="../../etc")).encode())),
-    Case("a 10 MB string", "dead", M, "exceeds the",
-         lambda c: publish_raw(c.live, M, json.dumps(_fields(path="/data/" + "x" * 10_000_000)).encode())),
-    Case("wrong kind for the queue", "dead", M, "is not micrograph_ready",
-         lambda c: _publish(c, M, TrainRequest(project=PROJECT, exemplar_set="x"))),
-    Case("picks naming /etc/shadow", "dead", P, "/etc/shadow",
-         lambda c: _publish(c, P, _picks(c, micrograph="/etc/shadow"))),
-    Case("picks of an unknown project", "dead", P, "ghost",
-         lambda c: _publish(c, P, _picks(c, project="ghost"))),
-    Case("picks of an unknown model version", "dead", P, "v9999",
-         lambda c: _publish(c, P, _picks(c, model_version="v9999-forged"))),
-    Case("picks with mismatched lengths", "dead", P, "differ in length",
-         lambda c: publish_raw(c.live, P, _picks(c).body().replace(b'"x":[10.0]', b'"x":[10.0,11.0]'))),
-    Case("training of an unknown exemplar set", "dead", T, "no exemplar set",
-         lambda c: _publish(c, T, TrainRequest(project=PROJECT, exemplar_set="20200101T000000Z-ffffff"))),
-    Case("training of an unknown project", "dead", T, "no project 'ghost'",
-         lambda c: _publish(c, T, TrainRequest(project="ghost", exemplar_set="x"))),
-    Case("watching a folder outside the roots", "dead", W, "outside",
-         lambda c: _publish(c, W, SessionCommand(action="start", project=PROJECT, session="evil",
-                                                  folder=str(c.outside)))),
-    Case("re-threshold of a session that has no outputs", "dead", P, "no outputs",
-         lambda c: _publish(c, P, Rethreshold(project=PROJECT, session="never", threshold=0.5))),
+    Case(
+        "unknown schema version",
+        "dead",
+        M,
+        "schema_version 99",
+        lambda c: publish_raw(c.live, M, json.dumps(_fields(schema_version=99)).encode()),
+    ),
+    Case(
+        "unknown kind",
+        "dead",
+        M,
+        "invalid message",
+        lambda c: publish_raw(c.live, M, json.dumps(_fields(kind="pwn")).encode()),
+    ),
+    Case(
+        "an extra field",
+        "dead",
+        M,
+        "Extra inputs are not permitted",
+        lambda c: publish_raw(c.live, M, json.dumps(_fields(shell="rm -rf /")).encode()),
+    ),
+    Case(
+        "a hostile project name",
+        "dead",
+        M,
+        "project",
+        lambda c: publish_raw(c.live, M, json.dumps(_fields(project="../../etc")).encode()),
+    ),
+    Case(
+        "a 10 MB string",
+        "dead",
+        M,
+        "exceeds the",
+        lambda c: publish_raw(c.live, M, json.dumps(_fields(path="/data/" + "x" * 10_000_000)).encode()),
+    ),
+    Case(
+        "wrong kind for the queue",
+        "dead",
+        M,
+        "is not micrograph_ready",
+        lambda c: _publish(c, M, TrainRequest(project=PROJECT, exemplar_set="x")),
+    ),
+    Case(
+        "picks naming /etc/shadow",
+        "dead",
+        P,
+        "/etc/shadow",
+        lambda c: _publish(c, P, _picks(c, micrograph="/etc/shadow")),
+    ),
+    Case("picks of an unknown project", "dead", P, "ghost", lambda c: _publish(c, P, _picks(c, project="ghost"))),
+    Case(
+        "picks of an unknown model version",
+        "dead",
+        P,
+        "v9999",
+        lambda c: _publish(c, P, _picks(c, model_version="v9999-forged")),
+    ),
+    Case(
+        "picks with mismatched lengths",
+        "dead",
+        P,
+        "differ in length",
+        lambda c: publish_raw(c.live, P, _picks(c).body().replace(b'"x":[10.0]', b'"x":[10.0,11.0]')),
+    ),
+    Case(
+        "training of an unknown exemplar set",
+        "dead",
+        T,
+        "no exemplar set",
+        lambda c: _publish(c, T, TrainRequest(project=PROJECT, exemplar_set="20200101T000000Z-ffffff")),
+    ),
+    Case(
+        "training of an unknown project",
+        "dead",
+        T,
+        "no project 'ghost'",
+        lambda c: _publish(c, T, TrainRequest(project="ghost", exemplar_set="x")),
+    ),
+    Case(
+        "watching a folder outside the roots",
+        "dead",
+        W,
+        "outside",
+        lambda c: _publish(
+            c, W, SessionCommand(action="start", project=PROJECT, session="evil", folder=str(c.outside))
+        ),
+    ),
+    Case(
+        "re-threshold of a session that has no outputs",
+        "dead",
+        P,
+        "no outputs",
+        lambda c: _publish(c, P, Rethreshold(project=PROJECT, session="never", threshold=0.5)),
+    ),
     # ---------------------------------------------------------------------------------------- picked
-    Case("an int16 MRC", "picked", M, "", lambda c: _file(
-        c, "good_int16.mrc", lambda p: write_mrc(p, np.clip(_good_image(c) * 1000, -30000, 30000), dtype=np.int16))),
-    Case("a 16-bit PNG", "picked", M, "", lambda c: _file(c, "good.png", lambda p: Image.fromarray(
-        np.clip((_good_image(c) - _good_image(c).min()) * 3000, 0, 65535).astype(np.uint16)).save(p))),
-    Case("a float32 TIFF", "picked", M, "", lambda c: _file(
-        c, "good.tif", lambda p: tifffile.imwrite(p, _good_image(c).astype(np.float32)))),
+    Case(
+        "an int16 MRC",
+        "picked",
+        M,
+        "",
+        lambda c: _file(
+            c, "good_int16.mrc", lambda p: write_mrc(p, np.clip(_good_image(c) * 1000, -30000, 30000), dtype=np.int16)
+        ),
+    ),
+    Case(
+        "a 16-bit PNG",
+        "picked",
+        M,
+        "",
+        lambda c: _file(
+            c,
+            "good.png",
+            lambda p: Image.fromarray(
+                np.clip((_good_image(c) - _good_image(c).min()) * 3000, 0, 65535).astype(np.uint16)
+            ).save(p),
+        ),
+    ),
+    Case(
+        "a float32 TIFF",
+        "picked",
+        M,
+        "",
+        lambda c: _file(c, "good.tif", lambda p: tifffile.imwrite(p, _good_image(c).astype(np.float32))),
+    ),
     # ---------------------------------------------------------------------------------------- refused at the door
-    Case("a session folder outside the roots", "refused", W, "outside", _refused(
-        lambda c: ops.session_start(c.live.settings(), c.control, PROJECT, "evil", c.outside, "*.mrc", True))),
-    Case("exemplars on a micrograph outside the roots", "refused", T, "outside", _refused(
-        lambda c: ops.exemplars_add(c.live.settings(), c.control, PROJECT, _outside_copy(c),
-                                    c.live.dataset.exemplars(c.live.root / "ex.star"), None))),
-    Case("an invalid session name", "refused", P, "invalid session name", _refused(
-        lambda c: ops.session_rethreshold(c.live.settings(), c.control, PROJECT, "../x", 0.5))),
+    Case(
+        "a session folder outside the roots",
+        "refused",
+        W,
+        "outside",
+        _refused(lambda c: ops.session_start(c.live.settings(), c.control, PROJECT, "evil", c.outside, "*.mrc", True)),
+    ),
+    Case(
+        "exemplars on a micrograph outside the roots",
+        "refused",
+        T,
+        "outside",
+        _refused(
+            lambda c: ops.exemplars_add(
+                c.live.settings(),
+                c.control,
+                PROJECT,
+                _outside_copy(c),
+                c.live.dataset.exemplars(c.live.root / "ex.star"),
+                None,
+            )
+        ),
+    ),
+    Case(
+        "an invalid session name",
+        "refused",
+        P,
+        "invalid session name",
+        _refused(lambda c: ops.session_rethreshold(c.live.settings(), c.control, PROJECT, "../x", 0.5)),
+    ),
 ]
 
 

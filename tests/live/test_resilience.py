@@ -212,9 +212,11 @@ def test_picker_and_writer_killed_mid_stream_lose_and_duplicate_nothing(live: Li
             wait_until(
                 _while_alive(
                     second,
-                    lambda: live.picked() == STREAM
-                    and broker.depth(topology.MICROGRAPHS) == 0
-                    and broker.depth(topology.PICKS) == 0,
+                    lambda: (
+                        live.picked() == STREAM
+                        and broker.depth(topology.MICROGRAPHS) == 0
+                        and broker.depth(topology.PICKS) == 0
+                    ),
                 ),
                 what=f"all {STREAM} micrographs written after the restart",
             )
@@ -348,7 +350,9 @@ def test_session_finishes_exactly_once_across_a_broker_restart(live: Live) -> No
     assert dead == dict.fromkeys(dead, 0)
     session = next(s for s in report["sessions"] if s["session"] == SESSION)
     assert (session["seen"], session["picked"], session["failed"], session["particles"]) == (
-        STREAM, STREAM, 0, particles
+        STREAM,
+        STREAM,
+        0,
+        particles,
     )
     print(f"RabbitMQ stopped after {at_stop} of {STREAM} micrographs were picked")
-

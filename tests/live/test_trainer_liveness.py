@@ -30,10 +30,23 @@ def test_status_shows_a_dead_trainer_and_its_queued_request(rabbit: Live, tmp_pa
     exemplars = live.dataset.exemplars(tmp_path / "exemplars.star")
 
     with service(live, "service", "trainer", log_name="trainer-1") as trainer:
-        ok(cli(live, "exemplars", "add", "--project", PROJECT, "--micrograph", str(live.dataset.micrographs[0]),
-               "--coords", str(exemplars)))
-        wait_until(alive_while([trainer], lambda: (store.training_status(PROJECT) or {}).get("state") == "training"),
-                   what="training started")
+        ok(
+            cli(
+                live,
+                "exemplars",
+                "add",
+                "--project",
+                PROJECT,
+                "--micrograph",
+                str(live.dataset.micrographs[0]),
+                "--coords",
+                str(exemplars),
+            )
+        )
+        wait_until(
+            alive_while([trainer], lambda: (store.training_status(PROJECT) or {}).get("state") == "training"),
+            what="training started",
+        )
         text = ok(cli(live, "status")).stdout
         assert "trainer: running (" in text, text
         line = _project_line(text)
@@ -59,8 +72,10 @@ def test_status_shows_a_dead_trainer_and_its_queued_request(rabbit: Live, tmp_pa
     project_file.write_text(json.dumps(record))
     with service(live, "service", "trainer", log_name="trainer-2") as again:
         wait_until(alive_while([again], lambda: store.current_version(PROJECT) is not None), what="the model")
-        wait_until(alive_while([again], lambda: "training done" in _project_line(ok(cli(live, "status")).stdout)),
-                   what="status: training done")
+        wait_until(
+            alive_while([again], lambda: "training done" in _project_line(ok(cli(live, "status")).stdout)),
+            what="status: training done",
+        )
         assert again.sigterm() == 0, again.tail()
     # a trainer that stops removes its heartbeat; the killed one's stays, silent, until a day has passed
     (left,) = trainer_liveness(live.root / "store")

@@ -141,7 +141,11 @@ def test_exemplar_micrographs_outside_the_data_roots_are_refused_at_the_door(liv
         # the CLI says the same, with the file, and asks for nothing
         result = subprocess.run(
             [*CRYOMAE, "exemplars", "add", "--project", PROJECT, "--micrograph", str(link), "--coords", str(exemplars)],
-            env=live.env(), capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False,
+            env=live.env(),
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
         )
         assert result.returncode == 1, (result.stdout, result.stderr)
         assert str(link) in result.stderr and "outside the configured data roots" in result.stderr, result.stderr
@@ -196,9 +200,18 @@ def _published_version(live: Live) -> str:
 
 def _picks(micrograph: str, version: str, project: str = PROJECT, session: str = SESSION) -> PicksReady:
     return PicksReady(
-        project=project, session=session, micrograph=micrograph, micrograph_id=uuid.uuid4().hex,
-        model_version=version, diameter=DIAMETER, threshold=0.5, x=[40.0, 120.0], y=[50.0, 130.0],
-        scores=[0.9, 0.7], shape=(256, 256), complete_at=time.time(),
+        project=project,
+        session=session,
+        micrograph=micrograph,
+        micrograph_id=uuid.uuid4().hex,
+        model_version=version,
+        diameter=DIAMETER,
+        threshold=0.5,
+        x=[40.0, 120.0],
+        y=[50.0, 130.0],
+        scores=[0.9, 0.7],
+        shape=(256, 256),
+        complete_at=time.time(),
     )
 
 
@@ -241,8 +254,9 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
             expected += 1
         control.send(topology.PICKS, _picks(str(good), version))
         index = outputs / PROJECT / SESSION / "autopick.star"
-        wait_until(lambda: index.is_file() and str(good) in index.read_text(),
-                   what="the good picks written after the poison")
+        wait_until(
+            lambda: index.is_file() and str(good) in index.read_text(), what="the good picks written after the poison"
+        )
         wait_until(lambda: app.broker.depth(PICKS_DLQ) == expected, timeout=30.0, what=f"{expected} dead letters")
 
         rows = _reasons(control, topology.PICKS)

@@ -69,7 +69,11 @@ class Recorder:
 def micrograph(i: int, project: str = "demo") -> MicrographReady:
     now = time.time()
     return MicrographReady(
-        project=project, session="s1", path=f"/data/{project}/s1/mic_{i:04d}.mrc", size=4096 + i, mtime=now,
+        project=project,
+        session="s1",
+        path=f"/data/{project}/s1/mic_{i:04d}.mrc",
+        size=4096 + i,
+        mtime=now,
         complete_at=now,
     )
 

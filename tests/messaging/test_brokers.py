@@ -21,9 +21,18 @@ MICS_DLQ = t.dead_letters(t.MICROGRAPHS)
 
 def picks(i: int) -> PicksReady:
     return PicksReady(
-        project="demo", session="s1", micrograph=f"/data/demo/s1/mic_{i:04d}.mrc", micrograph_id=f"m{i}",
-        model_version="v0001-20261124T120000Z", diameter=24.0, threshold=0.5, x=[10.0, 20.0], y=[30.0, 40.0],
-        scores=[0.9, 0.2], shape=(512, 512), complete_at=1.0,
+        project="demo",
+        session="s1",
+        micrograph=f"/data/demo/s1/mic_{i:04d}.mrc",
+        micrograph_id=f"m{i}",
+        model_version="v0001-20261124T120000Z",
+        diameter=24.0,
+        threshold=0.5,
+        x=[10.0, 20.0],
+        y=[30.0, 40.0],
+        scores=[0.9, 0.2],
+        shape=(512, 512),
+        complete_at=1.0,
     )
 
 

@@ -41,8 +41,13 @@ def _paths(envelopes: list[Envelope]) -> list[str]:
 
 def test_queued_messages_and_headers_survive_a_restart_in_order(tmp_path: Path) -> None:
     first = _broker(tmp_path)
-    headers = {"x-note": "kept", "x-bytes": b"\x00\x01", "x-number": Decimal("1.5"), "x-when": datetime(2026, 1, 2,
-               tzinfo=UTC), "x-nested": {"a": [1, "b"]}}
+    headers = {
+        "x-note": "kept",
+        "x-bytes": b"\x00\x01",
+        "x-number": Decimal("1.5"),
+        "x-when": datetime(2026, 1, 2, tzinfo=UTC),
+        "x-nested": {"a": [1, "b"]},
+    }
     for i in range(3):
         first.publish(t.MICROGRAPHS, micrograph(i), headers if i == 0 else None)
     first.close()

@@ -332,7 +332,7 @@ def test_publishing_versions_switches_current(store, mic, tmp_path):
 def test_a_failed_training_leaves_the_current_version(store, mic, tmp_path):
     exset = _exemplars(store, mic, tmp_path)
     v1 = _train(store, exset)
-    with pytest.raises(RuntimeError, match="out of memory"), store.staged_version("apo") as (_, tmp_dir):
+    with pytest.raises(RuntimeError, match="out of memory"), store.staged_version("apo") as (_, tmp_dir):  # noqa: PT012
         (tmp_dir / WEIGHTS).write_bytes(b"half a model")
         raise RuntimeError("CUDA out of memory")
     assert store.current_version("apo") == v1 and store.versions("apo") == [v1]

@@ -130,7 +130,7 @@ class RabbitBroker(Broker):
     def parameters(self, role: str) -> pika.URLParameters:
         try:
             params = pika.URLParameters(self.url)
-        except Exception as exc:  # pika raises assorted types for a malformed URL
+        except Exception as exc:  # noqa: BLE001 -- pika raises assorted types for a malformed URL
             raise ConfigError(f"broker URL {self._shown_url!r}: {exc}") from None
         params.heartbeat = self.heartbeat
         params.socket_timeout = SOCKET_TIMEOUT

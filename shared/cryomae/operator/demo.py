@@ -236,7 +236,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
                         held.append(time.monotonic() - t0)
                 if i + 1 < count and stopping.wait(opts.interval_s):  # the microscope's pace (the demo's input)
                     return
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 -- handed to the main thread, which raises it
             feeder_error.append(exc)
 
     started = time.time()
@@ -351,8 +351,10 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(
         [
             "",
-            f"demo {'complete' if r['complete'] else 'INCOMPLETE'}: {r['picked']}/{r['micrographs']} micrographs "
-            f"picked, {r['particles']} particles, {r['dead_lettered']} dead-lettered, {r['wall_s']} s",
+            (
+                f"demo {'complete' if r['complete'] else 'INCOMPLETE'}: {r['picked']}/{r['micrographs']} micrographs "
+                f"picked, {r['particles']} particles, {r['dead_lettered']} dead-lettered, {r['wall_s']} s"
+            ),
             f"  latency (file complete -> rows in the STAR): {headline}",
             f"  training: {r['training_s']} s{held}",
             f"  latency (file complete -> rows in the STAR), arriving after the model: {lat(r['latency_live'])}",

@@ -166,7 +166,7 @@ class App:
         for name in reversed(list(self.services)):
             try:
                 self.services[name].stop(timeout)
-            except Exception as exc:  # stop the others anyway
+            except Exception as exc:  # noqa: BLE001 -- stop the others anyway; the first error is raised after
                 log.error("service_stop_failed", service=name, error=str(exc))
                 errors.append(exc)
         self.services.clear()
@@ -230,7 +230,7 @@ def serve(app: App, stop: threading.Event | None = None, check_every_s: float = 
     finally:
         try:
             app.stop()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- logged, and the exit code says it
             log.error("service_stop_failed", error=str(exc))
             code = code or 1
         for sig, handler in previous.items():

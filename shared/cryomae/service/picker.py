@@ -212,7 +212,7 @@ class Picker:
         while not self._stop.wait(self.model_check_seconds):
             try:
                 self.sweep()
-            except Exception as exc:  # the broker may be down for a moment; the next sweep retries
+            except Exception as exc:  # noqa: BLE001 -- the broker may be down a moment; the next sweep retries
                 log.warning("sweep_failed", error=str(exc))
 
     def stop(self, timeout: float | None = None) -> None:
