@@ -19,7 +19,7 @@ import starfile
 from cryomae.errors import InputError
 from cryomae.io.writers import AUTOPICK_SUFFIX, VERSION_LABEL
 from cryomae.io.writers import SESSION_PARTICLE_COLUMNS as PARTICLE_COLUMNS
-from cryomae.messages import PicksReady, Rethreshold
+from cryomae.messages import PicksReady
 from cryomae.store import outputs
 from cryomae.store.outputs import SessionOutputs
 
@@ -227,7 +227,7 @@ def test_rethreshold_up_down_and_back_to_the_pickers_cutoff(tmp_path: Path) -> N
     assert per_micrograph(read_particles(out)) == {MIC_A: 1, MIC_B: 1}
     np.testing.assert_allclose(read_autopick(a.coordinate_file)["rlnAutopickFigureOfMerit"], [0.9])
 
-    down = out.apply_rethreshold(Rethreshold(project="proj", session="s1", threshold=0.22))
+    down = out.apply_rethreshold("proj", "s1", 0.22)
     assert (down.micrographs_changed, down.particles) == (2, 6)
     assert per_micrograph(read_particles(out)) == {MIC_A: 3, MIC_B: 3}
     np.testing.assert_allclose(read_autopick(b.coordinate_file)["rlnAutopickFigureOfMerit"], [0.8, 0.35, 0.25])
@@ -249,7 +249,7 @@ def test_rethreshold_up_down_and_back_to_the_pickers_cutoff(tmp_path: Path) -> N
     with pytest.raises(InputError, match="finite number"):
         reopened.set_threshold(float("nan"))
     with pytest.raises(InputError, match="proj/other"):
-        reopened.apply_rethreshold(Rethreshold(project="proj", session="other", threshold=0.1))
+        reopened.apply_rethreshold("proj", "other", 0.1)
 
 
 def test_rethreshold_rewrites_only_micrographs_whose_rows_change(tmp_path: Path) -> None:

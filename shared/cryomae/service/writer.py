@@ -82,7 +82,9 @@ class Writer:
             self.check(msg)  # before anything is created for it
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
-                changed = self.session(msg.project, msg.session).apply_rethreshold(msg)
+                changed = self.session(msg.project, msg.session).apply_rethreshold(
+                    msg.project, msg.session, msg.threshold
+                )
                 out.update(micrographs_changed=changed.micrographs_changed, particles=changed.particles)
                 return
             assert isinstance(msg, PicksReady)

@@ -1,5 +1,5 @@
 """The writer's per-session outputs: STAR files that RELION and cryoSPARC read as they are, kept in step with
-the picks of a live session (``PicksReady``) and with operator re-thresholds (``Rethreshold``).
+the picks of a live session (``Picks``: what a ``PicksReady`` message carries) and with operator re-thresholds.
 
 Layout of one session folder, ``SessionOutputs(root)``::
 
@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -70,7 +70,6 @@ from cryomae.io.writers import (
     write_autopick_star,
     write_coordinate_index,
 )
-from cryomae.messages import PicksReady, Rethreshold
 
 INDEX_NAME = "autopick.star"
 PARTICLES_NAME = "particles.star"
@@ -82,6 +81,40 @@ _MAX_STEM_BYTES = 200  # file names hold the stem plus suffixes; most filesystem
 _PARTICLES_HEADER = session_particles_header()
 
 Outcome = Literal["new", "replaced", "duplicate", "stale"]
+
+
+class Picks(Protocol):
+    """One micrograph's picks as the writer hands them in (``cryomae.messages.PicksReady`` is one); the store
+    reads these fields and knows nothing of messages."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def project(self) -> str: ...
+    @property
+    def session(self) -> str: ...
+    @property
+    def micrograph(self) -> str: ...
+    @property
+    def micrograph_id(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def diameter(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def x(self) -> list[float]: ...
+    @property
+    def y(self) -> list[float]: ...
+    @property
+    def scores(self) -> list[float]: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def complete_at(self) -> float: ...
+    @property
+    def picked_at(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -262,7 +295,7 @@ class SessionOutputs:
         """The session cutoff, or None when each micrograph keeps its picker's own."""
         return self._threshold
 
-    def apply(self, msg: PicksReady) -> ApplyResult:
+    def apply(self, msg: Picks) -> ApplyResult:
         """Write one micrograph's picks (new, or replacing its rows); a redelivery or an older message is a no-op.
 
         Raises InputError (before anything is written) for a message that cannot be written: NaN or infinite
@@ -297,12 +330,12 @@ class SessionOutputs:
             outcome = "new" if old is None else "replaced"
             return self._result(record, name, outcome, rows, previous, msg.complete_at, rewritten)
 
-    def apply_rethreshold(self, msg: Rethreshold) -> ThresholdResult:
-        """Apply an operator's Rethreshold; it must be for this folder's project and session."""
+    def apply_rethreshold(self, project: str, session: str, threshold: float | None) -> ThresholdResult:
+        """Apply an operator's re-threshold; it must be for this folder's project and session."""
         with self._lock:
-            self._check_owner(msg.project, msg.session)
-            result = self.set_threshold(msg.threshold)
-            self._own(msg.project, msg.session)
+            self._check_owner(project, session)
+            result = self.set_threshold(threshold)
+            self._own(project, session)
             return result
 
     def set_threshold(self, value: float | None) -> ThresholdResult:
@@ -378,7 +411,7 @@ class SessionOutputs:
             theirs = f"{self._owner[0]}/{self._owner[1]}"
             raise InputError(self.root, f"message for {project}/{session}, but these are the outputs of {theirs}")
 
-    def _check_picks(self, msg: PicksReady) -> str:
+    def _check_picks(self, msg: Picks) -> str:
         """Validate a PicksReady before anything is written; returns its rlnMicrographName."""
         where = Path(msg.micrograph)
         file_name = where.name
@@ -421,7 +454,7 @@ class SessionOutputs:
 
     # ------------------------------------------------------------------------------------------ state
 
-    def _record(self, msg: PicksReady, old: _Record | None) -> _Record:
+    def _record(self, msg: Picks, old: _Record | None) -> _Record:
         """The stored form of a message; a re-pick keeps the micrograph's key and place."""
         return _Record(
             key=self._new_key(msg.micrograph) if old is None else old.key,
