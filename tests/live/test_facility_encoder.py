@@ -34,7 +34,7 @@ def test_the_trainer_starts_projects_from_the_facility_encoder_in_its_settings(l
         (encoders / "v0001").rmdir()
         ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
         wait_until(lambda: len(control.dead_letters("training") or []) == 1, what="the request dead-lettered")
-        training = ops.status(settings, control)["projects"][0]["training"]
+        training = ops.status(settings, control)["projects"][0]["training"] or {}
     assert manifest["provenance"]["encoder"]["path"] == str(encoders / "v0001")
     assert manifest["provenance"]["encoder"]["micrographs"] == 2
     assert training["state"] == "failed"

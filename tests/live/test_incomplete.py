@@ -64,7 +64,7 @@ def test_unfixable_files_are_dead_lettered_at_once_and_a_truncated_one_is_shown_
         assert all("gave up" not in reason for reason in reasons.values())  # at the first delivery
 
         # the truncated one waits (it may still grow), and status says so and why
-        def incomplete_files() -> list[dict[str, object]]:
+        def incomplete_files() -> list[ops.IncompleteFile]:
             report = ops.status(settings, control)
             (row,) = [s for s in report["sessions"] if (s["project"], s["session"]) == (PROJECT, SESSION)]
             assert row["incomplete"] == len(row["incomplete_files"])

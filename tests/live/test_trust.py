@@ -58,7 +58,7 @@ TRAINING_DLQ = topology.dead_letters(topology.TRAINING)
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _reasons(control: Control, queue: str) -> list[dict[str, object]]:
+def _reasons(control: Control, queue: str) -> list[ops.DeadLetter]:
     """The dead letters of a work queue as ``cryomae dlq list`` shows them."""
     listed = ops.dlq_list(control, queue, 100)
     assert listed["running"], listed

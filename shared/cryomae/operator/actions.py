@@ -10,7 +10,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from cryomae.errors import InputError
 from cryomae.messages import (
@@ -36,6 +36,140 @@ from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
 
 
+# ------------------------------------------------------------------------------------------------ results
+# What each action returns: typed for the CLI (and mypy), printed as is by ``--json``.
+
+
+class ProjectCreated(TypedDict):
+    project: str
+    path: str
+    diameter: float | None
+    train_overrides: dict[str, Any]
+
+
+class TrainingRequested(TypedDict):
+    request: str
+    delivery: str
+
+
+class ExemplarsAdded(TypedDict):
+    project: str
+    exemplar_set: str
+    exemplars: int
+    diameter: float
+    micrograph: str
+    warnings: list[str]
+    training: TrainingRequested | None
+
+
+class SessionStarted(TypedDict):
+    project: str
+    session: str
+    folder: str
+    delivery: str
+
+
+class SessionStopped(TypedDict):
+    project: str
+    session: str
+    delivery: str
+
+
+class Rethresholded(TypedDict):
+    project: str
+    session: str
+    threshold: float | None
+    delivery: str
+
+
+class Repicked(TypedDict):
+    project: str
+    session: str
+    model_version: str
+    micrographs: int
+    missing: list[str]
+    delivery: str
+
+
+class ProjectStatus(TypedDict):
+    project: str
+    diameter: float | None
+    current_version: str | None
+    versions: list[str]
+    training: dict[str, Any] | None
+    training_state: str
+    waiting: int | None
+
+
+class IncompleteFile(TypedDict):
+    path: str
+    since: float
+    problem: str
+
+
+class SessionStatus(TypedDict):
+    project: str
+    session: str
+    folder: str | None
+    watched: bool
+    seen: int | None
+    picked: int
+    failed: int
+    particles: int
+    threshold: float | None
+    last_seen_at: float | None
+    incomplete: int
+    incomplete_files: list[IncompleteFile]
+
+
+class Status(TypedDict):
+    broker: str
+    mode: str
+    running: bool
+    queues: dict[str, int] | None
+    state: str
+    store: str
+    trainers: list[dict[str, Any]]
+    projects: list[ProjectStatus]
+    sessions: list[SessionStatus]
+
+
+class DeadLetter(TypedDict, total=False):
+    reason: str
+    queue: str
+    deliveries: int
+    id: str
+    kind: str | None
+    project: str
+    session: str
+    path: str
+    micrograph: str
+    exemplar_set: str
+    body: str
+
+
+class DeadLetters(TypedDict):
+    queue: str
+    running: bool
+    depth: int | None
+    messages: list[DeadLetter]
+
+
+class Replayed(TypedDict):
+    queue: str
+    replayed: int | None
+    note: str
+
+
+class Purged(TypedDict):
+    queue: str
+    purged: int | None
+    note: str
+
+
+# ------------------------------------------------------------------------------------------------ control
+
+
 def open_control(settings: Settings) -> Control:
     """RabbitMQ when the settings name it, else the running one-process mode's inbox."""
     if settings.broker.url.startswith("memory"):
@@ -53,7 +187,7 @@ def _delivery(control: Control) -> str:
 
 def project_create(
     settings: Settings, name: str, diameter: float | None, train_overrides: dict[str, Any], exist_ok: bool
-) -> dict[str, Any]:
+) -> ProjectCreated:
     project = ProjectStore(settings.store).create_project(name, diameter, train_overrides, exist_ok=exist_ok)
     return {
         "project": project.name,
@@ -70,10 +204,10 @@ def exemplars_add(
     micrograph: Path,
     coords: Path,
     diameter: float | None,
-) -> dict[str, Any]:
+) -> ExemplarsAdded:
     """Validate and store an exemplar set, then request training (unless ``control`` is None)."""
     exset = ProjectStore(settings.store).add_exemplars(project, micrograph, coords, diameter, roots=settings.roots())
-    out: dict[str, Any] = {
+    out: ExemplarsAdded = {
         "project": project,
         "exemplar_set": exset.id,
         "exemplars": exset.count,
@@ -94,7 +228,7 @@ def exemplars_add(
 
 def session_start(
     settings: Settings, control: Control, project: str, session: str, folder: Path, pattern: str, recursive: bool
-) -> dict[str, Any]:
+) -> SessionStarted:
     ProjectStore(settings.store).get_project(project)  # the project must exist
     check_name(session, "session name")
     resolved = check_folder(Path(os.path.abspath(folder)), settings.roots())  # the watcher checks it again
@@ -105,7 +239,7 @@ def session_start(
     return {"project": project, "session": session, "folder": str(resolved), "delivery": _delivery(control)}
 
 
-def session_stop(settings: Settings, control: Control, project: str, session: str) -> dict[str, Any]:
+def session_stop(settings: Settings, control: Control, project: str, session: str) -> SessionStopped:
     command = SessionCommand(
         action="stop", project=check_name(project, "project name"), session=check_name(session, "session name")
     )
@@ -119,7 +253,7 @@ def session_outputs_dir(settings: Settings, project: str, session: str) -> Path:
 
 def session_rethreshold(
     settings: Settings, control: Control, project: str, session: str, threshold: float | None
-) -> dict[str, Any]:
+) -> Rethresholded:
     folder = session_outputs_dir(settings, project, session)
     if not folder.is_dir():
         raise InputError(folder, f"no outputs for session {project}/{session} yet")
@@ -127,14 +261,14 @@ def session_rethreshold(
     return {"project": project, "session": session, "threshold": threshold, "delivery": _delivery(control)}
 
 
-def session_repick(settings: Settings, control: Control, project: str, session: str, every: bool) -> dict[str, Any]:
+def session_repick(settings: Settings, control: Control, project: str, session: str, every: bool) -> Repicked:
     """Re-pick a session's micrographs picked with an older model version than the current one (``every``:
     all of them)."""
     current = ProjectStore(settings.store).current_version(project)
     if current is None:
         raise InputError(None, f"project {project!r} has no model yet; its micrographs are picked when it has one")
     outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
-    sent, missing = 0, []
+    sent, missing = 0, list[str]()
     for entry in outputs.micrographs():
         if not every and entry.model_version == current:
             continue
@@ -213,7 +347,7 @@ def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any
 
 def status_projects(
     settings: Settings, depths: dict[str, int] | None = None, trainers: list[dict[str, Any]] | None = None
-) -> list[dict[str, Any]]:
+) -> list[ProjectStatus]:
     """Every project with its model versions, training state and micrographs waiting for a first model."""
     store = ProjectStore(settings.store)
     trainers = trainer_liveness(settings.store) if trainers is None else trainers
@@ -232,7 +366,7 @@ def status_projects(
     ]
 
 
-def status(settings: Settings, control: Control) -> dict[str, Any]:
+def status(settings: Settings, control: Control) -> Status:
     """Queue depths, projects with their model versions and training state, and per-session counts."""
     depths = control.depths()
     trainers = trainer_liveness(settings.store)
@@ -250,7 +384,7 @@ def status(settings: Settings, control: Control) -> dict[str, Any]:
             if s.is_dir() and valid_name(s.name)
         }
     failed = _failed_by_session(control)
-    sessions = []
+    sessions: list[SessionStatus] = []
     for project, session in sorted(keys):
         outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
         counts = outputs.counts()
@@ -296,8 +430,8 @@ def _queue(name: str) -> str:
     return name
 
 
-def describe_dead_letter(env: Envelope) -> dict[str, Any]:
-    row: dict[str, Any] = {
+def describe_dead_letter(env: Envelope) -> DeadLetter:
+    row: DeadLetter = {
         "reason": str(env.headers.get(REASON_HEADER, "")),
         "queue": str(env.headers.get(QUEUE_HEADER, "")),
         "deliveries": env.delivery_count,
@@ -313,7 +447,7 @@ def describe_dead_letter(env: Envelope) -> dict[str, Any]:
     return row
 
 
-def dlq_list(control: Control, queue: str, limit: int | None = None) -> dict[str, Any]:
+def dlq_list(control: Control, queue: str, limit: int | None = None) -> DeadLetters:
     """The depth and the first ``limit`` (default ``DLQ_LISTED``) dead letters of a work queue, described."""
     # depths first: peeking holds the listed letters unacknowledged for a moment, and a depth read meanwhile
     # would not count them
@@ -327,17 +461,17 @@ def dlq_list(control: Control, queue: str, limit: int | None = None) -> dict[str
     }
 
 
-def dlq_replay(control: Control, queue: str, limit: int | None) -> dict[str, Any]:
+def dlq_replay(control: Control, queue: str, limit: int | None) -> Replayed:
     outcome = control.replay(_queue(queue), limit)
     return {"queue": topology.dead_letters(queue), "replayed": outcome.count, "note": outcome.note}
 
 
-def dlq_purge(control: Control, queue: str) -> dict[str, Any]:
+def dlq_purge(control: Control, queue: str) -> Purged:
     outcome = control.purge(_queue(queue))
     return {"queue": topology.dead_letters(queue), "purged": outcome.count, "note": outcome.note}
 
 
-def format_status(data: dict[str, Any]) -> str:
+def format_status(data: Status) -> str:
     """``cryomae status`` for people."""
     lines = [f"broker: {data['broker']} ({data['mode']})"]
     if data["queues"] is None:
@@ -396,7 +530,7 @@ def format_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_dead_letters(data: dict[str, Any]) -> str:
+def format_dead_letters(data: DeadLetters) -> str:
     """``cryomae dlq list`` for people."""
     if not data["running"]:
         return f"{data['queue']}: unknown (no `cryomae run` process is running)"

@@ -458,6 +458,10 @@ def _add_live_parsers(sub: Any) -> None:
     )
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print JSON for scripts")
+    project = argparse.ArgumentParser(add_help=False)
+    project.add_argument("--project", required=True, help="the project (`cryomae project create`)")
+    session = argparse.ArgumentParser(add_help=False, parents=[project])
+    session.add_argument("--session", required=True, help="the session's name (as given to `session start`)")
 
     enc = sub.add_parser(
         "encoder",
@@ -558,13 +562,12 @@ def _add_live_parsers(sub: Any) -> None:
     e = sub.add_parser("exemplars", help="register exemplars and train").add_subparsers(dest="action", required=True)
     ea = e.add_parser(
         "add",
-        parents=[common, js],
+        parents=[common, js, project],
         help="validate and store exemplars marked on one micrograph, and request training",
         description="Checks that the micrograph lies under a data root (CRYOMAE_DATA_ROOTS, symlinks resolved) "
         "and reads, that there is at least one exemplar and every one lies inside the image (warns below 5), "
         "stores the set in the project and asks the trainer for a model.",
     )
-    ea.add_argument("--project", required=True)
     ea.add_argument("--micrograph", type=Path, required=True, help="the micrograph the particles were marked on")
     ea.add_argument("--coords", type=Path, required=True, help="centres: RELION .star, EMAN .box or .csv")
     ea.add_argument("--diameter", type=float, help="particle diameter in pixels (default: the project's)")
@@ -574,29 +577,23 @@ def _add_live_parsers(sub: Any) -> None:
     se = sub.add_parser("session", help="watch, stop, re-threshold and re-pick sessions").add_subparsers(
         dest="action", required=True
     )
-    ss = se.add_parser("start", parents=[common, js], help="start watching a session folder")
-    ss.add_argument("--project", required=True)
-    ss.add_argument("--session", required=True)
+    ss = se.add_parser("start", parents=[common, js, session], help="start watching a session folder")
     ss.add_argument("--folder", type=Path, required=True, help="the session folder (under a data root)")
     ss.add_argument("--pattern", default="*.mrc", help="glob of micrograph names (default *.mrc)")
     ss.add_argument("--no-recursive", action="store_true", help="only the folder itself, not its sub-folders")
     ss.set_defaults(func=cmd_session_start)
-    st = se.add_parser("stop", parents=[common, js], help="stop watching a session")
-    st.add_argument("--project", required=True)
-    st.add_argument("--session", required=True)
+    st = se.add_parser("stop", parents=[common, js, session], help="stop watching a session")
     st.set_defaults(func=cmd_session_stop)
-    sr = se.add_parser("rethreshold", parents=[common, js], help="change a session's cutoff without re-picking")
-    sr.add_argument("--project", required=True)
-    sr.add_argument("--session", required=True)
+    sr = se.add_parser(
+        "rethreshold", parents=[common, js, session], help="change a session's cutoff without re-picking"
+    )
     cut = sr.add_mutually_exclusive_group(required=True)
     cut.add_argument("--threshold", type=_session_threshold, help="keep the candidates scoring at least this")
     cut.add_argument(
         "--clear", action="store_true", help="clear the session's cutoff: each micrograph's own automatic cutoff again"
     )
     sr.set_defaults(func=cmd_session_rethreshold)
-    sp = se.add_parser("repick", parents=[common, js], help="re-pick a session with the current model")
-    sp.add_argument("--project", required=True)
-    sp.add_argument("--session", required=True)
+    sp = se.add_parser("repick", parents=[common, js, session], help="re-pick a session with the current model")
     sp.add_argument("--all", action="store_true", help="every micrograph, not only those of older models")
     sp.set_defaults(func=cmd_session_repick)
 
