@@ -35,7 +35,6 @@ from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
 
-
 # ------------------------------------------------------------------------------------------------ results
 # What each action returns: typed for the CLI (and mypy), printed as is by ``--json``.
 
