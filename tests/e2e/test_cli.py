@@ -606,3 +606,34 @@ def test_top_level_help_lists_every_sub_command(capsys):
     for command in [*OPTIONS, *LIVE]:
         assert command in text
     assert "--log-level" in text and "--log-json" in text
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_command_goes_on(tmp_path: Path) -> None:
+    # an operator's first look at a process that seems stuck: `kill -USR1 PID` prints where each thread waits
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, time\n"
+        "from cryomae.operator import cli\n"
+        "def stuck(args):\n"
+        "    print('waiting', flush=True)\n"
+        "    threading.Event().wait(60)\n"
+        "    return 0\n"
+        "cli.cmd_project_list = stuck\n"
+        "sys.exit(cli.main(['project', 'list']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "waiting"
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.stderr is not None
+        dump = [proc.stderr.readline() for _ in range(4)]
+        assert any("Thread" in line or "Current thread" in line for line in dump), dump
+        assert proc.poll() is None, "the dump does not stop the command"
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -52,8 +52,13 @@ def _interrupt(proc: subprocess.Popen[str]) -> str:
     try:
         _out, err = proc.communicate(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"no exit within {STOP_TIMEOUT} s of Ctrl-C: {proc.communicate()[1]}")
+        proc.send_signal(signal.SIGUSR1)  # every thread's stack to stderr (faulthandler): where it is stuck
+        try:
+            _out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+        pytest.fail(f"no exit within {STOP_TIMEOUT} s of Ctrl-C; its threads:\n{err}")
     took = time.monotonic() - t0
     assert proc.returncode == 130, err
     assert took < INTERRUPT_WAIT, f"Ctrl-C took {took:.1f} s\n{err}"

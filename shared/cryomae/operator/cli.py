@@ -10,8 +10,10 @@ Exit codes: 0 success, 1 an input or model problem (the message names the file),
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -757,6 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `kill -USR1 PID` writes every thread's stack to stderr: what a stuck process is waiting for
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
