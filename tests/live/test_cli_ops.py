@@ -128,6 +128,19 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
+def start_session(live: Live) -> subprocess.CompletedProcess[str]:
+    """`cryomae session start` of the test session's folder (it must succeed)."""
+    return ok(
+        cli(live, "session", "start", "--project", PROJECT, "--session", SESSION, "--folder", str(live.session_folder))
+    )
+
+
+def add_exemplars(live: Live, exemplars: Path) -> subprocess.CompletedProcess[str]:
+    """`cryomae exemplars add` of the dataset's first micrograph with these exemplars (it must succeed)."""
+    args = ["--project", PROJECT, "--micrograph", str(live.dataset.micrographs[0]), "--coords", str(exemplars)]
+    return ok(cli(live, "exemplars", "add", *args))
+
+
 def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(ok(result).stdout)
 
@@ -308,19 +321,7 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         created = ok(cli(live, "project", "create", PROJECT, *tiny_project_args()))
         assert f"project {PROJECT}" in created.stdout
         assert ProjectStore(live.root / "store").get_project(PROJECT).diameter == DIAMETER
-        started = ok(
-            cli(
-                live,
-                "session",
-                "start",
-                "--project",
-                PROJECT,
-                "--session",
-                SESSION,
-                "--folder",
-                str(live.session_folder),
-            )
-        )
+        started = start_session(live)
         assert f"watching {resolved(live.session_folder)} as {PROJECT}/{SESSION}" in started.stdout
         # the second session through the same inbox, without paying for another process
         ops.session_start(
@@ -330,19 +331,7 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
 
         dropped = [live.drop(i) for i in range(6)]
         wait_until(alive_while([run], lambda: seen(live) == 6), what="6 micrographs seen")
-        added = ok(
-            cli(
-                live,
-                "exemplars",
-                "add",
-                "--project",
-                PROJECT,
-                "--micrograph",
-                str(live.dataset.micrographs[0]),
-                "--coords",
-                str(exemplars),
-            )
-        )
+        added = add_exemplars(live, exemplars)
         assert "15 exemplars" in added.stdout and "training requested" in added.stdout
         wait_until(alive_while([run], lambda: picked(live) == 6), what="6 micrographs picked")
         assert {e.micrograph for e in outputs(live).micrographs()} == {resolved(p) for p in dropped}
@@ -458,19 +447,7 @@ def test_one_process_mode_recovers_parked_micrographs_after_kill_9(mem: Live, tm
     exemplars = live.dataset.exemplars(tmp_path / "exemplars.star")
     with service(live, "run", log_name="run-2") as second:
         # the exemplars are registered while the new process starts (their training request waits in the inbox)
-        ok(
-            cli(
-                live,
-                "exemplars",
-                "add",
-                "--project",
-                PROJECT,
-                "--micrograph",
-                str(live.dataset.micrographs[0]),
-                "--coords",
-                str(exemplars),
-            )
-        )
+        add_exemplars(live, exemplars)
         wait_until(alive_while([second], lambda: picked(live) == 5), what="the 5 micrographs picked after restart")
         wait_until(alive_while([second], lambda: consistent(live)), what="consistent outputs")
         assert second.sigterm() == 0, second.tail()
@@ -619,35 +596,11 @@ def test_services_as_processes_over_rabbitmq(rabbit: Live, tmp_path: Path) -> No
         services = [stack.enter_context(service(live, "service", name, log_name=name)) for name in names]
         live.create_project()  # `cryomae project create` is exercised in the one-process test
         # published straight to RabbitMQ (the queue is declared if the watcher has not done it yet)
-        ok(
-            cli(
-                live,
-                "session",
-                "start",
-                "--project",
-                PROJECT,
-                "--session",
-                SESSION,
-                "--folder",
-                str(live.session_folder),
-            )
-        )
+        start_session(live)
         wait_until(alive_while(services, lambda: watched(live) == {SESSION}), what="session watched")
         dropped = [live.drop(i) for i in range(4)]
         wait_until(alive_while(services, lambda: seen(live) == 4), what="4 micrographs seen")
-        added = ok(
-            cli(
-                live,
-                "exemplars",
-                "add",
-                "--project",
-                PROJECT,
-                "--micrograph",
-                str(live.dataset.micrographs[0]),
-                "--coords",
-                str(exemplars),
-            )
-        )
+        added = add_exemplars(live, exemplars)
         assert "training requested (sent)" in added.stdout
         wait_until(alive_while(services, lambda: picked(live) == 4), what="4 micrographs picked")
         wait_until(alive_while(services, lambda: consistent(live)), what="consistent outputs")

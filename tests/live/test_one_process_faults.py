@@ -19,7 +19,7 @@ import pytest
 from cryomae.service.trainer import trainer_liveness
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import DIAMETER, PROJECT, TINY_TRAINING, Live, wait_until
-from tests.live.test_cli_ops import CRYOMAE, STOP_TIMEOUT, alive_while, cli, mem, ok, ok_json, service
+from tests.live.test_cli_ops import CRYOMAE, STOP_TIMEOUT, add_exemplars, alive_while, cli, mem, ok, ok_json, service
 
 __all__ = ["mem"]  # the fixture, imported for pytest
 
@@ -73,19 +73,7 @@ def test_training_survives_kill_9_and_ctrl_c_of_the_one_process_mode(mem: Live, 
 
     # 1. kill -9 in the middle of a training
     with service(live, "run", log_name="run-1") as first:
-        ok(
-            cli(
-                live,
-                "exemplars",
-                "add",
-                "--project",
-                PROJECT,
-                "--micrograph",
-                str(live.dataset.micrographs[0]),
-                "--coords",
-                str(exemplars),
-            )
-        )
+        add_exemplars(live, exemplars)
         wait_until(alive_while([first], lambda: _training_state(store) == "training"), what="training started")
         wait_until(
             alive_while([first], lambda: any(t["alive"] for t in trainer_liveness(live.root / "store"))),

@@ -12,7 +12,7 @@ import pytest
 from cryomae.service.trainer import trainer_liveness
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import DIAMETER, PROJECT, TINY_TRAINING, Live, wait_until
-from tests.live.test_cli_ops import alive_while, cli, ok, ok_json, rabbit, service
+from tests.live.test_cli_ops import add_exemplars, alive_while, cli, ok, ok_json, rabbit, service
 from tests.live.test_one_process_faults import SLOW_TRAINING
 
 __all__ = ["rabbit"]  # the fixture, imported for pytest
@@ -30,19 +30,7 @@ def test_status_shows_a_dead_trainer_and_its_queued_request(rabbit: Live, tmp_pa
     exemplars = live.dataset.exemplars(tmp_path / "exemplars.star")
 
     with service(live, "service", "trainer", log_name="trainer-1") as trainer:
-        ok(
-            cli(
-                live,
-                "exemplars",
-                "add",
-                "--project",
-                PROJECT,
-                "--micrograph",
-                str(live.dataset.micrographs[0]),
-                "--coords",
-                str(exemplars),
-            )
-        )
+        add_exemplars(live, exemplars)
         wait_until(
             alive_while([trainer], lambda: (store.training_status(PROJECT) or {}).get("state") == "training"),
             what="training started",

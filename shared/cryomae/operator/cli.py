@@ -496,33 +496,32 @@ def _add_live_parsers(sub: Any) -> None:
     elist = enc.add_parser("list", parents=[common, js], help="the facility encoders in the store")
     elist.set_defaults(func=cmd_encoder_list)
 
-    s = sub.add_parser(
-        "service",
-        parents=[common],
-        help="run one live service (needs RabbitMQ)",
-        description="Run one service until SIGTERM/SIGINT; exits 1 when it fails for good (its supervisor "
-        "restarts it), 3 when the broker stays unreachable at start-up.",
-    )
-    s.add_argument("name", choices=SERVICES)
-    s.add_argument("--log-file", type=Path, metavar="FILE", help="write the log to FILE (or CRYOMAE_LOG_FILE)")
-    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    s.set_defaults(func=cmd_service)
-
-    r = sub.add_parser(
-        "run",
-        parents=[common],
-        help="run watcher, picker, writer and trainer in one process (in-memory broker by default)",
-        description="The single-workstation mode. Operator commands (`cryomae session start`, `exemplars add`, "
-        "`status`, ...) reach it through the state folder when the broker is memory://.",
-    )
-    r.add_argument("--services", nargs="+", choices=SERVICES, default=list(SERVICES), help="subset to run")
-    r.add_argument(
+    process = argparse.ArgumentParser(add_help=False)  # what a long-running process takes besides the settings
+    process.add_argument(
         "--log-file",
         type=Path,
         metavar="FILE",
         help="write the log to FILE (appended, rotated at 50 MB, 5 kept) instead of the terminal (or CRYOMAE_LOG_FILE)",
     )
-    r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    process.add_argument("--device", help="auto (default), cpu, cuda or cuda:N (or CRYOMAE_DEVICE)")
+    s = sub.add_parser(
+        "service",
+        parents=[common, process],
+        help="run one live service (needs RabbitMQ)",
+        description="Run one service until SIGTERM/SIGINT; exits 1 when it fails for good (its supervisor "
+        "restarts it), 3 when the broker stays unreachable at start-up.",
+    )
+    s.add_argument("name", choices=SERVICES)
+    s.set_defaults(func=cmd_service)
+
+    r = sub.add_parser(
+        "run",
+        parents=[common, process],
+        help="run watcher, picker, writer and trainer in one process (in-memory broker by default)",
+        description="The single-workstation mode. Operator commands (`cryomae session start`, `exemplars add`, "
+        "`status`, ...) reach it through the state folder when the broker is memory://.",
+    )
+    r.add_argument("--services", nargs="+", choices=SERVICES, default=list(SERVICES), help="subset to run")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser(
@@ -760,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR1 PID` writes every thread's stack to stderr: what a stuck process is waiting for
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    if sys.__stderr__ is not None:  # the process's own stderr, also while a caller captures sys.stderr
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
