@@ -1,4 +1,5 @@
-"""What the operator CLI does, as functions returning plain data (the CLI prints it for people or as JSON).
+"""What the operator CLI does, as functions returning typed results (TypedDicts: the CLI prints them for people, or
+as they are with ``--json``).
 
 Every function takes the ``Settings`` and, where it sends or reports on messages, a ``Control``
 (``cryomae.operator.control``): RabbitMQ directly, or the inbox of the ``cryomae run`` process.
