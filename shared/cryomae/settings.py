@@ -18,10 +18,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cryomae.config import PickConfig, TrainConfig
+from cryomae.config import PickConfig, TrainConfig, WatchSettings, WatchTuning
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.messaging import redact_url
-from cryomae.watching.settings import WatchSettings, WatchTuning
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets/cryomae")
 SECRET_MASK = "********"  # what `cryomae config show` prints for a secret

@@ -26,11 +26,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cryomae.config import PickConfig, TrainConfig
+from cryomae.config import PickConfig, TrainConfig, WatchTuning
 from cryomae.messaging import topology
 from cryomae.operator import cli
 from cryomae.settings import Settings, load_settings
-from cryomae.watching.settings import WatchTuning
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cryomae"

@@ -6,9 +6,9 @@ ledger of published files and watched sessions (``ledger``), the filesystem type
 (``filesystems``), the inotify watch (``inotify``) and session folders and reports (``sessions``).
 """
 
+from cryomae.config import WatchMode, WatchSettings, WatchTuning
 from cryomae.watching.filesystems import Mount, parse_mountinfo, parse_mounts, read_mounts
 from cryomae.watching.sessions import SessionInfo, SessionStats, check_folder
-from cryomae.watching.settings import WatchMode, WatchSettings, WatchTuning
 from cryomae.watching.watcher import Publish, Watcher
 
 __all__ = [

@@ -38,6 +38,7 @@ from types import TracebackType
 import structlog
 from watchdog.observers import Observer
 
+from cryomae.config import WatchSettings
 from cryomae.errors import InputError, TransientError
 from cryomae.messages import MicrographReady, SessionCommand, check_name
 from cryomae.watching.candidates import check_pattern, is_candidate, list_candidates
@@ -46,7 +47,6 @@ from cryomae.watching.filesystems import Mount, mount_of, needs_polling, read_mo
 from cryomae.watching.inotify import ObserverFactory, stop_observer, watch_folder
 from cryomae.watching.ledger import Ledger, Publication, SessionRecord
 from cryomae.watching.sessions import Mode, SessionInfo, SessionStats, WatchedSession, check_folder
-from cryomae.watching.settings import WatchSettings
 
 log = structlog.get_logger("cryomae.watcher")
 
