@@ -240,6 +240,13 @@ def plot(results: dict[str, list[Row]], out: Path) -> None:
     plt.close(fig)
 
 
+def count_error(row: Row) -> float | None:
+    """Median over the queries of |picks - truth| / truth per micrograph (None where the row has no counts)."""
+    pairs = [(m.get("n_picks"), m.get("n_truth")) for m in row.per_micrograph]
+    errors = [abs(p - t) / max(t, 1) for p, t in pairs if p is not None and t is not None]
+    return float(np.median(errors)) if errors else None
+
+
 def _f(v: float | None, d: int = 3) -> str:
     return "—" if v is None else f"{v:.{d}f}"
 
@@ -266,7 +273,9 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
         "the queries. **F1** at the picker's own threshold (cryomae: its automatic per-micrograph cutoff; Topaz: "
         "score 0, i.e. p = 0.5; DoG: the threshold calibrated on the exemplars), **AP** over the picker's whole "
         "ranking, **oracle F1**: the best F1 over one global threshold chosen with the ground truth (an upper "
-        "bound, not a result). **s / micrograph**: reading plus picking (Topaz: its preprocessing plus "
+        "bound, not a result). **candidate recall** (cryomae): the share of true particles some candidate "
+        "matches before any cutoff; **count error**: the median over the queries of |picks - truth| / truth. "
+        "**s / micrograph**: reading plus picking (Topaz: its preprocessing plus "
         "extraction), mean over the queries, on this machine; **train s**: training from the 15 exemplars.",
         "",
     ]
@@ -279,8 +288,9 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
             f"Particle diameter {s.diameter:g} px; reference {s.reference.name}; {len(s.queries)} queries, "
             f"{s.n_truth:,} ground-truth particles.",
             "",
-            "| picker | F1 | precision | recall | AP | oracle F1 | s / micrograph | train s | picks |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| picker | F1 | precision | recall | AP | oracle F1 | candidate recall | count error | s / micrograph "
+            "| train s | picks |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         reused = sorted({str(r.details["reused_from"]) for r in rows if r.details.get("reused_from")})
         for r in rows:
@@ -288,7 +298,8 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
             mark = " †" if r.details.get("reused_from") else ""
             lines.append(
                 f"| {r.picker}{mark} | **{r.f1:.3f}** | {r.precision:.3f} | {r.recall:.3f} | {_f(r.ap)} | "
-                f"{_f(oracle)} | {r.pick_s_per_micrograph:.2f} | {_f(r.train_s, 1)} | {r.n_picks:,} |"
+                f"{_f(oracle)} | {_f(r.details.get('candidate_recall'))} | {_f(count_error(r), 2)} | "
+                f"{r.pick_s_per_micrograph:.2f} | {_f(r.train_s, 1)} | {r.n_picks:,} |"
             )
             summary.setdefault(r.picker, {})[name] = r
         lines.append("")
@@ -335,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run Topaz even when an identical earlier run's result is cached (same code, settings, inputs, machine)",
     )
     p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report and plot again from a saved run's JSON (nothing is run; e.g. after a report change)",
+    )
     return p
 
 
@@ -398,11 +415,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_again(args: argparse.Namespace) -> int:
+    """The report and plot of a saved run (``--from-json``), with today's report code."""
+    saved = json.loads(args.from_json.read_text())
+    available = {d.name: d for d in discover_datasets(args.data_root.resolve())}
+    results = {name: [Row(**r) for r in rows] for name, rows in saved["results"].items()}
+    splits = {name: few_shot_split(available[name], saved["meta"].get("max_queries")) for name in results}
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_name(out.stem + "-f1-time.png")
+    plot(results, png)
+    previous = out.read_text() if out.is_file() else ""
+    out.write_text(gpu_report.keep_section(markdown(saved["meta"], results, splits, png), previous))
+    if args.from_json.resolve() != out.with_suffix(".json").resolve():
+        out.with_suffix(".json").write_text(args.from_json.read_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("INFO" if args.verbose else "WARNING")
     try:
-        return run(args)
+        return report_again(args) if args.from_json else run(args)
     except (BenchmarkError, CryomaeError, pydantic.ValidationError, topaz_runner.TopazError) as exc:
         print(f"compare.py: error: {exc}", file=sys.stderr)
         return 1
