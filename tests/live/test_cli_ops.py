@@ -333,9 +333,11 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         wait_until(alive_while([run], lambda: seen(live) == 6), what="6 micrographs seen")
         added = add_exemplars(live, exemplars)
         assert "15 exemplars" in added.stdout and "training requested" in added.stdout
-        wait_until(alive_while([run], lambda: picked(live) == 6), what="6 micrographs picked")
+        # the writer records a micrograph's state before its STAR rows (crash safety): wait for both
+        wait_until(
+            alive_while([run], lambda: picked(live) == 6 and consistent(live)), what="6 micrographs picked and written"
+        )
         assert {e.micrograph for e in outputs(live).micrographs()} == {resolved(p) for p in dropped}
-        assert consistent(live)
         rows_before = particle_rows(live)
         assert len(rows_before) > 0
 
