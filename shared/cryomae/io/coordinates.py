@@ -259,7 +259,7 @@ def check_inside(coords: Coordinates, shape: tuple[int, int], path: str | Path) 
         )
 
 
-# ---------------------------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------------------------------------- exemplars
 
 
 RECOMMENDED_EXEMPLARS = 15  # the few-shot protocol's count: the accuracy figures are measured with it

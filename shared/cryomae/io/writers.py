@@ -64,12 +64,17 @@ def _star_value(path: Path, value: object, column: str) -> str:
     raise ValueError(f"column {column}: cannot write {type(value).__name__} value {value!r} to STAR")
 
 
+def _star_header(block: str, columns: Sequence[str]) -> str:
+    """The start of a STAR data block holding one loop, up to its last column label (rows follow it)."""
+    return f"# written by cryomae\n\ndata_{block}\n\nloop_\n" + "".join(
+        f"_{c} #{k}\n" for k, c in enumerate(columns, 1)
+    )
+
+
 def _star_loop(block: str, columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     """STAR text of one data block holding one loop; ``cells`` is column-major (one list per column)."""
-    lines = ["# written by cryomae", "", f"data_{block}", "", "loop_"]
-    lines += [f"_{c} #{k}" for k, c in enumerate(columns, 1)]
-    lines += ["\t".join(row) for row in zip(*cells, strict=True)]
-    return "\n".join(lines) + "\n\n"
+    rows = "".join("\t".join(row) + "\n" for row in zip(*cells, strict=True))
+    return _star_header(block, columns) + rows + "\n"
 
 
 def _write_text(path: str | Path, text: str) -> None:
@@ -188,9 +193,7 @@ def write_particles_star(
 
 def session_particles_header() -> str:
     """The header of a session's ``particles.star`` (``SESSION_PARTICLE_COLUMNS``); rows are appended below it."""
-    return "# written by cryomae\n\ndata_particles\n\nloop_\n" + "".join(
-        f"_{c} #{k}\n" for k, c in enumerate(SESSION_PARTICLE_COLUMNS, 1)
-    )
+    return _star_header("particles", SESSION_PARTICLE_COLUMNS)
 
 
 def session_particles_rows(name: str, version: str, x: np.ndarray, y: np.ndarray, scores: np.ndarray) -> str:

@@ -60,13 +60,18 @@ DEATH_HEADERS = frozenset(
 Action = Literal["ack", "requeue", "dead_letter"]
 
 
+def retryable(exc: BaseException) -> bool:
+    """A ``TransientError`` or an exception that is not ours is retried; any other ``CryomaeError`` is bad input."""
+    return isinstance(exc, TransientError) or not isinstance(exc, CryomaeError)
+
+
 def fate(exc: BaseException | None, delivery_count: int) -> Action:
     """The rule: no exception, acknowledge; a ``CryomaeError`` that is not a ``TransientError`` (bad input),
     dead-letter now; a ``TransientError`` or any other exception, requeue, unless this was delivery number
     ``DELIVERY_LIMIT`` (``delivery_count`` counts the earlier ones), then dead-letter."""
     if exc is None:
         return "ack"
-    if isinstance(exc, TransientError) or not isinstance(exc, CryomaeError):
+    if retryable(exc):
         return "dead_letter" if delivery_count + 1 >= DELIVERY_LIMIT else "requeue"
     return "dead_letter"
 
@@ -94,8 +99,7 @@ def judge(handler: Handler, envelope: Envelope) -> Outcome:
         if action == "requeue":
             log.warning("message requeued", queue=envelope.queue, deliveries=deliveries, error=shorten(error))
             return Outcome("requeue", shorten(error))
-        retried = isinstance(exc, TransientError) or not ours
-        suffix = f" (gave up after {deliveries} deliveries)" if retried else ""
+        suffix = f" (gave up after {deliveries} deliveries)" if retryable(exc) else ""
         reason = shorten(error, REASON_CHARS - len(suffix)) + suffix
         log.warning("message dead-lettered", queue=envelope.queue, reason=reason)
         return Outcome("dead_letter", reason)

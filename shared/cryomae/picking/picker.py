@@ -436,15 +436,19 @@ def _cutoff(scores: np.ndarray, cfg: PickConfig, session: SessionCutoff | None =
         return cfg.threshold, "fixed"
     if len(scores) == 0:
         return math.inf, cfg.threshold
-    rules: dict[str, Callable[[], tuple[float, str]]] = {
-        "auto": lambda: (session or session_cutoff(cfg)).cut(scores),
-        "gmm": lambda: (gmm_cutoff(scores, cfg.gmm_posterior), "gmm"),
-        "robust": lambda: (robust_cutoff(scores, cfg.robust_z), "robust"),
-        "otsu": lambda: (otsu_cutoff(scores), "otsu"),
-        "knn": lambda: (knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth), "knn"),
-    }
-    assert set(rules) == set(THRESHOLD_RULES), "every registered threshold rule has a cutoff here"
-    return rules[cfg.threshold]()
+    return _CUTOFF_RULES[cfg.threshold](scores, cfg, session)
+
+
+# each registered threshold rule (picking.threshold.THRESHOLD_RULES): its cutoff and the rule that set it
+_CUTOFF_RULES: dict[str, Callable[[np.ndarray, PickConfig, SessionCutoff | None], tuple[float, str]]] = {
+    "auto": lambda scores, cfg, session: (session or session_cutoff(cfg)).cut(scores),
+    "gmm": lambda scores, cfg, _: (gmm_cutoff(scores, cfg.gmm_posterior), "gmm"),
+    "robust": lambda scores, cfg, _: (robust_cutoff(scores, cfg.robust_z), "robust"),
+    "otsu": lambda scores, _cfg, _: (otsu_cutoff(scores), "otsu"),
+    "knn": lambda scores, cfg, _: (knn_cutoff(scores, k=cfg.knn_k, smooth=cfg.knn_smooth), "knn"),
+}
+if set(_CUTOFF_RULES) != set(THRESHOLD_RULES):  # checked once, at import
+    raise ImportError(f"threshold rules without a cutoff: {set(THRESHOLD_RULES) ^ set(_CUTOFF_RULES)}")
 
 
 def session_cutoff(cfg: PickConfig, trained: TrainedModel | None = None) -> SessionCutoff:
