@@ -23,6 +23,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -171,6 +172,20 @@ def decode(body: bytes | str, source: str = "message") -> Message:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise InputError(None, f"{source}: invalid message ({problems})") from None
     return message
+
+
+def micrographs_by_session(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
+    """How many of ``bodies`` are MicrographReady messages, by (project, session); others and damaged ones are
+    skipped. (Counted over a dead-letter queue: the session's failed micrographs.)"""
+    counts: dict[tuple[str, str], int] = {}
+    for body in bodies:
+        try:
+            msg = decode(body)
+        except InputError:
+            continue
+        if isinstance(msg, MicrographReady):
+            counts[(msg.project, msg.session)] = counts.get((msg.project, msg.session), 0) + 1
+    return counts
 
 
 def valid_name(value: str) -> bool:

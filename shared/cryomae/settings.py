@@ -36,6 +36,15 @@ class BrokerSettings(BaseModel):
     heartbeat: int = Field(30, ge=0, description="AMQP heartbeat, seconds")
 
 
+class GallerySettings(BaseModel):
+    """The session page the writer keeps beside each session's STAR files (``OUTPUTS/<project>/<session>/gallery``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="write the session gallery (pictures and page) as micrographs are picked")
+    size: int = Field(512, ge=64, le=2048, description="longer side of each micrograph's picture, in pixels")
+
+
 class Settings(BaseSettings):
     """Everything a service or the operator CLI needs."""
 
@@ -59,6 +68,7 @@ class Settings(BaseSettings):
         "(empty: the current folder only)",
     )
     watch: WatchTuning = Field(default_factory=WatchTuning)
+    gallery: GallerySettings = Field(default_factory=GallerySettings)
     pick: PickConfig = Field(default_factory=PickConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field(

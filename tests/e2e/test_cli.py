@@ -541,7 +541,7 @@ OPTIONS = {
         "--json",
     ],
     "evaluate": ["--picks", "--truth", "--diameter", "--iou", "--json"],
-    "preview": ["micrograph", "--picks", "--truth", "--out", "--diameter"],
+    "preview": ["micrograph", "--picks", "--truth", "--out", "--diameter", "--size", "--no-legend"],
     "example": ["--out", "--preset", "--seed"],
 }
 

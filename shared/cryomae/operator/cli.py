@@ -131,7 +131,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from cryomae.operator.workflows import preview_file
 
-    out = preview_file(args.micrograph, args.picks, args.out, args.truth, args.diameter)
+    out = preview_file(
+        args.micrograph, args.picks, args.out, args.truth, args.diameter, size=args.size, legend=not args.no_legend
+    )
     print(f"preview written to {out}")
     return 0
 
@@ -732,12 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "preview",
         help="draw picks (and ground truth) on a low-pass filtered micrograph",
-        description="Picks are yellow circles of the particle diameter, ground truth green.",
+        description="Circles of the particle diameter: picks yellow, candidates just below the cutoff sky blue (for "
+        "the picks of `cryomae pick`, read from its candidates/ folder), ground truth bluish green; a legend counts "
+        "each. The same pictures as the session gallery.",
     )
     v.add_argument("micrograph", type=Path, help="the micrograph to draw on")
     v.add_argument("--picks", type=Path, required=True, help="coordinate file (.star, .box or .csv)")
     v.add_argument("--truth", type=Path, help="ground-truth coordinate file")
-    v.add_argument("--out", type=Path, required=True, help="PNG to write")
+    v.add_argument("--out", type=Path, required=True, help="picture to write: PNG, or JPEG for .jpg")
+    v.add_argument("--size", type=int, default=1024, help="longer side of the picture in pixels (default 1024)")
+    v.add_argument("--no-legend", action="store_true", help="leave out the key of colours and counts")
     v.add_argument(
         "--diameter", type=float, help="particle diameter in pixels (default: read from pick_run.json beside the picks)"
     )

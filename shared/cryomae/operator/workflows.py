@@ -180,23 +180,41 @@ def evaluate_dirs(picks: Path, truth: Path, diameter: float, iou: float = 0.5) -
 
 
 def preview_file(
-    micrograph: Path, picks: Path, out: Path, truth: Path | None = None, diameter: float | None = None
+    micrograph: Path,
+    picks: Path,
+    out: Path,
+    truth: Path | None = None,
+    diameter: float | None = None,
+    size: int = 1024,
+    legend: bool = True,
 ) -> Path:
-    """Draw a pick file (and ground truth) on a micrograph; diameter from pick_run.json when not given."""
-    from cryomae.preview import render_preview
+    """Draw a pick file (and ground truth) on a micrograph; diameter from pick_run.json when not given.
+
+    For the picks of ``cryomae pick`` (pick_run.json beside them), the micrograph's candidates just below its
+    cutoff are drawn too, in the rejected colour.
+    """
+    from cryomae.gallery.render import near_cutoff, render_preview
 
     for path, what in ((micrograph, "micrograph"), (picks, "pick file"), (truth, "ground-truth file")):
         if path is not None and not Path(path).is_file():
             raise InputError(path, f"{what} not found")
+    run_file = picks.parent / RUN_FILE
+    run: dict[str, Any] = json.loads(run_file.read_text()) if run_file.is_file() else {}
     if diameter is None:
-        run = picks.parent / RUN_FILE
-        if not run.is_file():
+        if not run:
             raise InputError(picks, f"give --diameter (no {RUN_FILE} beside the picks to read it from)")
-        diameter = float(json.loads(run.read_text())["diameter"])
+        diameter = float(run["diameter"])
     mic = read_micrograph(micrograph)
-    p = read_coordinates(picks)
+    kept = read_coordinates(picks).xy
     t = read_coordinates(truth).xy if truth is not None else None
-    return render_preview(mic.data, p.xy, diameter, out, truth_xy=t)
+    rejected = None
+    row = next((r for r in run.get("micrographs", []) if Path(r["micrograph"]).name == micrograph.name), None)
+    candidates = picks.parent / CANDIDATES_DIR / f"{micrograph.stem}_candidates.star"
+    if row is not None and candidates.is_file():
+        c = read_coordinates(candidates)
+        if c.scores is not None:
+            rejected = c.xy[near_cutoff(c.scores, float(row["threshold"]))]
+    return render_preview(mic.data, kept, diameter, out, truth_xy=t, max_size=size, rejected_xy=rejected, legend=legend)
 
 
 def make_example_data(out: Path, n_micrographs: int = 4, seed: int = 0, diameter: float = 24.0) -> list[Path]:

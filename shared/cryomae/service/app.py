@@ -26,6 +26,7 @@ from cryomae.errors import ConfigError, CryomaeError, TransientError
 from cryomae.messaging import Broker, open_broker, redact_url, topology
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
+from cryomae.service.gallery import GalleryWorker, SessionTally
 from cryomae.service.handling import get_logger
 from cryomae.service.inbox import Inbox
 from cryomae.service.metrics import HealthServer, register_gpu_metrics
@@ -89,7 +90,13 @@ class App:
     def _build(self, name: str) -> Service:
         s = self.settings
         if name == "writer":
-            return Writer(self.broker, s.outputs, store=self.store, roots=s.roots())
+            gallery = None
+            if s.gallery.enabled:
+                tally = SessionTally(self.broker, s.state)
+                gallery = GalleryWorker(
+                    size=s.gallery.size, max_pixels=s.max_micrograph_pixels, roots=s.roots(), tally=tally
+                )
+            return Writer(self.broker, s.outputs, store=self.store, roots=s.roots(), gallery=gallery)
         if name == "trainer":
             return Trainer(
                 self.broker, self.store, s.train, s.device, max_pixels=s.max_micrograph_pixels, roots=s.roots()

@@ -7,6 +7,9 @@ The writer trusts no message: before it creates anything it checks that the proj
 that the picks come from one of the project's published model versions, and that the micrograph (resolved, so a
 symlink is followed) is an existing regular file inside the data roots (the names were checked at decoding); a
 re-threshold needs the session's outputs to exist. What fails is dead-lettered (InputError) with the reason.
+
+With a ``GalleryWorker`` each session's page (``<session>/gallery/index.html``) follows its STAR files, drawn in
+the worker's thread after the STAR files are written (``cryomae.service.gallery``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cryomae.messages import PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.service import metrics
+from cryomae.service.gallery import GalleryWorker
 from cryomae.service.handling import get_logger, handling
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
@@ -32,8 +36,17 @@ log = get_logger("writer")
 class Writer:
     """Applies picks and threshold changes to per-session outputs under ``outputs/<project>/<session>``."""
 
-    def __init__(self, broker: Broker, outputs: Path, *, store: ProjectStore, roots: Sequence[Path]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        outputs: Path,
+        *,
+        store: ProjectStore,
+        roots: Sequence[Path],
+        gallery: GalleryWorker | None = None,
+    ) -> None:
         self.broker = broker
+        self.gallery = gallery  # keeps each session's page in step, in its own thread (None: no gallery)
         self.outputs = outputs
         self.store = store  # read only: which projects and model versions exist
         self.roots = [Path(r).resolve() for r in roots]  # the data roots the micrographs must lie in
@@ -82,27 +95,35 @@ class Writer:
             self.check(msg)  # before anything is created for it
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
-                changed = self.session(msg.project, msg.session).apply_rethreshold(
-                    msg.project, msg.session, msg.threshold
-                )
+                outputs = self.session(msg.project, msg.session)
+                changed = outputs.apply_rethreshold(msg.project, msg.session, msg.threshold)
                 out.update(micrographs_changed=changed.micrographs_changed, particles=changed.particles)
+                if self.gallery is not None:
+                    self.gallery.rethresholded(outputs)
                 return
             assert isinstance(msg, PicksReady)
             out.update(micrograph=msg.micrograph, model_version=msg.model_version)
-            result = self.session(msg.project, msg.session).apply(msg)
+            outputs = self.session(msg.project, msg.session)
+            result = outputs.apply(msg)
             out.update(result=result.outcome, rows=result.rows, latency_s=round(result.latency_s, 3))
+            if self.gallery is not None and result.outcome in ("new", "replaced"):
+                self.gallery.picked(outputs, msg.micrograph)
             metrics.MICROGRAPHS_WRITTEN.labels(msg.project, result.outcome).inc()
             if result.outcome == "new":
                 metrics.PARTICLES_WRITTEN.labels(msg.project).inc(result.rows)
                 metrics.LATENCY.observe(result.latency_s)
 
     def start(self) -> None:
+        if self.gallery is not None:
+            self.gallery.start()
         self._consumer = self.broker.consume(topology.PICKS, self.handle, prefetch=1)
         log.info("writer_started", outputs=str(self.outputs))
 
     def stop(self, timeout: float | None = None) -> None:
         if self._consumer is not None:
             self._consumer.stop(timeout)
+        if self.gallery is not None:
+            self.gallery.stop(timeout)  # finishes the pictures of what was written
 
     def ready(self) -> dict[str, Any]:
         return {"broker": self.broker.connected, "consumer": self._consumer is not None and self._consumer.running}

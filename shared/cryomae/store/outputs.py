@@ -176,6 +176,19 @@ class MicrographEntry:
     complete_at: float  # when the watcher judged the file complete
     picked_at: float
     applied_at: float  # when its rows were written: latency = applied_at - complete_at
+    key: str = ""  # names its files: coordinates/<key>_autopick.star, the gallery's images
+    diameter: float = 0.0  # particle diameter in pixels, as the picker sent it
+    shape: tuple[int, int] = (0, 0)  # micrograph (rows, columns)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Every candidate of one micrograph (original pixels, x = column) with its score; ``cutoff`` in force."""
+
+    x: np.ndarray  # [N] float64
+    y: np.ndarray  # [N]
+    scores: np.ndarray  # [N]
+    cutoff: float
 
 
 @dataclass(frozen=True)
@@ -374,23 +387,42 @@ class SessionOutputs:
     def micrographs(self) -> list[MicrographEntry]:
         """Every micrograph of the session in arrival order."""
         with self._lock:
-            return [
-                MicrographEntry(
-                    micrograph=r.micrograph,
-                    name=self._name(r.micrograph),
-                    coordinate_file=self._coordinate_file(r),
-                    particles=self._rows[r.micrograph],
-                    candidates=len(r.scores),
-                    threshold=self._cutoff(r),
-                    picker_threshold=r.threshold,
-                    model_version=r.model_version,
-                    message_id=r.message_id,
-                    complete_at=r.complete_at,
-                    picked_at=r.picked_at,
-                    applied_at=r.applied_at,
-                )
-                for r in self._records.values()
-            ]
+            return [self._entry(r) for r in self._records.values()]
+
+    def entry(self, micrograph: str) -> MicrographEntry:
+        """One micrograph of the session (KeyError when it has none here)."""
+        with self._lock:
+            return self._entry(self._records[micrograph])
+
+    @property
+    def owner(self) -> tuple[str, str] | None:
+        """(project, session) of the messages written here; None before the first."""
+        return self._owner
+
+    def _entry(self, r: _Record) -> MicrographEntry:
+        return MicrographEntry(
+            micrograph=r.micrograph,
+            name=self._name(r.micrograph),
+            coordinate_file=self._coordinate_file(r),
+            particles=self._rows[r.micrograph],
+            candidates=len(r.scores),
+            threshold=self._cutoff(r),
+            picker_threshold=r.threshold,
+            model_version=r.model_version,
+            message_id=r.message_id,
+            complete_at=r.complete_at,
+            picked_at=r.picked_at,
+            applied_at=r.applied_at,
+            key=r.key,
+            diameter=r.diameter,
+            shape=r.shape,
+        )
+
+    def candidates(self, micrograph: str) -> Candidates:
+        """All candidates of a micrograph of this session (KeyError when it has none here)."""
+        with self._lock:
+            r = self._records[micrograph]
+            return Candidates(r.x, r.y, r.scores, self._cutoff(r))
 
     def rebuild(self) -> SessionCounts:
         """Rewrite every STAR file of the session from the stored state."""

@@ -1,0 +1,193 @@
+"""The writer's gallery thread: keeps each session's page (``cryomae.gallery.page``) in step with its STAR files.
+
+The writer hands over what changed (``picked``, ``rethresholded``) and goes on at once: reading a micrograph and
+drawing its pictures happen here, in a thread of its own, so the STAR files are never held up by them and the
+writer's throughput is the same with the gallery on. Work for the same micrograph coalesces; the page's index is
+written once per batch, so a backlog costs one index write, not one per micrograph.
+
+Nothing here can break the outputs: the gallery writes only under ``<session>/gallery``, and a micrograph that
+cannot be read (moved, truncated, outside the data roots now) gets an entry that says so instead of a picture.
+A session first seen by this process is checked for micrographs without their gallery files (a crash between
+the STAR files and the pictures), and those are drawn then.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryomae.errors import InputError
+from cryomae.gallery.page import SessionGallery, Tally
+from cryomae.io.micrographs import read_micrograph
+from cryomae.io.roots import inside_roots
+from cryomae.messages import micrographs_by_session
+from cryomae.messaging import topology
+from cryomae.messaging.base import Broker
+from cryomae.service.handling import get_logger
+from cryomae.service.watcher import WATCHER_STATE
+from cryomae.store.outputs import SessionOutputs
+from cryomae.watching.ledger import read_ledger
+
+log = get_logger("gallery")
+
+TallySource = Callable[[str, str], Tally]
+DEAD_LETTERS_COUNTED = 10_000  # dead letters read to count a session's failed micrographs
+FAILED_RECOUNT_S = 30.0  # how long a count of dead letters is reused
+
+
+@dataclass
+class _Work:
+    outputs: SessionOutputs
+    micrographs: dict[str, None] = field(default_factory=dict)  # ordered set
+    redraw: bool = False
+
+
+class GalleryWorker:
+    """Draws the galleries of the sessions the writer writes. ``size``: picture pixels; ``max_pixels``: the
+    largest micrograph read; ``roots``: the data roots a micrograph must still lie in; ``tally``: seen and failed
+    counts for the page's summary."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        max_pixels: int,
+        roots: Sequence[Path],
+        tally: TallySource | None = None,
+    ) -> None:
+        self.size = size
+        self.max_pixels = max_pixels
+        self.roots = [Path(r).resolve() for r in roots]
+        self.tally = tally
+        self._work: dict[Path, _Work] = {}
+        self._galleries: dict[Path, SessionGallery] = {}
+        self._busy = False
+        self._stopping = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ the writer's side
+
+    def _queue(self, outputs: SessionOutputs) -> _Work:
+        work = self._work.get(outputs.root)
+        if work is None:
+            work = self._work[outputs.root] = _Work(outputs)
+        return work
+
+    def picked(self, outputs: SessionOutputs, micrograph: str) -> None:
+        """A micrograph's picks were written (new or re-picked): draw it and write the index."""
+        with self._changed:
+            self._queue(outputs).micrographs[micrograph] = None
+            self._changed.notify_all()
+
+    def rethresholded(self, outputs: SessionOutputs, redraw: bool = True) -> None:
+        """The session's cutoff changed: draw every micrograph's picks again (``redraw``) and write the index."""
+        with self._changed:
+            work = self._queue(outputs)
+            work.redraw = work.redraw or redraw
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until everything handed over so far is on disk; False when ``timeout`` ran out first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._work and not self._busy, timeout)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gallery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the work handed over (within ``timeout``), then end the thread."""
+        self.wait_idle(timeout)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._work or self._stopping)
+                if self._stopping and not self._work:
+                    return
+                batch, self._work, self._busy = self._work, {}, True
+            try:
+                for root, work in batch.items():
+                    self._update(root, work)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+    def _update(self, root: Path, work: _Work) -> None:
+        started = time.monotonic()
+        try:
+            gallery = self._galleries.get(root)
+            if gallery is None:  # first seen by this process: also what a crash left undrawn
+                gallery = self._galleries[root] = SessionGallery(work.outputs, self.size)
+                work.micrographs.update(dict.fromkeys(gallery.missing()))
+            for micrograph in work.micrographs:
+                gallery.add(micrograph, self._pixels(micrograph))
+            if work.redraw:
+                gallery.redraw_picks()
+            gallery.write_index(self._tally(gallery))
+        except Exception as exc:  # noqa: BLE001 (the gallery never stops the writer; the STAR files are written)
+            log.error("gallery_failed", session=str(root), error=f"{type(exc).__name__}: {exc}")
+            return
+        log.debug(
+            "gallery_written",
+            session=str(root),
+            micrographs=len(work.micrographs),
+            redraw=work.redraw,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _pixels(self, micrograph: str) -> np.ndarray | None:
+        try:
+            path = inside_roots(micrograph, self.roots, "; the gallery reads micrographs only under them")
+            return read_micrograph(path, self.max_pixels).data
+        except (InputError, OSError) as exc:
+            log.warning("gallery_unreadable", micrograph=micrograph, error=str(exc))
+            return None
+
+    def _tally(self, gallery: SessionGallery) -> Tally | None:
+        if self.tally is None or gallery.outputs.owner is None:
+            return None
+        try:
+            return self.tally(*gallery.outputs.owner)
+        except Exception as exc:  # noqa: BLE001 (counts for a page: never worth failing it)
+            log.warning("gallery_tally_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+
+
+class SessionTally:
+    """Seen from the watcher's ledger (when it is in this state folder), failed from the micrographs' dead letters
+    (counted at most every ``FAILED_RECOUNT_S``)."""
+
+    def __init__(self, broker: Broker, state: Path) -> None:
+        self.broker = broker
+        self.state = state
+        self._failed: dict[tuple[str, str], int] = {}
+        self._counted_at = -float("inf")
+
+    def __call__(self, project: str, session: str) -> Tally:
+        _, summaries = read_ledger(self.state / WATCHER_STATE)
+        summary = summaries.get((project, session))
+        if time.monotonic() - self._counted_at > FAILED_RECOUNT_S:
+            self._failed = self._count_failed()
+            self._counted_at = time.monotonic()
+        return Tally(
+            seen=None if summary is None else summary.published, failed=self._failed.get((project, session), 0)
+        )
+
+    def _count_failed(self) -> dict[tuple[str, str], int]:
+        dead = self.broker.peek(topology.dead_letters(topology.MICROGRAPHS), DEAD_LETTERS_COUNTED)
+        return micrographs_by_session(env.body for env in dead)
