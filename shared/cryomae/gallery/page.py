@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -28,8 +29,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cryomae.errors import InputError
 from cryomae.gallery.render import NEAR_FRACTION, Thumbnail, draw, near_cutoff, save_image, thumbnail
 from cryomae.io.atomic import atomic_output
+from cryomae.io.micrographs import read_micrograph
+from cryomae.io.roots import inside_roots
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
 
 GALLERY_DIR = "gallery"
@@ -51,6 +55,16 @@ class Tally:
 
     seen: int | None = None
     failed: int | None = None
+
+
+def read_pixels(micrograph: str, roots: Sequence[Path], max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """A micrograph's pixels for its pictures, or (None, the problem) when it is outside the data roots now, gone,
+    too large or unreadable: the page then says it has no picture."""
+    try:
+        path = inside_roots(micrograph, roots, "; the gallery reads micrographs only under them")
+        return read_micrograph(path, max_pixels).data, None
+    except (InputError, OSError) as exc:
+        return None, str(exc)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -252,6 +252,28 @@ def session_outputs_dir(settings: Settings, project: str, session: str) -> Path:
     return settings.outputs / check_name(project, "project name") / check_name(session, "session name")
 
 
+def gallery_build(settings: Settings, project: str, session: str) -> dict[str, Any]:
+    """Draw a session's gallery again from its outputs (every picture, the candidates, the page), e.g. for a session
+    written before the gallery existed; the outputs are only read. A running writer may write beside it."""
+    from cryomae.gallery.page import SessionGallery, Tally, read_pixels
+
+    folder = session_outputs_dir(settings, project, session)
+    if not folder.is_dir():
+        raise InputError(folder, f"no outputs for session {project}/{session}")
+    gallery = SessionGallery(SessionOutputs(folder, read_only=True), settings.gallery.size)
+    roots, unreadable = settings.roots(), []
+    entries = gallery.outputs.micrographs()
+    for entry in entries:
+        pixels, problem = read_pixels(entry.micrograph, roots, settings.max_micrograph_pixels)
+        if problem is not None:
+            unreadable.append({"micrograph": entry.micrograph, "problem": problem})
+        gallery.add(entry.micrograph, pixels)
+    _, summaries = read_ledger(settings.state / WATCHER_STATE)
+    summary = summaries.get((project, session))
+    page = gallery.write_index(Tally(seen=None if summary is None else summary.published))
+    return {"page": str(page), "micrographs": len(entries), "unreadable": unreadable}
+
+
 def session_rethreshold(
     settings: Settings, control: Control, project: str, session: str, threshold: float | None
 ) -> Rethresholded:

@@ -448,6 +448,39 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gallery_build(args: argparse.Namespace) -> int:
+    from cryomae.operator.actions import gallery_build
+
+    out = gallery_build(_settings(args), args.project, args.session)
+    problems = "".join(f"\n  no picture: {u['problem']}" for u in out["unreadable"])
+    _print(args, out, f"{out['micrographs']} micrographs drawn; open {out['page']}{problems}")
+    return 0
+
+
+def cmd_gallery_serve(args: argparse.Namespace) -> int:
+    from cryomae.gallery.server import make_server, session_pages
+    from cryomae.operator.actions import session_outputs_dir
+
+    settings = _settings(args)
+    if (args.project is None) != (args.session is None):
+        raise InputError(None, "give both --project and --session, or neither (every session)")
+    root = settings.outputs if args.project is None else session_outputs_dir(settings, args.project, args.session)
+    server = make_server(root, args.host, args.port)
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    base = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
+    pages = session_pages(root)
+    print(f"serving {root} read-only on {base}/ (Ctrl-C stops)", flush=True)
+    for page in pages[:20]:
+        print(f"  {base}/{page.relative_to(root).as_posix()}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _add_live_parsers(sub: Any) -> None:
     from cryomae.messaging.topology import SERVICES
 
@@ -576,6 +609,31 @@ def _add_live_parsers(sub: Any) -> None:
     ea.add_argument("--diameter", type=float, help="particle diameter in pixels (default: the project's)")
     ea.add_argument("--no-train", action="store_true", help="store the set without requesting training")
     ea.set_defaults(func=cmd_exemplars_add)
+
+    ga = sub.add_parser(
+        "gallery",
+        help="the session pages: serve them read-only, or draw one again",
+        description="The writer keeps OUTPUTS/<project>/<session>/gallery/index.html beside the STAR files: "
+        "every micrograph with its picks, a cutoff slider, the session's summary. It opens from disk as it is.",
+    ).add_subparsers(dest="action", required=True)
+    gs = ga.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the session pages read-only over HTTP (127.0.0.1 by default)",
+        description="Serves the outputs folder (or one session's folder) read-only: GET and HEAD of files inside "
+        "it, no folder listings, no hidden files; / links every session page; /healthz answers ok.",
+    )
+    gs.add_argument("--project", help="serve only this project's session (with --session)")
+    gs.add_argument("--session", help="serve only this session's folder (with --project)")
+    gs.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
+    gs.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    gs.set_defaults(func=cmd_gallery_serve)
+    gb = ga.add_parser(
+        "build",
+        parents=[common, js, session],
+        help="draw a session's gallery again from its outputs (reads the micrographs)",
+    )
+    gb.set_defaults(func=cmd_gallery_build)
 
     se = sub.add_parser("session", help="watch, stop, re-threshold and re-pick sessions").add_subparsers(
         dest="action", required=True

@@ -31,6 +31,7 @@ import numpy as np
 
 from cryomae.errors import ConfigError, InputError
 from cryomae.evaluation.metrics import evaluate
+from cryomae.gallery.page import GALLERY_DIR, INDEX_NAME
 from cryomae.io import Coordinates, read_coordinates, write_coordinates, write_mrc
 from cryomae.operator import actions as ops
 from cryomae.operator.control import BrokerControl
@@ -311,6 +312,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         "latency_backlog": _percentiles(backlog),
         "accuracy": _score(entries, source, source.micrographs[0].stem),
         "outputs": str(settings.outputs / PROJECT / SESSION),
+        "gallery": str((settings.outputs / PROJECT / SESSION / GALLERY_DIR / INDEX_NAME).resolve()),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(format_report(report))
@@ -367,5 +369,6 @@ def format_report(r: dict[str, Any]) -> str:
             else f"  throughput after the model: {r['throughput_per_min']} micrographs/min",
             f"  accuracy: {score}",
             f"  outputs: {r['outputs']}",
+            f"  session page: {r['gallery']} (open it in a browser, or `cryomae gallery serve`)",
         ]
     )

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomae.errors import InputError
-from cryomae.gallery.page import SessionGallery, Tally
-from cryomae.io.micrographs import read_micrograph
-from cryomae.io.roots import inside_roots
+from cryomae.gallery.page import SessionGallery, Tally, read_pixels
 from cryomae.messages import micrographs_by_session
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker
@@ -37,7 +34,6 @@ log = get_logger("gallery")
 
 TallySource = Callable[[str, str], Tally]
 DEAD_LETTERS_COUNTED = 10_000  # dead letters read to count a session's failed micrographs
-FAILED_RECOUNT_S = 30.0  # how long a count of dead letters is reused
 
 
 @dataclass
@@ -151,12 +147,10 @@ class GalleryWorker:
         )
 
     def _pixels(self, micrograph: str) -> np.ndarray | None:
-        try:
-            path = inside_roots(micrograph, self.roots, "; the gallery reads micrographs only under them")
-            return read_micrograph(path, self.max_pixels).data
-        except (InputError, OSError) as exc:
-            log.warning("gallery_unreadable", micrograph=micrograph, error=str(exc))
-            return None
+        pixels, problem = read_pixels(micrograph, self.roots, self.max_pixels)
+        if problem is not None:
+            log.warning("gallery_unreadable", micrograph=micrograph, error=problem)
+        return pixels
 
     def _tally(self, gallery: SessionGallery) -> Tally | None:
         if self.tally is None or gallery.outputs.owner is None:
@@ -169,25 +163,22 @@ class GalleryWorker:
 
 
 class SessionTally:
-    """Seen from the watcher's ledger (when it is in this state folder), failed from the micrographs' dead letters
-    (counted at most every ``FAILED_RECOUNT_S``)."""
+    """Seen from the watcher's ledger (when it is in this state folder), failed from the micrographs' dead letters,
+    counted again only when their number changed."""
 
     def __init__(self, broker: Broker, state: Path) -> None:
         self.broker = broker
         self.state = state
         self._failed: dict[tuple[str, str], int] = {}
-        self._counted_at = -float("inf")
+        self._dead: int | None = None  # dead letters when they were last counted
 
     def __call__(self, project: str, session: str) -> Tally:
         _, summaries = read_ledger(self.state / WATCHER_STATE)
         summary = summaries.get((project, session))
-        if time.monotonic() - self._counted_at > FAILED_RECOUNT_S:
-            self._failed = self._count_failed()
-            self._counted_at = time.monotonic()
-        return Tally(
-            seen=None if summary is None else summary.published, failed=self._failed.get((project, session), 0)
-        )
-
-    def _count_failed(self) -> dict[tuple[str, str], int]:
-        dead = self.broker.peek(topology.dead_letters(topology.MICROGRAPHS), DEAD_LETTERS_COUNTED)
-        return micrographs_by_session(env.body for env in dead)
+        queue = topology.dead_letters(topology.MICROGRAPHS)
+        dead = self.broker.depth(queue)
+        if dead != self._dead:
+            letters = self.broker.peek(queue, DEAD_LETTERS_COUNTED)
+            self._failed, self._dead = micrographs_by_session(env.body for env in letters), dead
+        seen = None if summary is None else summary.published
+        return Tally(seen=seen, failed=self._failed.get((project, session), 0))

@@ -1,0 +1,138 @@
+"""``cryomae gallery serve``: the session pages over HTTP, read-only, for a workstation or a cluster's Ingress.
+
+It serves the files under one folder (the outputs folder, or one session's folder) and nothing else:
+
+- only GET and HEAD; it writes nothing, keeps no state and needs no writable file system;
+- a request's path is resolved (symlinks followed) and refused (404) unless it lies inside the folder, so
+  ``..``, encoded ``%2e%2e``, absolute paths and symlinks out of the folder all end there;
+- hidden names (a segment starting with ``.``, e.g. the writer's ``.cryomae`` state) are never served;
+- folders are not listed; ``/`` is a page that links every session's gallery under the folder;
+- ``/healthz`` answers ``ok`` (for Kubernetes probes).
+
+It binds 127.0.0.1 by default: the page shows micrograph paths and project names, and has no authentication.
+"""
+
+from __future__ import annotations
+
+import html
+import http.server
+import io
+import os
+import posixpath
+import threading
+import urllib.parse
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from cryomae.errors import InputError
+from cryomae.gallery.page import GALLERY_DIR, INDEX_NAME
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",  # the page is rewritten as the session runs
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def session_pages(root: Path) -> list[Path]:
+    """Every gallery page under ``root`` (``root`` itself a session, or ``<project>/<session>`` below it), sorted."""
+    pages = [root / GALLERY_DIR / INDEX_NAME, *sorted(root.glob(f"*/*/{GALLERY_DIR}/{INDEX_NAME}"))]
+    return [p for p in pages if p.is_file()]
+
+
+class GalleryHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files under ``directory``, read-only, with the checks in the module docstring."""
+
+    server_version = "cryomae-gallery"
+    sys_version = ""
+
+    def __init__(self, *args: Any, directory: str, **kwargs: Any) -> None:
+        self.root = Path(directory).resolve()
+        super().__init__(*args, directory=str(self.root), **kwargs)
+
+    def end_headers(self) -> None:
+        for name, value in _HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """Quiet: a page refreshing every 10 s would fill the terminal."""
+
+    def _inside(self, url_path: str) -> Path | None:
+        """The file a URL path names, or None when it is hidden, outside the folder or not a file."""
+        path = urllib.parse.unquote(urllib.parse.urlsplit(url_path).path, errors="strict")
+        parts = [p for p in posixpath.normpath(path).split("/") if p]
+        if any(p.startswith(".") or "\x00" in p for p in parts):
+            return None
+        target = self.root.joinpath(*parts)
+        if target.is_dir():
+            target = target / "index.html"
+        try:
+            resolved = target.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if not resolved.is_relative_to(self.root) or not resolved.is_file():
+            return None
+        if any(p.startswith(".") for p in resolved.relative_to(self.root).parts):
+            return None
+        return resolved
+
+    def send_head(self) -> Any:
+        route = urllib.parse.urlsplit(self.path).path
+        if route == "/healthz":
+            return self._text(200, "ok\n", "text/plain")
+        if route == "/" and not (self.root / "index.html").is_file():
+            return self._text(200, self._sessions_page(), "text/html")
+        try:
+            found = self._inside(self.path)
+        except UnicodeDecodeError:
+            found = None
+        if found is None:
+            self.send_error(404, "not found")
+            return None
+        self.path = "/" + urllib.parse.quote(found.relative_to(self.root).as_posix())
+        return super().send_head()
+
+    def _text(self, code: int, text: str, kind: str) -> Any:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", f"{kind}; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+    def _sessions_page(self) -> str:
+        rows = "".join(
+            f'<li><a href="{html.escape(urllib.parse.quote(p.relative_to(self.root).as_posix()))}">'
+            f"{html.escape(p.parent.parent.relative_to(self.root).as_posix() or 'this session')}</a></li>"
+            for p in session_pages(self.root)
+        )
+        return (
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cryomae sessions</title></head>'
+            f"<body><h1>cryomae sessions</h1><ul>{rows or '<li>no session pages yet</li>'}</ul></body></html>"
+        )
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        self.send_error(404, "not found")
+        return
+
+
+class GalleryServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def make_server(root: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> GalleryServer:
+    """A server of ``root`` (not started: ``serve_forever``); ``port`` 0 takes a free one (``server_port``)."""
+    if not root.is_dir():
+        raise InputError(root, "no such folder to serve (the outputs folder, or a session's folder in it)")
+    return GalleryServer((host, port), partial(GalleryHandler, directory=str(root)))
+
+
+def serve_in_thread(server: GalleryServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="gallery-server", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,161 @@
+"""The session page in a real browser (Debian's Chromium, headless, over the DevTools protocol), written by a real
+session of the one-process mode: micrographs dropped into a watched folder, a model trained from 15 exemplars,
+one micrograph that fails, a re-threshold by the operator. Opened from disk and from ``cryomae gallery serve``.
+
+The screenshot is kept with the test's files (and written to ``CRYOMAE_GALLERY_SCREENSHOT`` when set: the
+README's picture is made this way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+
+from cryomae.gallery.server import make_server, serve_in_thread
+from cryomae.io import write_mrc
+from cryomae.operator import actions as ops
+from cryomae.service.writer import Writer
+from tests.browser.chromium import Chromium, find_browser
+from tests.live.conftest import (
+    MICS_DLQ,
+    PROJECT,
+    SESSION,
+    Live,
+    make_dataset,
+    running,
+    train_first_model,
+    wait_until,
+)
+
+PICKED = 6
+CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
+
+
+@pytest.fixture
+def browser() -> Iterator[Chromium]:
+    executable = find_browser()
+    if executable is None:
+        pytest.fail("no Chromium: the test command installs Debian's chromium (scripts/test-services.sh)")
+    with Chromium(executable) as b:
+        yield b
+
+
+@pytest.fixture
+def session_page(tmp_path: Path) -> Iterator[tuple[Live, Path]]:
+    """A session written by the one-process mode; its page, and the live installation."""
+    (tmp_path / "dataset").mkdir()
+    live = Live(tmp_path / "site", "memory", "gallery", make_dataset(tmp_path / "dataset", PICKED + 1))
+    live.create_project()
+    settings = live.settings()
+    with running(live, settings) as (app, control):
+        live.session_folder.mkdir(parents=True)
+        ops.session_start(settings, control, PROJECT, SESSION, live.session_folder, "*.mrc", True)
+        train_first_model(live, control)
+        # a micrograph the picker refuses (constant: nothing to pick on), dead-lettered: "failed" on the page
+        write_mrc(live.data / "flat.mrc", np.zeros((256, 256), dtype=np.float32))
+        shutil.move(live.data / "flat.mrc", live.session_folder / "flat.mrc")
+        for i in range(1, PICKED + 1):
+            live.drop(i)
+        wait_until(lambda: live.picked() == PICKED, what=f"{PICKED} micrographs picked")
+        wait_until(lambda: app.broker.depth(MICS_DLQ) == 1, what="the flat micrograph dead-lettered")
+        # the operator sets a session cutoff: the writer rewrites the STAR files and the page follows
+        scores = np.concatenate([live.outputs().candidates(e.micrograph).scores for e in live.outputs().micrographs()])
+        ops.session_rethreshold(settings, control, PROJECT, SESSION, float(np.round(np.quantile(scores, 0.6), 4)))
+        wait_until(lambda: live.outputs().counts().threshold is not None, what="the session cutoff applied")
+        writer = app.services["writer"]
+        assert isinstance(writer, Writer) and writer.gallery is not None
+        assert writer.gallery.wait_idle(120)
+    yield live, live.root / "outputs" / PROJECT / SESSION / "gallery" / "index.html"
+
+
+def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> None:
+    b.open(url)
+    entries = {Path(e.micrograph).name: e for e in live.outputs().micrographs()}
+    assert len(entries) == PICKED
+    # every picked micrograph is listed, newest first, with its particle count as the STAR files hold it
+    b.wait_for(f"{CARDS}.length === {PICKED} && {CARDS}.every(s => s.hasAttribute('data-kept'))")
+    cards = b.evaluate(
+        "Array.from(document.querySelectorAll('#grid .card')).map(c => [c.getAttribute('data-micrograph'), "
+        "c.querySelector('.count').textContent, c.querySelector('svg').getAttribute('data-kept')])"
+    )
+    assert [c[0] for c in cards] == sorted(entries, key=lambda n: entries[n].applied_at, reverse=True)
+    for name, count, kept in cards:
+        rows = len(starfile.read(entries[name].coordinate_file)) if entries[name].particles else 0
+        assert int(count) == int(kept) == entries[name].particles == rows
+    # the images load
+    b.wait_for(f"{CARDS}.every(s => s.getAttribute('data-loaded'))")
+    assert b.evaluate(f"{CARDS}.map(s => s.getAttribute('data-loaded'))") == ["1"] * PICKED
+    # the summary: seen / picked / failed / particles
+    summary = b.evaluate(
+        "['seen', 'picked', 'failed', 'particles'].map(k => document.getElementById('summary-' + k).textContent)"
+    )
+    assert summary == [str(PICKED + 1), str(PICKED), "1", str(live.outputs().counts().particles)]
+    command = b.evaluate("document.getElementById('command').textContent")
+    cutoff = live.outputs().counts().threshold
+    assert command == f"cryomae session rethreshold --project {PROJECT} --session {SESSION} --threshold {cutoff}"
+    # moving the slider down keeps more candidates, draws more circles and changes the command
+    before = b.evaluate(f"{CARDS}.map(s => s.querySelectorAll('circle.kept').length)")
+    lower = round(
+        float(cutoff)
+        - 0.1
+        * (
+            float(b.evaluate("document.getElementById('cutoff').max"))
+            - float(b.evaluate("document.getElementById('cutoff').min"))
+        ),
+        4,
+    )
+    b.evaluate(
+        f"(function (el) {{ el.value = {lower}; el.dispatchEvent(new Event('input')); }})(document.getElementById('cutoff'))"
+    )
+    after = b.evaluate(f"{CARDS}.map(s => s.querySelectorAll('circle.kept').length)")
+    assert sum(after) > sum(before) and all(a >= c for a, c in zip(after, before, strict=True))
+    shown = round(float(b.evaluate("document.getElementById('cutoff').value")), 4)  # the page rounds to 4 places
+    assert b.evaluate("document.getElementById('command').textContent").endswith(f"--threshold {shown}")
+    for name, e in entries.items():  # the drawn picks are the candidates at or above the slider's cutoff
+        c = live.outputs().candidates(e.micrograph)
+        drawn = b.evaluate(
+            f"document.querySelector('.card[data-micrograph=\"{name}\"] svg').querySelectorAll('circle.kept').length"
+        )
+        assert drawn == int(np.count_nonzero(c.scores >= shown))
+    # click a micrograph: it opens large with its picks
+    b.evaluate("document.querySelector('#grid .card').click()")
+    b.wait_for("document.querySelector('#large.open svg circle.kept') !== null")
+    if screenshot is not None:
+        b.screenshot(screenshot)
+        assert screenshot.stat().st_size > 10_000
+    b.evaluate("document.getElementById('large').click()")
+    assert not b.exceptions, b.exceptions
+    errors = [m for m in b.console if m["type"] == "error"]
+    assert not errors, errors
+    assert not b.failed_requests, b.failed_requests
+
+
+def test_the_session_page_works_in_a_browser_from_disk_and_from_the_server(
+    session_page: tuple[Live, Path], browser: Chromium, tmp_path: Path
+) -> None:
+    live, page = session_page
+    shot = tmp_path / "gallery.png"
+    _check_page(browser, live, page.as_uri(), None)
+    browser.evaluate("document.getElementById('large').click()")
+    server = make_server(live.root / "outputs", port=0)
+    serve_in_thread(server)
+    try:
+        port = server.server_address[1]
+        _check_page(browser, live, f"http://127.0.0.1:{port}/{PROJECT}/{SESSION}/gallery/index.html", None)
+        # a fresh page for the screenshot: the grid with its picks, as a person first sees it
+        browser.open(f"http://127.0.0.1:{port}/{PROJECT}/{SESSION}/gallery/index.html")
+        browser.wait_for(f"{CARDS}.length === {PICKED} && {CARDS}.every(s => s.getAttribute('data-loaded') === '1')")
+        browser.screenshot(shot)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert shot.stat().st_size > 10_000
+    target = os.environ.get("CRYOMAE_GALLERY_SCREENSHOT")
+    if target:
+        shutil.copyfile(shot, target)

@@ -1,0 +1,166 @@
+"""The session gallery's files: what the page reads agrees with the STAR files, a re-threshold redraws the
+pictures, an unreadable micrograph gets an entry without a picture, and the writer's gallery thread keeps up,
+catches up after a crash and never stops for a failure."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import starfile
+from PIL import Image
+
+from cryomae.gallery.page import GALLERY_DIR, SessionGallery, Tally, read_pixels
+from cryomae.io import write_mrc
+from cryomae.messages import PicksReady
+from cryomae.service.gallery import GalleryWorker
+from cryomae.store.outputs import SessionOutputs
+from cryomae.synthetic import make_micrograph
+
+
+def _session_data(gallery: SessionGallery) -> dict:
+    text = (gallery.root / "session.js").read_text()
+    prefix = "window.CRYOMAE_GALLERY = "
+    assert text.startswith(prefix) and text.endswith(";\n")
+    return json.loads(text[len(prefix) : -2])
+
+
+def _candidates(gallery: SessionGallery, key: str) -> dict:
+    text = gallery.data_path(key).read_text()
+    head = f"CRYOMAE_CANDIDATES({json.dumps(key)}, "
+    assert text.startswith(head) and text.endswith(");\n")
+    return json.loads(text[len(head) : -3])
+
+
+def _picks(tmp: Path, i: int, threshold: float = 0.5) -> tuple[PicksReady, np.ndarray]:
+    m = make_micrograph(shape=(384, 384), diameter=24.0, seed=i)
+    path = tmp / "data" / f"mic_{i:03d}.mrc"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mrc(path, m.image)
+    rng = np.random.default_rng(i)
+    xy = np.concatenate([m.centres, rng.uniform(0, 383, size=(30, 2))])
+    scores = np.concatenate([rng.uniform(0.5, 0.9, len(m.centres)), rng.uniform(0.1, 0.5, 30)])
+    msg = PicksReady(
+        project="p",
+        session="s",
+        micrograph=str(path),
+        micrograph_id=f"m{i}",
+        model_version="v1",
+        diameter=24.0,
+        threshold=threshold,
+        x=xy[:, 0].tolist(),
+        y=xy[:, 1].tolist(),
+        scores=scores.tolist(),
+        shape=(384, 384),
+        complete_at=time.time(),
+    )
+    return msg, m.image
+
+
+def test_page_data_agrees_with_the_star_files(tmp_path: Path) -> None:
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    gallery = SessionGallery(outputs, size=128)
+    for i in range(3):
+        msg, image = _picks(tmp_path, i)
+        outputs.apply(msg)
+        gallery.add(msg.micrograph, image)
+    page = gallery.write_index(Tally(seen=4, failed=1))
+    assert page == outputs.root / GALLERY_DIR / "index.html" and "<script>" in page.read_text()
+    data = _session_data(gallery)
+    assert (data["project"], data["session"], data["cutoff"]) == ("p", "s", None)
+    assert data["summary"] == {
+        "seen": 4,
+        "picked": 3,
+        "failed": 1,
+        "particles": outputs.counts().particles,
+        "candidates": outputs.counts().candidates,
+    }
+    assert sum(data["histogram"]["counts"]) == outputs.counts().candidates
+    for m in data["micrographs"]:
+        rows = starfile.read(outputs.coordinates_dir / f"{m['key']}_autopick.star")
+        c = _candidates(gallery, m["key"])
+        # the page's rule (score >= cutoff) on its data gives exactly the STAR file's rows
+        assert sum(s >= m["cutoff"] for s in c["s"]) == m["particles"] == len(rows)
+        assert m["factor"] == 3 and m["thumb"] == [128, 128]
+        with Image.open(gallery.root / m["image"]) as im:
+            assert im.size == (128, 128) and im.mode == "L"
+        with Image.open(gallery.root / m["picks_image"]) as im:
+            assert im.size == (128, 128) and im.mode == "RGB"
+
+
+def test_rethreshold_redraws_the_pictures_and_the_page_follows(tmp_path: Path) -> None:
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    gallery = SessionGallery(outputs, size=128)
+    msg, image = _picks(tmp_path, 0)
+    outputs.apply(msg)
+    entry = gallery.add(msg.micrograph, image)
+    before = np.asarray(Image.open(gallery.picks_path(entry.key)))
+    outputs.set_threshold(0.2)
+    assert gallery.redraw_picks() == 1
+    gallery.write_index()
+    after = np.asarray(Image.open(gallery.picks_path(entry.key)))
+    assert np.abs(before.astype(int) - after.astype(int)).sum() > 0
+    data = _session_data(gallery)
+    assert data["cutoff"] == 0.2 and data["micrographs"][0]["cutoff"] == 0.2
+    assert data["micrographs"][0]["particles"] == outputs.counts().particles
+
+
+def test_a_micrograph_that_cannot_be_read_is_listed_without_a_picture(tmp_path: Path) -> None:
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    gallery = SessionGallery(outputs, size=128)
+    msg, _ = _picks(tmp_path, 0)
+    outputs.apply(msg)
+    pixels, problem = read_pixels(msg.micrograph, [tmp_path / "elsewhere"], 10**8)
+    assert pixels is None and problem is not None and "outside" in problem
+    gallery.add(msg.micrograph, pixels)
+    gallery.write_index()
+    (m,) = _session_data(gallery)["micrographs"]
+    assert m["image"] is None and "could not be read" in m["image_problem"]
+    assert m["particles"] == outputs.counts().particles
+
+
+def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_crash(tmp_path: Path) -> None:
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+
+    def tally(project: str, session: str) -> Tally:
+        raise RuntimeError("ledger unreadable")  # counts are never worth failing the page for
+
+    worker = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"], tally=tally)
+    worker.start()
+    try:
+        for i in range(4):
+            msg, _ = _picks(tmp_path, i)
+            outputs.apply(msg)
+            worker.picked(outputs, msg.micrograph)
+        assert worker.wait_idle(60)
+    finally:
+        worker.stop(60)
+    gallery = SessionGallery(outputs, size=128)
+    data = _session_data(gallery)
+    assert [m["name"] for m in data["micrographs"]] == [f"mic_{i:03d}.mrc" for i in range(4)]
+    assert all(m["image"] for m in data["micrographs"]) and data["summary"]["seen"] is None
+    # a crash lost one micrograph's gallery files: a new writer process draws them when it first sees the session
+    gallery.data_path("mic_002").unlink()
+    gallery.image_path("mic_002").unlink()
+    assert gallery.missing() == [str(tmp_path / "data" / "mic_002.mrc")]
+    again = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"])
+    again.start()
+    try:
+        msg, _ = _picks(tmp_path, 4)
+        outputs.apply(msg)
+        again.picked(outputs, msg.micrograph)
+        assert again.wait_idle(60)
+    finally:
+        again.stop(60)
+    assert gallery.data_path("mic_002").is_file() and gallery.image_path("mic_002").is_file()
+    assert len(_session_data(gallery)["micrographs"]) == 5
+    # nothing but the gallery was written beside the STAR files
+    assert sorted(p.name for p in outputs.root.iterdir()) == [
+        ".cryomae",
+        "autopick.star",
+        "coordinates",
+        "gallery",
+        "particles.star",
+    ]
