@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the tests need outside Python: promtool (Prometheus's linter for metrics and alert rules, from Debian's
-# prometheus package) and the local RabbitMQ on 127.0.0.1:5672, started when it is not running.
+# prometheus package), Chromium (the session page is tested in a real headless browser, from Debian's chromium
+# package) and the local RabbitMQ on 127.0.0.1:5672, started when it is not running.
 set -euo pipefail
 apt_install() {
   local packages=("$@")
@@ -10,6 +11,10 @@ apt_install() {
 if ! command -v promtool >/dev/null 2>&1; then
   echo "installing promtool (Debian package prometheus)"
   apt_install prometheus
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Chromium (Debian package chromium)"
+  apt_install chromium
 fi
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   echo "installing RabbitMQ (Debian package rabbitmq-server)"

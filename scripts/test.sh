@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: install everything the tests need on a fresh machine (the project in .venv,
-# promtool from Debian's prometheus package, a running RabbitMQ), then run the checks and the whole test suite.
+# promtool and Chromium from Debian's packages, a running RabbitMQ), then run the checks and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev

@@ -102,7 +102,9 @@ def thumbnail(image: np.ndarray, diameter: float, size: int = 512, lowpass_sigma
         small = img.astype(np.float32, copy=False)
     else:
         block = img[: rows * factor, : cols * factor].astype(np.float32, copy=False)
-        small = block.reshape(rows, factor, cols, factor).mean(axis=(1, 3), dtype=np.float32)  # [rows, cols]
+        # rows of each block first (adds whole image rows), then columns: 3-4x faster than one mean over (1, 3)
+        rows_summed = block.reshape(rows, factor, cols * factor).sum(axis=1, dtype=np.float32)  # [rows, cols*f]
+        small = rows_summed.reshape(rows, cols, factor).sum(axis=2) / np.float32(factor * factor)  # [rows, cols]
     sigma = (diameter / 10.0 if lowpass_sigma is None else float(lowpass_sigma)) / factor
     if sigma > 0.25:  # below a quarter pixel the block mean has already done it
         small = gaussian_filter(np.nan_to_num(small, nan=float(np.nanmean(small))), sigma)
