@@ -156,7 +156,8 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['size']} x {r['size']} | {r['star_only_ms']} ms ({r['star_only_per_s']}/s) | "
-            f"{r['gallery_added_ms']} ms ({r['gallery_read_ms']} + {r['gallery_draw_ms']}) | {r['index_write_ms']} ms | "
+            f"{r['gallery_added_ms']} ms ({r['gallery_read_ms']} + {r['gallery_draw_ms']}) | "
+            f"{r['index_write_ms']} ms | "
             f"{r['writer_per_s_gallery_on']}/s | {r['pictures_per_s']}/s |"
         )
     if args.json:

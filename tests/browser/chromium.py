@@ -8,6 +8,7 @@ Console messages and uncaught exceptions of the page are collected as they arriv
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -73,7 +74,7 @@ class Chromium:
                 "--window-size=1400,1000",
                 "about:blank",
             ],
-            preexec_fn=child_fds,  # noqa: PLW1509 (only dup2 of two descriptors before exec)
+            preexec_fn=child_fds,
             close_fds=False,  # closing would also close 3 and 4, which are made after the pass_fds are kept
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -183,10 +184,8 @@ class Chromium:
             self._proc.wait()
         finally:
             for fd in (self._to_browser, self._from_browser):
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
             self._profile.cleanup()
 
     def __enter__(self) -> Chromium:

@@ -35,6 +35,7 @@ from tests.live.conftest import (
 
 PICKED = 6
 CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
+SLIDER = "document.getElementById('cutoff')"
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def browser() -> Iterator[Chromium]:
 
 
 @pytest.fixture
-def session_page(tmp_path: Path) -> Iterator[tuple[Live, Path]]:
+def session_page(tmp_path: Path) -> tuple[Live, Path]:
     """A session written by the one-process mode; its page, and the live installation."""
     (tmp_path / "dataset").mkdir()
     live = Live(tmp_path / "site", "memory", "gallery", make_dataset(tmp_path / "dataset", PICKED + 1))
@@ -71,7 +72,7 @@ def session_page(tmp_path: Path) -> Iterator[tuple[Live, Path]]:
         writer = app.services["writer"]
         assert isinstance(writer, Writer) and writer.gallery is not None
         assert writer.gallery.wait_idle(120)
-    yield live, live.root / "outputs" / PROJECT / SESSION / "gallery" / "index.html"
+    return live, live.root / "outputs" / PROJECT / SESSION / "gallery" / "index.html"
 
 
 def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> None:
@@ -98,6 +99,7 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
     assert summary == [str(PICKED + 1), str(PICKED), "1", str(live.outputs().counts().particles)]
     command = b.evaluate("document.getElementById('command').textContent")
     cutoff = live.outputs().counts().threshold
+    assert cutoff is not None
     assert command == f"cryomae session rethreshold --project {PROJECT} --session {SESSION} --threshold {cutoff}"
     # moving the slider down keeps more candidates, draws more circles and changes the command
     before = b.evaluate(f"{CARDS}.map(s => s.querySelectorAll('circle.kept').length)")
@@ -110,9 +112,7 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
         ),
         4,
     )
-    b.evaluate(
-        f"(function (el) {{ el.value = {lower}; el.dispatchEvent(new Event('input')); }})(document.getElementById('cutoff'))"
-    )
+    b.evaluate(f"(function (el) {{ el.value = {lower}; el.dispatchEvent(new Event('input')); }})({SLIDER})")
     after = b.evaluate(f"{CARDS}.map(s => s.querySelectorAll('circle.kept').length)")
     assert sum(after) > sum(before) and all(a >= c for a, c in zip(after, before, strict=True))
     shown = round(float(b.evaluate("document.getElementById('cutoff').value")), 4)  # the page rounds to 4 places

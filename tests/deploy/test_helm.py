@@ -6,8 +6,10 @@ versions, and the custom resources (ServiceMonitor, PrometheusRule, KEDA) are ch
 Beyond validity, the tests check what a wrong chart would break: the command each pod runs, the probes' port and
 paths, the security context, the broker password (a file from an existing Secret where ``cryomae.settings`` looks
 for it, never a literal), that the CRYOMAE_* environment loads into ``cryomae.settings.Settings`` with the paths
-the pods mount, the config checksum that rolls pods, the KEDA queue name, the schema's refusals, and that the
-alert rules and dashboards the chart ships are the ones under ``deploy/``.
+the pods mount, the config checksum that rolls pods, the KEDA queue name, the schema's refusals, that the
+alert rules and dashboards the chart ships are the ones under ``deploy/``, and that the optional session gallery
+(``gallery.enabled``) is a read-only, non-root web server on the writer's outputs, with its Service, Ingress and
+NetworkPolicy.
 """
 
 from __future__ import annotations
@@ -147,6 +149,64 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The session gallery switched on (gallery.enabled); kept apart from SCENARIOS, whose tests count the four services'
+# Deployments and metrics Services. Linted and validated like them (ALL_SCENARIOS).
+GALLERY_SCENARIOS: dict[str, dict[str, Any]] = {
+    # switched on, every other value at its default
+    "gallery": {"release": "cryomae", "namespace": "default", "values": {"gallery": {"enabled": True}}},
+    # an Ingress with TLS and an authentication annotation, the outputs from an existing claim under another path
+    # (and a subPath), its own port, replicas and peers; GPU pickers (the gallery stays on the CPU image)
+    "gallery-ingress": {
+        "release": "krios",
+        "namespace": "cryoem",
+        "values": {
+            "image": {"repository": "registry.example.org/cryomae", "tag": "0.1.0", "gpuTag": "0.1.0-cuda"},
+            "picker": {"gpu": 1},
+            "persistence": {
+                "outputs": {
+                    "existingClaim": "cryomae-outputs",
+                    "mountPath": "/mnt/processing/cryomae",
+                    "subPath": "live",
+                }
+            },
+            "gallery": {
+                "enabled": True,
+                "replicas": 2,
+                "port": 8081,
+                "service": {"type": "ClusterIP", "port": 80},
+                "ingress": {
+                    "enabled": True,
+                    "className": "nginx",
+                    "host": "gallery.krios.example.org",
+                    "path": "/",
+                    "pathType": "Prefix",
+                    "annotations": {"nginx.ingress.kubernetes.io/auth-url": "https://sso.example.org/oauth2/auth"},
+                    "tls": [{"secretName": "gallery-tls", "hosts": ["gallery.krios.example.org"]}],
+                },
+                "networkPolicy": {
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+                },
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "podAnnotations": {"example.org/owner": "cryo-em"},
+                "podLabels": {"example.org/tier": "web"},
+            },
+        },
+    },
+    # the gallery beside the pickers alone: no writer, no trainer (the outputs claim is made for the gallery), no
+    # NetworkPolicy, a NodePort Service
+    "gallery-only": {
+        "release": "cryomae",
+        "namespace": "cryomae",
+        "values": {
+            "writer": {"enabled": False},
+            "trainer": {"enabled": False},
+            "networkPolicy": {"enabled": False},
+            "gallery": {"enabled": True, "service": {"type": "NodePort", "port": 8080}},
+        },
+    },
+}
+ALL_SCENARIOS: dict[str, dict[str, Any]] = {**SCENARIOS, **GALLERY_SCENARIOS}
+
 
 # ------------------------------------------------------------------------------------------ rendering
 
@@ -163,7 +223,7 @@ def _render(values: dict[str, Any], release: str = "cryomae", namespace: str = "
 @cache
 def _rendered(scenario: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """(template path -> rendered text, every object) of a scenario."""
-    s = SCENARIOS[scenario]
+    s = ALL_SCENARIOS[scenario]
     out = _render(s["values"], s["release"], s["namespace"])
     docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
     return out, docs
@@ -182,7 +242,7 @@ def _one(scenario: str, kind: str, name: str | None = None) -> dict[str, Any]:
 
 
 def _values(scenario: str) -> dict[str, Any]:
-    return _chart().merge_values(SCENARIOS[scenario]["values"])
+    return _chart().merge_values(ALL_SCENARIOS[scenario]["values"])
 
 
 def _fullname(scenario: str) -> str:
@@ -244,9 +304,9 @@ def _env(scenario: str, component: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ lint and schemas
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", list(ALL_SCENARIOS))
 def test_chart_lints_clean(scenario: str) -> None:
-    s = SCENARIOS[scenario]
+    s = ALL_SCENARIOS[scenario]
     report = helm_python.lint(CHART, s["values"], namespace=s["namespace"], strict=True, kube_version="v1.30.0")
     assert report["total_charts_linted"] == 1
     assert report["errors"] == []
@@ -263,9 +323,9 @@ def test_chart_metadata() -> None:
     assert _chart().schema is not None
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", list(ALL_SCENARIOS))
 def test_manifests_validate_against_kubernetes_schemas(scenario: str) -> None:
-    core = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy"}
+    core = {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy", "Ingress"}
     custom = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
     docs = _rendered(scenario)[1]
     assert docs
@@ -305,6 +365,19 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
         ({"networkPolicy": {"enable": True}}, "enable"),  # misspelt: the policy would silently stay on
         ({"networkPolicy": {"probeCIDRs": ["10.0.0.0"]}}, "probeCIDRs"),  # not a CIDR
         ({"networkPolicy": {"metricsFrom": [{"podSelectr": {}}]}}, "podSelectr"),
+        ({"gallery": {"port": "8080"}}, "port"),  # a string, not an integer
+        ({"gallery": {"port": 70000}}, "port"),
+        ({"gallery": {"enable": True}}, "enable"),  # misspelt: the gallery would silently stay off
+        ({"gallery": {"replicas": "one"}}, "replicas"),
+        ({"gallery": {"service": {"type": "ExternalName"}}}, "type"),
+        ({"gallery": {"service": {"port": "http"}}}, "port"),
+        ({"gallery": {"ingress": {"enabled": "yes"}}}, "enabled"),
+        ({"gallery": {"ingress": {"path": "gallery"}}}, "path"),  # not absolute
+        ({"gallery": {"ingress": {"pathType": "prefix"}}}, "pathType"),
+        ({"gallery": {"ingress": {"host": "https://gallery.example.org"}}}, "host"),  # a URL, not a host name
+        ({"gallery": {"ingress": {"tls": [{"secretName": "gallery-tls", "host": ["a.example.org"]}]}}}, "host"),
+        ({"gallery": {"ingress": {"annotations": {"example.org/replicas": 2}}}}, "annotations"),
+        ({"gallery": {"networkPolicy": {"from": [{"podSelectr": {}}]}}}, "podSelectr"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], why: str) -> None:
@@ -825,3 +898,249 @@ def test_notes_show_how_to_watch_and_run_the_cli_in_the_trainer_pod() -> None:
             parser.parse_args(command.split()[1:])
         data_root = _values(scenario)["persistence"]["data"]["mountPath"]
         assert f"--folder {data_root}/" in notes
+
+
+# ------------------------------------------------------------------------------------------ session gallery
+
+GALLERY_PAGE = "/<project>/<session>/gallery/index.html"  # where the writer's pages lie under the outputs folder
+
+
+def _component_of(doc: dict[str, Any]) -> str | None:
+    component: str | None = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+    return component
+
+
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _serve_options(container: dict[str, Any]) -> dict[str, str]:
+    """The options of `cryomae gallery serve --name value ...` as {--name: value}."""
+    argv = [*container["command"], *container["args"]]
+    assert argv[:3] == ["cryomae", "gallery", "serve"], argv
+    options = argv[3:]
+    assert len(options) % 2 == 0 and all(o.startswith("--") for o in options[::2]), argv
+    return dict(zip(options[::2], options[1::2], strict=True))
+
+
+def test_gallery_is_off_by_default() -> None:
+    assert _values("defaults")["gallery"]["enabled"] is False
+    for scenario in SCENARIOS:
+        out, docs = _rendered(scenario)
+        assert out["cryomae/templates/gallery.yaml"].strip() == ""
+        assert [d["metadata"]["name"] for d in docs if _component_of(d) == "gallery"] == []
+        assert _objects(scenario, "Ingress") == []
+        assert "gallery" not in out["cryomae/templates/NOTES.txt"].lower()
+
+
+def test_enabling_the_gallery_adds_its_objects_and_changes_no_other() -> None:
+    def others(scenario: str) -> list[str]:
+        return sorted(json.dumps(d, sort_keys=True) for d in _rendered(scenario)[1] if _component_of(d) != "gallery")
+
+    assert others("gallery") == others("defaults")
+    added = sorted((d["kind"], d["metadata"]["name"]) for d in _rendered("gallery")[1] if _component_of(d) == "gallery")
+    assert added == [
+        ("Deployment", "cryomae-gallery"),
+        ("NetworkPolicy", "cryomae-gallery"),
+        ("Service", "cryomae-gallery"),
+    ]
+    with_ingress = {d["kind"] for d in _rendered("gallery-ingress")[1] if _component_of(d) == "gallery"}
+    assert with_ingress == {"Deployment", "Service", "Ingress", "NetworkPolicy"}
+
+
+@pytest.mark.parametrize("scenario", list(GALLERY_SCENARIOS))
+def test_gallery_serves_the_outputs_read_only(scenario: str, tmp_path: Path) -> None:
+    values = _values(scenario)
+    gallery = values["gallery"]
+    outputs = values["persistence"]["outputs"]
+    deployment = _deployment(scenario, "gallery")
+    assert deployment["metadata"]["name"] == f"{_fullname(scenario)}-gallery"
+    assert deployment["spec"]["replicas"] == gallery["replicas"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], _pod_labels(deployment))
+    container = _container(deployment)
+    assert container["name"] == "gallery"
+    # `cryomae gallery serve` on the outputs folder, listening on the pod network at gallery.port
+    assert _serve_options(container) == {
+        "--outputs": outputs["mountPath"],
+        "--host": "0.0.0.0",
+        "--port": str(gallery["port"]),
+    }
+    args = cli.build_parser().parse_args(container["args"])  # what the cryomae CLI makes of them
+    assert args.func is cli.cmd_gallery_serve
+    assert (args.host, args.port, args.outputs) == ("0.0.0.0", gallery["port"], Path(outputs["mountPath"]))
+    assert args.project is None and args.session is None  # every session under the outputs folder
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": gallery["port"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/healthz", probe
+        assert ports.get(get["port"], get["port"]) == gallery["port"], probe
+    # the same image as the services, the CPU one even where the pickers run the CUDA image
+    assert container["image"] == _container(_deployment(scenario, "watcher"))["image"]
+    assert not container["image"].endswith("-cuda")
+    resources = container["resources"]
+    assert resources == gallery["resources"] and resources["limits"]["memory"]
+    # the outputs volume (the writer's) read-only, a small /tmp, nothing else: no data, no store, no broker Secret
+    mounts = _mounts(deployment)
+    assert set(mounts) == {"/tmp", outputs["mountPath"]}
+    out = mounts[outputs["mountPath"]]
+    assert out["mount"]["readOnly"] is True
+    assert out["mount"].get("subPath", "") == outputs["subPath"]
+    claim = outputs["existingClaim"] or f"{_fullname(scenario)}-outputs"
+    assert out["volume"] == {"name": "outputs", "persistentVolumeClaim": {"claimName": claim}}
+    if "writer" in _components(scenario):
+        writer = _mounts(_deployment(scenario, "writer"))[outputs["mountPath"]]
+        assert writer["volume"] == out["volume"] and writer["mount"]["readOnly"] is False
+        assert writer["mount"].get("subPath") == out["mount"].get("subPath")
+    tmp = mounts["/tmp"]
+    assert "emptyDir" in tmp["volume"] and not tmp["mount"].get("readOnly", False)
+    assert "secret" not in json.dumps(deployment["spec"]["template"]["spec"]["volumes"]).lower()
+    # non-root with a read-only root filesystem, no privilege escalation, no capabilities, RuntimeDefault seccomp
+    pod = deployment["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0 and psc["fsGroup"] != 0
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    # the same user and group as the other pods, which write the files it reads
+    assert psc == _deployment(scenario, "picker")["spec"]["template"]["spec"]["securityContext"]
+    assert (psc["runAsUser"], psc["fsGroup"]) == (10001, 10001)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "privileged" not in sc or sc["privileged"] is False
+    # the services' settings (CRYOMAE_OUTPUTS among them): real settings, the path it mounts and serves, and the
+    # config checksum that rolls the other pods
+    env = _env(scenario, "gallery")
+    assert {n for n in env if n.startswith("CRYOMAE_")} <= _setting_env_names() | {SECRETS_DIR_ENV}
+    assert not [n for n in env if "PASSWORD" in n]
+    settings = _load(scenario, "gallery", tmp_path)
+    assert str(settings.outputs) == outputs["mountPath"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert {annotations["checksum/config"]} == _checksums(_rendered(scenario)[0])
+    # scheduling and pod metadata from gallery.*
+    assert pod.get("nodeSelector", {}) == gallery["nodeSelector"]
+    assert gallery["podAnnotations"].items() <= annotations.items()
+    assert gallery["podLabels"].items() <= _pod_labels(deployment).items()
+
+
+@pytest.mark.parametrize("scenario", list(GALLERY_SCENARIOS))
+def test_gallery_service_selects_the_gallery_pods_only(scenario: str) -> None:
+    values = _values(scenario)["gallery"]
+    service = _one(scenario, "Service", f"{_fullname(scenario)}-gallery")
+    spec = service["spec"]
+    assert spec["type"] == values["service"]["type"]
+    assert spec["ports"] == [
+        {"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert "http" in {p["name"] for p in _container(_deployment(scenario, "gallery"))["ports"]}
+    gallery_pods = _pod_labels(_deployment(scenario, "gallery"))
+    assert _matches(spec["selector"], gallery_pods)
+    for component in _components(scenario):
+        assert not _matches(spec["selector"], _pod_labels(_deployment(scenario, component))), component
+    # and the metrics Services do not select the gallery pods
+    for other in _objects(scenario, "Service"):
+        if other is not service:
+            assert not _matches(other["spec"]["selector"], gallery_pods), other["metadata"]["name"]
+    # no metrics label: the ServiceMonitor (jobs cryomae-<service>) leaves it out
+    assert "cryomae.io/metrics" not in service["metadata"]["labels"]
+    for monitor in _objects(scenario, "ServiceMonitor"):
+        assert not _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+
+
+def test_gallery_ingress_routes_to_the_gallery_service() -> None:
+    for scenario in ("gallery", "gallery-only"):
+        assert _objects(scenario, "Ingress") == []
+    values = _values("gallery-ingress")["gallery"]["ingress"]
+    ingress = _one("gallery-ingress", "Ingress")
+    service = _one("gallery-ingress", "Service", "krios-cryomae-gallery")
+    assert ingress["metadata"]["name"] == service["metadata"]["name"]
+    assert ingress["metadata"]["namespace"] == service["metadata"]["namespace"] == "cryoem"
+    assert ingress["metadata"]["annotations"] == values["annotations"]
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == values["tls"]
+    (rule,) = spec["rules"]
+    assert rule["host"] == values["host"]
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert backend["port"] == {"name": port["name"]}
+    # the Service's target is the port the server listens on
+    container = _container(_deployment("gallery-ingress", "gallery"))
+    target = {p["name"]: p["containerPort"] for p in container["ports"]}[port["targetPort"]]
+    assert str(target) == _serve_options(container)["--port"] == "8081"
+    # the defaults: the cluster's default class, any host, no TLS, the root path
+    out = _render({"gallery": {"enabled": True, "ingress": {"enabled": True}}})
+    (plain,) = [d for d in yaml.safe_load_all(out["cryomae/templates/gallery.yaml"]) if d and d["kind"] == "Ingress"]
+    assert set(plain["spec"]) == {"rules"} and "annotations" not in plain["metadata"]
+    (rule,) = plain["spec"]["rules"]
+    assert "host" not in rule
+    assert rule["http"]["paths"] == [
+        {
+            "path": "/",
+            "pathType": "Prefix",
+            "backend": {"service": {"name": "cryomae-gallery", "port": {"name": "http"}}},
+        }
+    ]
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(plain, version, strict=True)
+
+
+def test_gallery_network_policy_admits_its_peers_to_the_gallery_port_only() -> None:
+    """The release's NetworkPolicy selects the gallery pods as well (admitting the metrics port, on which nothing
+    listens there); a second policy admits gallery.networkPolicy.from to the gallery port, nothing else."""
+    assert _values("gallery")["gallery"]["networkPolicy"]["from"] == [{"namespaceSelector": {}}]
+    for scenario in ("gallery", "gallery-ingress"):
+        values = _values(scenario)
+        full = _fullname(scenario)
+        gallery_pods = _pod_labels(_deployment(scenario, "gallery"))
+        release_policy = _one(scenario, "NetworkPolicy", full)
+        assert _matches(release_policy["spec"]["podSelector"]["matchLabels"], gallery_pods)
+        policy = _one(scenario, "NetworkPolicy", f"{full}-gallery")
+        spec = policy["spec"]
+        assert _matches(spec["podSelector"]["matchLabels"], gallery_pods)
+        for component in _components(scenario):
+            assert not _matches(spec["podSelector"]["matchLabels"], _pod_labels(_deployment(scenario, component)))
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"port": values["gallery"]["port"], "protocol": "TCP"}]
+        assert rule["from"] == values["gallery"]["networkPolicy"]["from"] and rule["from"]
+    # an empty list refuses everyone: no rule at all, never one without peers (which would admit every source)
+    out = _render({"gallery": {"enabled": True, "networkPolicy": {"from": []}}})
+    (policy,) = [
+        d for d in yaml.safe_load_all(out["cryomae/templates/gallery.yaml"]) if d and d["kind"] == "NetworkPolicy"
+    ]
+    assert policy["spec"]["ingress"] == []
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    assert _objects("gallery-only", "NetworkPolicy") == []
+
+
+def test_gallery_alone_still_gets_the_outputs_claim() -> None:
+    claims = {d["metadata"]["name"] for d in _objects("gallery-only", "PersistentVolumeClaim")}
+    assert "cryomae-outputs" in claims
+    assert _components("gallery-only") == ["picker", "watcher"]
+    mount = _mounts(_deployment("gallery-only", "gallery"))["/outputs"]
+    assert mount["volume"]["persistentVolumeClaim"] == {"claimName": "cryomae-outputs"}
+    # without the gallery (and the writer and the trainer) no outputs claim is made
+    out = _render({"writer": {"enabled": False}, "trainer": {"enabled": False}})
+    assert "cryomae-outputs" not in out["cryomae/templates/pvcs.yaml"]
+    # an existing outputs claim is used, never a new one
+    claims = {d["metadata"]["name"] for d in _objects("gallery-ingress", "PersistentVolumeClaim")}
+    assert claims == {"krios-cryomae-data", "krios-cryomae-store", "krios-cryomae-state"}
+
+
+def test_notes_show_where_the_gallery_is() -> None:
+    notes = _rendered("gallery")[0]["cryomae/templates/NOTES.txt"]
+    assert "kubectl -n default port-forward svc/cryomae-gallery 8080:8080" in notes
+    assert f"http://localhost:8080{GALLERY_PAGE}" in notes
+    notes = _rendered("gallery-ingress")[0]["cryomae/templates/NOTES.txt"]
+    assert f"https://gallery.krios.example.org{GALLERY_PAGE}" in notes
+    assert "port-forward svc/krios-cryomae-gallery" not in notes

@@ -5,7 +5,8 @@ Compose's variable interpolation, a strict Compose-spec parser) and check what t
 settings (every CRYOMAE_* variable is a field of ``cryomae.settings.Settings`` and the environments load), the
 CLI (entrypoints and commands parse to the right sub-command and service), the HTTP port and probe (each
 healthcheck command is run against a real ``HealthServer``), the pins in pyproject.toml, the files copied and
-mounted, and the Prometheus and Grafana configuration the compose file mounts.
+mounted, the Prometheus and Grafana configuration the compose file mounts, and the optional session gallery
+(``cryomae gallery serve`` on the outputs, read-only, on 127.0.0.1 only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import yaml
 from compose_spec import PyCompose
 from pydantic import BaseModel
 
-from cryomae.operator.cli import build_parser
+from cryomae.gallery.server import make_server, serve_in_thread
+from cryomae.operator.cli import build_parser, cmd_gallery_serve
 from cryomae.service.app import SERVICES
 from cryomae.service.metrics import HealthServer
 from cryomae.settings import Settings, load_settings
@@ -934,3 +936,64 @@ def test_deploy_readme_names_files_that_exist():
         "compose.gpu.yaml",
     ):
         assert command in text, command
+
+
+# ------------------------------------------------------------------------------------------------ session gallery
+
+
+def test_gallery_serves_the_outputs_read_only_on_this_host_only(compose, monkeypatch, tmp_path):
+    gallery = compose["services"]["gallery"]
+    writer = compose["services"]["writer"]
+    assert "profiles" not in gallery, "compose serves the session pages with the rest (on 127.0.0.1 only)"
+    # the services' image (they build it; no second build of the same tag), whose entrypoint is the cryomae CLI
+    assert "gallery" not in cryomae_services(compose) and "build" not in gallery
+    assert gallery["image"] == writer["image"]
+    assert load_image("cpu").final.all("ENTRYPOINT")[-1].exec_form() == ["cryomae"]
+    args = build_parser().parse_args(gallery["command"])
+    assert args.func is cmd_gallery_serve
+    assert (args.host, args.port, args.outputs) == ("0.0.0.0", 8080, PurePosixPath("/outputs"))
+    assert args.project is None and args.session is None  # every session under the outputs folder
+    # the folder the writer writes, mounted read-only, and nothing else: no data, no store, no broker, no secret
+    (outputs,) = mounts(gallery)
+    assert PurePosixPath(outputs.target) == PurePosixPath(args.outputs) and outputs.read_only
+    assert outputs.source == mount_at(writer, "/outputs").source
+    assert not mount_at(writer, "/outputs").read_only
+    assert "secrets" not in gallery and "depends_on" not in gallery
+    env = {k: str(v) for k, v in gallery["environment"].items()}
+    assert_real_settings(set(env), "compose service gallery")
+    settings = load_with_environment(monkeypatch, tmp_path, {k: v for k, v in env.items() if k.startswith("CRYOMAE_")})
+    assert PurePosixPath(settings.outputs) == PurePosixPath(args.outputs)
+    # a read-only root filesystem, the image's non-root user, no capabilities, no privilege escalation
+    assert gallery["read_only"] is True
+    assert gallery["user"] == load_image("cpu").final.all("USER")[-1].args
+    assert all(int(i) != 0 for i in gallery["user"].split(":"))
+    assert gallery["cap_drop"] == ["ALL"] and "cap_add" not in gallery
+    assert "no-new-privileges:true" in gallery["security_opt"]
+    assert not gallery.get("privileged", False)
+    # published on the loopback address only, on the port it listens on
+    assert gallery["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+
+
+def test_gallery_healthcheck_probes_the_servers_healthz(compose, tmp_path):
+    gallery = compose["services"]["gallery"]
+    args = build_parser().parse_args(gallery["command"])
+    check = gallery["healthcheck"]
+    assert {"interval", "timeout", "retries", "start_period"} <= set(check)
+    test = check["test"]
+    assert test[:3] == ["CMD", "python", "-c"], "Python's urllib: the image has no curl"
+    here = f"http://127.0.0.1:{args.port}/healthz"
+    assert here in test[3]
+
+    def probe(port: int) -> subprocess.CompletedProcess[str]:
+        return run_probe(["python", "-c", test[3].replace(here, f"http://127.0.0.1:{port}/healthz")], port)
+
+    # against the real server (cryomae.gallery.server) on an outputs folder: passes; fails with nothing listening
+    server = make_server(tmp_path, "127.0.0.1", 0)
+    serve_in_thread(server)
+    try:
+        passed = probe(int(server.server_address[1]))
+        assert passed.returncode == 0, f"healthcheck failed against the gallery server: {passed.stderr}"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert probe(free_port()).returncode != 0, "healthcheck passed with nothing listening"

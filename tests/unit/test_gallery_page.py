@@ -164,3 +164,22 @@ def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_cras
         "gallery",
         "particles.star",
     ]
+
+
+def test_gallery_build_draws_a_session_again_from_its_outputs(tmp_path: Path) -> None:
+    from cryomae.operator.actions import gallery_build
+    from cryomae.settings import Settings
+
+    settings = Settings(
+        outputs=tmp_path / "out", state=tmp_path / "state", store=tmp_path / "store", data_roots=[tmp_path / "data"]
+    )
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    for i in range(2):
+        msg, _ = _picks(tmp_path, i)
+        outputs.apply(msg)
+    (tmp_path / "data" / "mic_001.mrc").write_bytes(b"damaged")  # its picture cannot be drawn
+    result = gallery_build(settings, "p", "s")
+    assert result["micrographs"] == 2 and result["page"] == str(outputs.root / GALLERY_DIR / "index.html")
+    assert [u["micrograph"] for u in result["unreadable"]] == [str(tmp_path / "data" / "mic_001.mrc")]
+    data = _session_data(SessionGallery(outputs))
+    assert [m["image"] is not None for m in data["micrographs"]] == [True, False]

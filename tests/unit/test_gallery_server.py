@@ -98,3 +98,31 @@ def test_binds_this_host_by_default_and_refuses_a_missing_folder(tmp_path: Path)
         server.server_close()
     with pytest.raises(InputError, match="no such folder"):
         make_server(tmp_path / "missing", port=0)
+
+
+def test_the_command_serves_a_session_and_says_where(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    page = tmp_path / "outputs" / "proj" / "sess" / "gallery"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text("<html>the page</html>")
+    script = Path(sys.executable).with_name("cryomae")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "cryomae.operator.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYOMAE_")}
+    proc = subprocess.Popen(
+        [*command, "gallery", "serve", "--outputs", str(tmp_path / "outputs"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "serving <folder> read-only on http://localhost:<port>/ ..."
+        assert "read-only on http://localhost:" in first, first
+        port = int(first.split("http://localhost:")[1].split("/")[0])
+        assert proc.stdout.readline().strip() == f"http://localhost:{port}/proj/sess/gallery/index.html"
+        assert _get(port, "/proj/sess/gallery/index.html") == (200, b"<html>the page</html>")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)  # reads and closes its stdout
