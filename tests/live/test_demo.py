@@ -50,6 +50,12 @@ def test_demo_plays_a_session_and_reports_latency_throughput_and_f1(tmp_path: Pa
     assert any(line.startswith("demo complete: 5/5") for line in "\n".join(lines).splitlines())
     # the outputs are the live session's STAR files
     assert (Path(report["outputs"]) / "particles.star").is_file()
+    # and the session page: its path printed at the end, every picked micrograph on it with a picture
+    page = Path(report["gallery"])
+    assert any(f"session page: {page}" in line for line in "\n".join(lines).splitlines())
+    text = (page.parent / "session.js").read_text()
+    data = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    assert len(data["micrographs"]) == 5 and all(m["image"] for m in data["micrographs"])
 
 
 def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path: Path) -> None:

@@ -183,3 +183,24 @@ def test_gallery_build_draws_a_session_again_from_its_outputs(tmp_path: Path) ->
     assert [u["micrograph"] for u in result["unreadable"]] == [str(tmp_path / "data" / "mic_001.mrc")]
     data = _session_data(SessionGallery(outputs))
     assert [m["image"] is not None for m in data["micrographs"]] == [True, False]
+
+
+def test_the_worker_counts_what_it_could_not_draw_and_carries_on(tmp_path: Path) -> None:
+    from cryomae.service import metrics
+
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    unreadable = metrics.GALLERY_UNREADABLE._value.get()
+    batches = metrics.GALLERY_SECONDS._sum.get()
+    worker = GalleryWorker(size=128, max_pixels=100, roots=[tmp_path / "data"])  # every micrograph too large
+    worker.start()
+    try:
+        msg, _ = _picks(tmp_path, 0)
+        outputs.apply(msg)
+        worker.picked(outputs, msg.micrograph)
+        assert worker.wait_idle(60)
+    finally:
+        worker.stop(60)
+    assert metrics.GALLERY_UNREADABLE._value.get() == unreadable + 1
+    assert metrics.GALLERY_SECONDS._sum.get() > batches
+    (m,) = _session_data(SessionGallery(outputs))["micrographs"]
+    assert m["image"] is None and m["particles"] == outputs.counts().particles

@@ -25,6 +25,7 @@ from cryomae.gallery.page import SessionGallery, Tally, read_pixels
 from cryomae.messages import micrographs_by_session
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker
+from cryomae.service import metrics
 from cryomae.service.handling import get_logger
 from cryomae.service.watcher import WATCHER_STATE
 from cryomae.store.outputs import SessionOutputs
@@ -136,8 +137,10 @@ class GalleryWorker:
                 gallery.redraw_picks()
             gallery.write_index(self._tally(gallery))
         except Exception as exc:  # noqa: BLE001 (the gallery never stops the writer; the STAR files are written)
+            metrics.GALLERY_FAILURES.inc()
             log.error("gallery_failed", session=str(root), error=f"{type(exc).__name__}: {exc}")
             return
+        metrics.GALLERY_SECONDS.observe(time.monotonic() - started)
         log.debug(
             "gallery_written",
             session=str(root),
@@ -149,6 +152,7 @@ class GalleryWorker:
     def _pixels(self, micrograph: str) -> np.ndarray | None:
         pixels, problem = read_pixels(micrograph, self.roots, self.max_pixels)
         if problem is not None:
+            metrics.GALLERY_UNREADABLE.inc()
             log.warning("gallery_unreadable", micrograph=micrograph, error=problem)
         return pixels
 

@@ -69,6 +69,17 @@ MICROGRAPHS_WRITTEN = Counter(
 PARTICLES_WRITTEN = Counter(
     "cryomae_particles_written_total", "Particles written to new micrographs' STAR files", ["project"]
 )
+GALLERY_SECONDS = Histogram(
+    "cryomae_gallery_seconds",
+    "Seconds the writer's gallery thread took for one batch of a session (pictures, candidates, page)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+GALLERY_FAILURES = Counter(
+    "cryomae_gallery_failures_total", "Gallery batches that failed (logged as gallery_failed; STAR files unaffected)"
+)
+GALLERY_UNREADABLE = Counter(
+    "cryomae_gallery_unreadable_total", "Micrographs the gallery could not read for their picture (listed without one)"
+)
 PARTICLES_PER_MICROGRAPH = Histogram(
     "cryomae_particles_per_micrograph",
     "Picks per micrograph at the picker's cutoff",
