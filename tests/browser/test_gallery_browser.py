@@ -2,8 +2,7 @@
 session of the one-process mode: micrographs dropped into a watched folder, a model trained from 15 exemplars,
 one micrograph that fails, a re-threshold by the operator. Opened from disk and from ``cryomae gallery serve``.
 
-The screenshot is kept with the test's files (and written to ``CRYOMAE_GALLERY_SCREENSHOT`` when set: the
-README's picture is made this way).
+The screenshot is kept with the test's files (and copied to ``CRYOMAE_GALLERY_SCREENSHOT`` when set).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from tests.live.conftest import (
 PICKED = 6
 CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
 SLIDER = "document.getElementById('cutoff')"
+SIZE = "document.getElementById('size')"
 
 
 @pytest.fixture
@@ -123,6 +123,11 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
             f"document.querySelector('.card[data-micrograph=\"{name}\"] svg').querySelectorAll('circle.kept').length"
         )
         assert drawn == int(np.count_nonzero(c.scores >= shown))
+    # the picture size: larger cards
+    width = "document.querySelector('#grid .card').getBoundingClientRect().width"
+    small = b.evaluate(width)
+    b.evaluate("(function (el) { el.selectedIndex = 2; el.dispatchEvent(new Event('change')); })(" + SIZE + ")")
+    assert b.evaluate(width) > 1.5 * small
     # click a micrograph: it opens large with its picks
     b.evaluate("document.querySelector('#grid .card').click()")
     b.wait_for("document.querySelector('#large.open svg circle.kept') !== null")

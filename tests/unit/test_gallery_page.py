@@ -144,6 +144,8 @@ def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_cras
     # a crash lost one micrograph's gallery files: a new writer process draws them when it first sees the session
     gallery.data_path("mic_002").unlink()
     gallery.image_path("mic_002").unlink()
+    torn = gallery.root / "img" / ".mic_003.jpg.0123456789ab.tmp"  # a write cut short
+    torn.write_bytes(b"half a JPEG")
     assert gallery.missing() == [str(tmp_path / "data" / "mic_002.mrc")]
     again = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"])
     again.start()
@@ -155,6 +157,7 @@ def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_cras
     finally:
         again.stop(60)
     assert gallery.data_path("mic_002").is_file() and gallery.image_path("mic_002").is_file()
+    assert not torn.exists()
     assert len(_session_data(gallery)["micrographs"]) == 5
     # nothing but the gallery was written beside the STAR files
     assert sorted(p.name for p in outputs.root.iterdir()) == [

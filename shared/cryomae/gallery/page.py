@@ -31,7 +31,7 @@ from PIL import Image
 
 from cryomae.errors import InputError
 from cryomae.gallery.render import NEAR_FRACTION, Thumbnail, draw, near_cutoff, save_image, thumbnail
-from cryomae.io.atomic import atomic_output
+from cryomae.io.atomic import TEMP_FILE, atomic_output
 from cryomae.io.micrographs import read_micrograph
 from cryomae.io.roots import inside_roots
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
@@ -138,6 +138,17 @@ class SessionGallery:
         xy = np.stack([c.x, c.y], axis=1).reshape(-1, 2)
         picture = draw(thumb, entry.diameter, xy[c.scores >= c.cutoff], xy[near_cutoff(c.scores, c.cutoff)])
         save_image(picture, self.picks_path(entry.key))
+
+    def remove_temp_files(self) -> int:
+        """Delete the temporary files a crash left mid-write (hidden ``.*.tmp`` beside the gallery's files)."""
+        removed = 0
+        for folder in (self.root, self.root / "img", self.root / "picks", self.root / "data"):
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    if TEMP_FILE.match(path.name) and path.is_file():
+                        path.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     def missing(self) -> list[str]:
         """Micrographs of the session whose candidates file is not written yet (e.g. after a crash)."""

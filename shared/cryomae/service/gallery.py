@@ -130,6 +130,7 @@ class GalleryWorker:
             gallery = self._galleries.get(root)
             if gallery is None:  # first seen by this process: also what a crash left undrawn
                 gallery = self._galleries[root] = SessionGallery(work.outputs, self.size)
+                gallery.remove_temp_files()
                 work.micrographs.update(dict.fromkeys(gallery.missing()))
             for micrograph in work.micrographs:
                 gallery.add(micrograph, self._pixels(micrograph))
