@@ -207,3 +207,34 @@ def test_the_worker_counts_what_it_could_not_draw_and_carries_on(tmp_path: Path)
     assert metrics.GALLERY_SECONDS._sum.get() > batches
     (m,) = _session_data(SessionGallery(outputs))["micrographs"]
     assert m["image"] is None and m["particles"] == outputs.counts().particles
+
+
+def test_a_repick_replaces_the_micrographs_gallery_files(tmp_path: Path) -> None:
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    worker = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"])
+    worker.start()
+    try:
+        first, _ = _picks(tmp_path, 0)
+        outputs.apply(first)
+        worker.picked(outputs, first.micrograph)
+        assert worker.wait_idle(60)
+        gallery = SessionGallery(outputs, size=128)
+        (before,) = _session_data(gallery)["micrographs"]
+        # a new model picks it again: other scores, a later pick
+        again = first.model_copy(
+            update={
+                "id": "repick",
+                "model_version": "v2",
+                "scores": [s / 2 for s in first.scores],
+                "picked_at": first.picked_at + 1,
+            }
+        )
+        assert outputs.apply(again).outcome == "replaced"
+        worker.picked(outputs, again.micrograph)
+        assert worker.wait_idle(60)
+    finally:
+        worker.stop(60)
+    (after,) = _session_data(gallery)["micrographs"]
+    assert after["key"] == before["key"] and after["model_version"] == "v2"
+    assert after["version_token"] != before["version_token"]  # the page loads its pictures and candidates again
+    assert _candidates(gallery, after["key"])["s"] == again.scores
