@@ -21,6 +21,7 @@ import structlog
 from PIL import Image
 
 from cryomae.config import PickConfig, TrainConfig
+from cryomae.gallery.render import KEPT_COLOUR, REJECTED_COLOUR, TRUTH_COLOUR
 from cryomae.io import Coordinates, write_coordinates, write_mrc
 from cryomae.operator.cli import build_parser, main
 from cryomae.synthetic import make_micrograph
@@ -393,8 +394,13 @@ def test_preview_with_and_without_diameter(run, tmp_path):
     assert f"preview written to {given}" in stdout
     rgb = _png(given)
     assert rgb.shape == (SIDE, SIDE, 3)
-    assert ((rgb == [255, 255, 0]).all(-1)).sum() > 0, "yellow pick circles"
-    assert ((rgb == [0, 255, 0]).all(-1)).sum() > 0, "green ground-truth circles"
+    assert ((rgb == KEPT_COLOUR).all(-1)).sum() > 0, "yellow pick circles"
+    assert ((rgb == TRUTH_COLOUR).all(-1)).sum() > 0, "bluish green ground-truth circles"
+    # the candidates just below the cutoff, from the candidates/ folder `cryomae pick` wrote
+    assert ((rgb == REJECTED_COLOUR).all(-1)).sum() > 0, "sky blue rejected candidates"
+    small = tmp_path / "small.png"
+    assert cli("preview", run.mics[1], "--picks", picks, "--out", small, "--size", 128, "--no-legend")[0] == 0
+    assert _png(small).shape == (128, 128, 3)
 
     # without --diameter it comes from pick_run.json beside the picks: the same picture
     from_run, with_20 = tmp_path / "from_run.png", tmp_path / "with_20.png"
@@ -583,6 +589,7 @@ LIVE: dict[str, list[str]] = {
     "dlq": [],
     "config": ["show"],
     "encoder": ["pretrain", "list"],
+    "gallery": ["serve", "build"],
 }
 
 
