@@ -7,6 +7,7 @@ message from a newer or foreign producer fails loudly (and is dead-lettered) ins
 Flow (queue names in ``cryomae.messaging.topology``)::
 
     watcher --MicrographReady--> picker --PicksReady--> writer
+                                        --PickFailed--> writer (the micrograph was dead-lettered: its page says so)
     CLI --TrainRequest--> trainer --ModelPublished (broadcast)--> every picker
     CLI --SessionCommand--> watcher           CLI --Rethreshold--> writer
 
@@ -23,7 +24,6 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -41,6 +41,10 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, description="project or sessio
 PATH_CHARS = 4096
 TEXT_CHARS = 256
 Text = Annotated[str, Field(min_length=1, max_length=TEXT_CHARS)]
+# Longest failure reason, in characters (a dead letter's reason header, a PickFailed's reason): a header must fit
+# one AMQP frame (RabbitMQ: 128 KB), and a reason is read by people. Longer ones are cut by
+# ``cryomae.messaging.delivery.shorten``, which keeps the start and the end.
+REASON_CHARS = 4096
 
 
 def new_id() -> str:
@@ -104,6 +108,22 @@ class PicksReady(Message):
         return self
 
 
+class PickFailed(Message):
+    """A micrograph the picker gave up on: its MicrographReady was dead-lettered with ``reason`` (picker -> writer).
+
+    Only for the session page (its "failed" count and list); the STAR files do not change. Sent once, when the
+    message is dead-lettered; a later successful pick of the same micrograph (a replay) takes it off the list.
+    """
+
+    kind: Literal["pick_failed"] = "pick_failed"
+    project: Name
+    session: Name
+    micrograph: str = Field(min_length=1, max_length=PATH_CHARS, description="the micrograph's path as sent")
+    micrograph_id: str = Field(max_length=TEXT_CHARS, description="id of the MicrographReady that was dead-lettered")
+    reason: str = Field(max_length=REASON_CHARS, description="why: the dead letter's reason")
+    failed_at: float = Field(default_factory=time.time)
+
+
 class TrainRequest(Message):
     """Train a project's model on a stored exemplar set (CLI -> trainer)."""
 
@@ -144,7 +164,7 @@ class Rethreshold(Message):
 
 
 AnyMessage = Annotated[
-    MicrographReady | PicksReady | TrainRequest | ModelPublished | SessionCommand | Rethreshold,
+    MicrographReady | PicksReady | PickFailed | TrainRequest | ModelPublished | SessionCommand | Rethreshold,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
@@ -172,20 +192,6 @@ def decode(body: bytes | str, source: str = "message") -> Message:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise InputError(None, f"{source}: invalid message ({problems})") from None
     return message
-
-
-def micrographs_by_session(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
-    """How many of ``bodies`` are MicrographReady messages, by (project, session); others and damaged ones are
-    skipped. (Counted over a dead-letter queue: the session's failed micrographs.)"""
-    counts: dict[tuple[str, str], int] = {}
-    for body in bodies:
-        try:
-            msg = decode(body)
-        except InputError:
-            continue
-        if isinstance(msg, MicrographReady):
-            counts[(msg.project, msg.session)] = counts.get((msg.project, msg.session), 0) + 1
-    return counts
 
 
 def valid_name(value: str) -> bool:

@@ -97,6 +97,8 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
         "['seen', 'picked', 'failed', 'particles'].map(k => document.getElementById('summary-' + k).textContent)"
     )
     assert summary == [str(PICKED + 1), str(PICKED), "1", str(live.outputs().counts().particles)]
+    failed = b.evaluate("Array.from(document.querySelectorAll('#failures li')).map(li => li.textContent)")
+    assert len(failed) == 1 and failed[0].startswith("flat.mrc") and "constant" in failed[0], failed
     command = b.evaluate("document.getElementById('command').textContent")
     cutoff = live.outputs().counts().threshold
     assert cutoff is not None

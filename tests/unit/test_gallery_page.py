@@ -66,7 +66,10 @@ def test_page_data_agrees_with_the_star_files(tmp_path: Path) -> None:
         msg, image = _picks(tmp_path, i)
         outputs.apply(msg)
         gallery.add(msg.micrograph, image)
-    page = gallery.write_index(Tally(seen=4, failed=1))
+    # the picker gave up on two micrographs; one of them was replayed and picked since: one failed
+    gallery.record_failure(str(tmp_path / "data" / "bad.mrc"), "not an MRC file", time.time())
+    gallery.record_failure(outputs.micrographs()[0].micrograph, "transient", outputs.micrographs()[0].applied_at - 1)
+    page = gallery.write_index(Tally(seen=4))
     assert page == outputs.root / GALLERY_DIR / "index.html" and "<script>" in page.read_text()
     data = _session_data(gallery)
     assert (data["project"], data["session"], data["cutoff"]) == ("p", "s", None)
@@ -78,6 +81,7 @@ def test_page_data_agrees_with_the_star_files(tmp_path: Path) -> None:
         "candidates": outputs.counts().candidates,
     }
     assert sum(data["histogram"]["counts"]) == outputs.counts().candidates
+    assert [(f["name"], f["reason"]) for f in data["failures"]] == [("bad.mrc", "not an MRC file")]
     for m in data["micrographs"]:
         rows = starfile.read(outputs.coordinates_dir / f"{m['key']}_autopick.star")
         c = _candidates(gallery, m["key"])

@@ -48,13 +48,16 @@ def page_html() -> str:
     return files("cryomae.gallery").joinpath("page.html").read_text(encoding="utf-8")
 
 
+FAILURES_NAME = "failures.json"
+FAILURES_KEPT = 1000  # failed micrographs remembered per session (the newest)
+FAILURES_SHOWN = 200  # of which the page lists the newest
+
+
 @dataclass(frozen=True)
 class Tally:
-    """Counts the writer cannot know itself: micrographs the watcher published for the session, and those that
-    failed (dead-lettered before they were picked). None: not known here."""
+    """What the writer cannot know itself: micrographs the watcher published for the session (None: not known)."""
 
     seen: int | None = None
-    failed: int | None = None
 
 
 def read_pixels(micrograph: str, roots: Sequence[Path], max_pixels: int) -> tuple[np.ndarray | None, str | None]:
@@ -139,6 +142,25 @@ class SessionGallery:
         picture = draw(thumb, entry.diameter, xy[c.scores >= c.cutoff], xy[near_cutoff(c.scores, c.cutoff)])
         save_image(picture, self.picks_path(entry.key))
 
+    def record_failure(self, micrograph: str, reason: str, failed_at: float) -> None:
+        """A micrograph of the session was dead-lettered by the picker (``PickFailed``): remember it for the page."""
+        kept = [f for f in self._failures() if f["micrograph"] != micrograph]
+        kept.append({"micrograph": micrograph, "reason": reason, "failed_at": failed_at})
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_text(self.root / FAILURES_NAME, json.dumps(kept[-FAILURES_KEPT:], allow_nan=False) + "\n")
+
+    def _failures(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads((self.root / FAILURES_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or damaged: the page's list starts again
+            return []
+        return [f for f in data if isinstance(f, dict) and {"micrograph", "reason", "failed_at"} <= f.keys()]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The failed micrographs not picked since they failed (a replay that succeeded takes one off), oldest first."""
+        picked = {e.micrograph: e.applied_at for e in self.outputs.micrographs()}
+        return [f for f in self._failures() if picked.get(f["micrograph"], -math.inf) < f["failed_at"]]
+
     def remove_temp_files(self) -> int:
         """Delete the temporary files a crash left mid-write (hidden ``.*.tmp`` beside the gallery's files)."""
         removed = 0
@@ -204,6 +226,7 @@ class SessionGallery:
                     "version_token": e.message_id[:16],
                 }
             )
+        failures = self.failures()
         cutoffs = [e.threshold for e in entries]
         project, session = self.outputs.owner or (self.outputs.root.parent.name, self.outputs.root.name)
         return {
@@ -217,10 +240,19 @@ class SessionGallery:
             "summary": {
                 "seen": tally.seen,
                 "picked": counts.micrographs,
-                "failed": tally.failed,
+                "failed": len(failures),
                 "particles": counts.particles,
                 "candidates": counts.candidates,
             },
             "histogram": {"lo": lo, "hi": hi, "counts": counts_hist.tolist()},
+            "failures": [
+                {
+                    "name": Path(f["micrograph"]).name,
+                    "path": f["micrograph"],
+                    "reason": f["reason"],
+                    "at": f["failed_at"],
+                }
+                for f in reversed(failures[-FAILURES_SHOWN:])
+            ],
             "micrographs": micrographs,
         }

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import structlog
 
 from cryomae.errors import CryomaeError, TransientError
+from cryomae.messages import REASON_CHARS
 from cryomae.messaging.base import Envelope, Handler
 
 log = structlog.get_logger("cryomae.messaging")
@@ -22,9 +23,6 @@ log = structlog.get_logger("cryomae.messaging")
 DELIVERY_LIMIT = 5
 REASON_HEADER = "x-cryomae-reason"
 QUEUE_HEADER = "x-cryomae-queue"
-# Longest dead-letter reason, in characters: a header must fit one AMQP frame (RabbitMQ: 128 KB), and a reason
-# is read by people. A longer one keeps its start and its end (``shorten``).
-REASON_CHARS = 4096
 
 
 def shorten(text: str, limit: int = REASON_CHARS) -> str:

@@ -21,7 +21,6 @@ from cryomae.messages import (
     TrainRequest,
     check_name,
     decode,
-    micrographs_by_session,
     valid_name,
 )
 from cryomae.messaging import open_broker, topology
@@ -327,7 +326,16 @@ def session_repick(settings: Settings, control: Control, project: str, session: 
 
 
 def _failed_by_session(control: Control) -> dict[tuple[str, str], int]:
-    return micrographs_by_session(env.body for env in control.dead_letters(topology.MICROGRAPHS, 10_000) or [])
+    counts: dict[tuple[str, str], int] = {}
+    for env in control.dead_letters(topology.MICROGRAPHS, 10_000) or []:
+        try:
+            msg = decode(env.body)
+        except InputError:
+            continue
+        if isinstance(msg, MicrographReady):
+            key = (msg.project, msg.session)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any]], queued: int | None) -> str:

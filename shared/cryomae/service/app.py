@@ -92,7 +92,7 @@ class App:
         if name == "writer":
             gallery = None
             if s.gallery.enabled:
-                tally = SessionTally(self.broker, s.state)
+                tally = SessionTally(s.state)
                 gallery = GalleryWorker(
                     size=s.gallery.size, max_pixels=s.max_micrograph_pixels, roots=s.roots(), tally=tally
                 )

@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cryomae.gallery.page import SessionGallery, Tally, read_pixels
-from cryomae.messages import micrographs_by_session
-from cryomae.messaging import topology
-from cryomae.messaging.base import Broker
+from cryomae.messages import PickFailed
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger
 from cryomae.service.watcher import WATCHER_STATE
@@ -34,13 +32,13 @@ from cryomae.watching.ledger import read_ledger
 log = get_logger("gallery")
 
 TallySource = Callable[[str, str], Tally]
-DEAD_LETTERS_COUNTED = 10_000  # dead letters read to count a session's failed micrographs
 
 
 @dataclass
 class _Work:
     outputs: SessionOutputs
     micrographs: dict[str, None] = field(default_factory=dict)  # ordered set
+    failures: list[PickFailed] = field(default_factory=list)
     redraw: bool = False
 
 
@@ -80,6 +78,12 @@ class GalleryWorker:
         """A micrograph's picks were written (new or re-picked): draw it and write the index."""
         with self._changed:
             self._queue(outputs).micrographs[micrograph] = None
+            self._changed.notify_all()
+
+    def failed(self, outputs: SessionOutputs, note: PickFailed) -> None:
+        """A micrograph of the session was dead-lettered by the picker: list it as failed and write the index."""
+        with self._changed:
+            self._queue(outputs).failures.append(note)
             self._changed.notify_all()
 
     def rethresholded(self, outputs: SessionOutputs, redraw: bool = True) -> None:
@@ -132,6 +136,8 @@ class GalleryWorker:
                 gallery = self._galleries[root] = SessionGallery(work.outputs, self.size)
                 gallery.remove_temp_files()
                 work.micrographs.update(dict.fromkeys(gallery.missing()))
+            for note in work.failures:
+                gallery.record_failure(note.micrograph, note.reason, note.failed_at)
             for micrograph in work.micrographs:
                 gallery.add(micrograph, self._pixels(micrograph))
             if work.redraw:
@@ -168,22 +174,13 @@ class GalleryWorker:
 
 
 class SessionTally:
-    """Seen from the watcher's ledger (when it is in this state folder), failed from the micrographs' dead letters,
-    counted again only when their number changed."""
+    """Micrographs seen, from the watcher's ledger when it is in this state folder (one process, or a shared
+    state volume); None where it is not."""
 
-    def __init__(self, broker: Broker, state: Path) -> None:
-        self.broker = broker
+    def __init__(self, state: Path) -> None:
         self.state = state
-        self._failed: dict[tuple[str, str], int] = {}
-        self._dead: int | None = None  # dead letters when they were last counted
 
     def __call__(self, project: str, session: str) -> Tally:
         _, summaries = read_ledger(self.state / WATCHER_STATE)
         summary = summaries.get((project, session))
-        queue = topology.dead_letters(topology.MICROGRAPHS)
-        dead = self.broker.depth(queue)
-        if dead != self._dead:
-            letters = self.broker.peek(queue, DEAD_LETTERS_COUNTED)
-            self._failed, self._dead = micrographs_by_session(env.body for env in letters), dead
-        seen = None if summary is None else summary.published
-        return Tally(seen=seen, failed=self._failed.get((project, session), 0))
+        return Tally(seen=None if summary is None else summary.published)

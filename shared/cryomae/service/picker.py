@@ -26,14 +26,15 @@ from cryomae.errors import CheckpointError, CryomaeError, InputError
 from cryomae.io import read_micrograph
 from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS
 from cryomae.io.roots import inside_roots
-from cryomae.messages import MicrographReady, ModelPublished, PicksReady
+from cryomae.messages import MicrographReady, ModelPublished, PickFailed, PicksReady
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
+from cryomae.messaging.delivery import REASON_CHARS, shorten
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.picking.threshold import SessionCutoff
 from cryomae.service import metrics
-from cryomae.service.handling import get_logger, handling
+from cryomae.service.handling import get_logger, handling, outcome_of
 from cryomae.store.projects import ProjectStore
 
 log = get_logger("picker")
@@ -85,7 +86,23 @@ class Picker:
                 self._pick(msg, out)
             except Exception as exc:
                 metrics.MICROGRAPHS_FAILED.labels(metrics.failure_reason(exc)).inc()
+                if outcome_of(exc, env.delivery_count) == "dead_letter":
+                    self._tell_writer(msg, exc)
                 raise
+
+    def _tell_writer(self, msg: MicrographReady, exc: BaseException) -> None:
+        """The micrograph is about to be dead-lettered: tell the writer, for the session page (best effort)."""
+        note = PickFailed(
+            project=msg.project,
+            session=msg.session,
+            micrograph=msg.path,
+            micrograph_id=msg.id,
+            reason=shorten(str(exc), REASON_CHARS),
+        )
+        try:
+            self.broker.publish(topology.PICKS, note)
+        except Exception as error:  # noqa: BLE001 (the dead letter keeps the reason; only the page misses it)
+            log.warning("pick_failed_not_sent", micrograph=msg.path, error=str(error))
 
     def _pick(self, msg: MicrographReady, out: dict[str, Any]) -> None:
         path = inside_roots(msg.path, self.roots)

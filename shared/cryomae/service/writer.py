@@ -1,4 +1,5 @@
-"""The writer: PicksReady and Rethreshold -> the session's STAR files (``cryomae.store.outputs``).
+"""The writer: PicksReady and Rethreshold -> the session's STAR files (``cryomae.store.outputs``); PickFailed -> the
+session page's list of failed micrographs.
 
 The picks queue has a single active consumer, so one writer writes a session at a time even with several
 replicas. One ``SessionOutputs`` per session stays open (opening one checks its particles STAR in full).
@@ -21,7 +22,7 @@ from typing import Any
 
 from cryomae.errors import InputError
 from cryomae.io.roots import inside_roots
-from cryomae.messages import PicksReady, Rethreshold
+from cryomae.messages import PickFailed, PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.service import metrics
@@ -61,10 +62,13 @@ class Writer:
                 self._sessions[key] = SessionOutputs(self.outputs / project / session)
             return self._sessions[key]
 
-    def check(self, msg: PicksReady | Rethreshold) -> None:
+    def check(self, msg: PicksReady | Rethreshold | PickFailed) -> None:
         """Refuse a message that names what does not exist or lies outside the data roots (InputError, so the
         broker dead-letters it with the reason), before any folder or file is created for it."""
         # project and session names were checked when the message was decoded (``messages.Name``)
+        if isinstance(msg, PickFailed):
+            self.store.get_project(msg.project)  # InputError: no project '...' in <store>
+            return
         if isinstance(msg, Rethreshold):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
             folder = self.outputs / msg.project / msg.session
@@ -89,10 +93,15 @@ class Writer:
             raise InputError(msg.micrograph, f"not a regular file ({path}); picks are written for micrograph files")
 
     def handle(self, env: Envelope) -> None:
-        with handling(log, env, (PicksReady, Rethreshold)) as h:
+        with handling(log, env, (PicksReady, Rethreshold, PickFailed)) as h:
             msg, out = h.message, h.fields
-            assert isinstance(msg, (PicksReady, Rethreshold))
+            assert isinstance(msg, (PicksReady, Rethreshold, PickFailed))
             self.check(msg)  # before anything is created for it
+            if isinstance(msg, PickFailed):  # for the session page only: the STAR files do not change
+                out["micrograph"] = msg.micrograph
+                if self.gallery is not None:
+                    self.gallery.failed(self.session(msg.project, msg.session), msg)
+                return
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
                 outputs = self.session(msg.project, msg.session)
