@@ -33,6 +33,7 @@ from tests.live.conftest import (
 )
 
 PICKED = 6
+ODD_NAME = "grid #1? <b>x & ü.mrc"
 CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
 SLIDER = "document.getElementById('cutoff')"
 SIZE = "document.getElementById('size')"
@@ -61,7 +62,11 @@ def session_page(tmp_path: Path) -> tuple[Live, Path]:
         # a micrograph the picker refuses (constant: nothing to pick on), dead-lettered: "failed" on the page
         write_mrc(live.data / "flat.mrc", np.zeros((256, 256), dtype=np.float32))
         shutil.move(live.data / "flat.mrc", live.session_folder / "flat.mrc")
-        for i in range(1, PICKED + 1):
+        # one name that URLs and HTML must escape: the page loads its files and shows it as text
+        odd = live.session_folder / ODD_NAME
+        shutil.copyfile(live.dataset.micrographs[1], live.data / "odd.part")
+        os.replace(live.data / "odd.part", odd)
+        for i in range(2, PICKED + 1):
             live.drop(i)
         wait_until(lambda: live.picked() == PICKED, what=f"{PICKED} micrographs picked")
         wait_until(lambda: app.broker.depth(MICS_DLQ) == 1, what="the flat micrograph dead-lettered")
@@ -89,6 +94,7 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
     for name, count, kept in cards:
         rows = len(starfile.read(entries[name].coordinate_file)) if entries[name].particles else 0
         assert int(count) == int(kept) == entries[name].particles == rows
+    assert ODD_NAME in [c[0] for c in cards] and b.evaluate("document.querySelectorAll('#grid b').length") == 0
     # the images load
     b.wait_for(f"{CARDS}.every(s => s.getAttribute('data-loaded'))")
     assert b.evaluate(f"{CARDS}.map(s => s.getAttribute('data-loaded'))") == ["1"] * PICKED
