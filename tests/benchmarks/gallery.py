@@ -12,6 +12,7 @@ For each size, ``--count`` synthetic micrographs (MRC, float32, noise with parti
 
     .venv/bin/python tests/benchmarks/gallery.py                     # about 2 minutes; prints a Markdown table
     .venv/bin/python tests/benchmarks/gallery.py --json docs/gallery-benchmark.json
+    .venv/bin/python tests/benchmarks/gallery.py --warm     # the micrographs left in the page cache
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _micrographs(folder: Path, size: int, count: int) -> list[Path]:
     paths = []
     for i in range(count):
         path = folder / f"mic_{size}_{i:03d}.mrc"
-        write_mrc(path, np.roll(base, i * 7, axis=1))  # distinct files: no page cache shared between them
+        # float32 (mode 2), as motion correction writes them; distinct files, so no page cache is shared
+        write_mrc(path, np.roll(base, i * 7, axis=1), dtype=np.float32)
         paths.append(path)
     return paths
 
@@ -77,7 +79,7 @@ def _drop_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def measure(work: Path, size: int, count: int, candidates: int, picture: int) -> dict[str, Any]:
+def measure(work: Path, size: int, count: int, candidates: int, picture: int, warm: bool) -> dict[str, Any]:
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = _micrographs(data, size, count)
@@ -91,7 +93,8 @@ def measure(work: Path, size: int, count: int, candidates: int, picture: int) ->
     star_s = (time.perf_counter() - started) / count
 
     # 2. the gallery's work alone, serially (on the outputs of 1)
-    _drop_cache(paths)
+    if not warm:
+        _drop_cache(paths)
     gallery = SessionGallery(outputs, picture)
     read_s = draw_s = 0.0
     for msg in messages:
@@ -106,7 +109,8 @@ def measure(work: Path, size: int, count: int, candidates: int, picture: int) ->
     index_s = time.perf_counter() - t0
 
     # 3. the writer with the gallery thread on
-    _drop_cache(paths)
+    if not warm:
+        _drop_cache(paths)
     live = SessionOutputs(work / "with-gallery" / "bench" / f"s{size}")
     worker = GalleryWorker(size=picture, max_pixels=MAX_PIXELS, roots=[data])
     worker.start()
@@ -141,17 +145,27 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1500, help="candidates per micrograph")
     parser.add_argument("--picture", type=int, default=512, help="picture size (gallery.size)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="leave the micrographs in the page cache, as after the picker read them on the same host "
+        "(default: evicted first, as from disk)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cryomae-gallery-bench-"))
     try:
-        rows = [measure(work / s, int(s), args.count, args.candidates, args.picture) for s in args.sizes.split(",")]
+        rows = [
+            measure(work / s, int(s), args.count, args.candidates, args.picture, args.warm)
+            for s in args.sizes.split(",")
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     header = (
         "| micrograph | STAR only | gallery added (read + draw) | index write | writer, gallery on | "
         "pictures finished |\n|---|---|---|---|---|---|"
     )
-    print(f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {args.candidates} candidates")
+    cache = "in the page cache" if args.warm else "evicted from the page cache"
+    print(f"{os.cpu_count()} CPU cores, {platform.machine()}, {args.candidates} candidates, micrographs {cache}")
     print(header)
     for r in rows:
         print(
@@ -161,7 +175,7 @@ def main() -> None:
             f"{r['writer_per_s_gallery_on']}/s | {r['pictures_per_s']}/s |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpus": os.cpu_count(), "warm": args.warm, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -368,15 +368,16 @@ def _checked_image(path: Path, pixels: np.ndarray) -> np.ndarray:
     if np.iscomplexobj(pixels):
         raise InputError(path, "image has complex pixel values")
     data = np.array(pixels, dtype=np.float32, order="C")
-    finite = np.isfinite(data)
-    if not finite.all():
+    lo, hi = data.min(), data.max()  # NaN propagates into both, and an infinity shows in one
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(data)
         n_nan = int(np.isnan(data).sum())
         n_inf = int(data.size - finite.sum()) - n_nan
         parts = [f"{n_nan} NaN"] if n_nan else []
         parts += [f"{n_inf} infinite"] if n_inf else []
         problem = f"image has {' and '.join(parts)} pixels (of {data.size}); the file is corrupt"
         raise InputError(path, problem)
-    if data.min() == data.max():
+    if lo == hi:
         raise InputError(path, f"image is constant (every pixel is {float(data.flat[0])}); nothing to pick")
     return data
 
