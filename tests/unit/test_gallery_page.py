@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import starfile
 from PIL import Image
 
-from cryomae.gallery.page import GALLERY_DIR, SessionGallery, Tally, read_pixels
+from cryomae.gallery.page import GALLERY_DIR, SessionGallery, read_pixels
 from cryomae.io import write_mrc
 from cryomae.messages import PicksReady
 from cryomae.service.gallery import GalleryWorker
@@ -59,6 +62,24 @@ def _picks(tmp: Path, i: int, threshold: float = 0.5) -> tuple[PicksReady, np.nd
     return msg, m.image
 
 
+@contextmanager
+def _worker(tmp_path: Path, **options: Any) -> Iterator[GalleryWorker]:
+    """A running gallery thread (128 px pictures, micrographs under tmp_path/data), stopped on the way out."""
+    worker = GalleryWorker(**{"size": 128, "max_pixels": 10**8, "roots": [tmp_path / "data"], **options})
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop(60)
+
+
+def _hand_over(worker: GalleryWorker, outputs: SessionOutputs, msg: PicksReady) -> None:
+    """What the writer does with a PicksReady: its STAR files, then the picture; waits until it is drawn."""
+    outputs.apply(msg)
+    worker.picked(outputs, msg.micrograph)
+    assert worker.wait_idle(60)
+
+
 def test_page_data_agrees_with_the_star_files(tmp_path: Path) -> None:
     outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
     gallery = SessionGallery(outputs, size=128)
@@ -69,7 +90,7 @@ def test_page_data_agrees_with_the_star_files(tmp_path: Path) -> None:
     # the picker gave up on two micrographs; one of them was replayed and picked since: one failed
     gallery.record_failure(str(tmp_path / "data" / "bad.mrc"), "not an MRC file", time.time())
     gallery.record_failure(outputs.micrographs()[0].micrograph, "transient", outputs.micrographs()[0].applied_at - 1)
-    page = gallery.write_index(Tally(seen=4))
+    page = gallery.write_index(seen=4)
     assert page == outputs.root / GALLERY_DIR / "index.html" and "<script>" in page.read_text()
     data = _session_data(gallery)
     assert (data["project"], data["session"], data["cutoff"]) == ("p", "s", None)
@@ -128,19 +149,15 @@ def test_a_micrograph_that_cannot_be_read_is_listed_without_a_picture(tmp_path: 
 def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_crash(tmp_path: Path) -> None:
     outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
 
-    def tally(project: str, session: str) -> Tally:
+    def seen(project: str, session: str) -> int | None:
         raise RuntimeError("ledger unreadable")  # counts are never worth failing the page for
 
-    worker = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"], tally=tally)
-    worker.start()
-    try:
+    with _worker(tmp_path, seen=seen) as worker:
         for i in range(4):
             msg, _ = _picks(tmp_path, i)
             outputs.apply(msg)
             worker.picked(outputs, msg.micrograph)
         assert worker.wait_idle(60)
-    finally:
-        worker.stop(60)
     gallery = SessionGallery(outputs, size=128)
     data = _session_data(gallery)
     assert [m["name"] for m in data["micrographs"]] == [f"mic_{i:03d}.mrc" for i in range(4)]
@@ -151,15 +168,8 @@ def test_the_worker_draws_what_the_writer_hands_over_and_catches_up_after_a_cras
     torn = gallery.root / "img" / ".mic_003.jpg.0123456789ab.tmp"  # a write cut short
     torn.write_bytes(b"half a JPEG")
     assert gallery.missing() == [str(tmp_path / "data" / "mic_002.mrc")]
-    again = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"])
-    again.start()
-    try:
-        msg, _ = _picks(tmp_path, 4)
-        outputs.apply(msg)
-        again.picked(outputs, msg.micrograph)
-        assert again.wait_idle(60)
-    finally:
-        again.stop(60)
+    with _worker(tmp_path) as again:
+        _hand_over(again, outputs, _picks(tmp_path, 4)[0])
     assert gallery.data_path("mic_002").is_file() and gallery.image_path("mic_002").is_file()
     assert not torn.exists()
     assert len(_session_data(gallery)["micrographs"]) == 5
@@ -198,15 +208,8 @@ def test_the_worker_counts_what_it_could_not_draw_and_carries_on(tmp_path: Path)
     outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
     unreadable = metrics.GALLERY_UNREADABLE._value.get()
     batches = metrics.GALLERY_SECONDS._sum.get()
-    worker = GalleryWorker(size=128, max_pixels=100, roots=[tmp_path / "data"])  # every micrograph too large
-    worker.start()
-    try:
-        msg, _ = _picks(tmp_path, 0)
-        outputs.apply(msg)
-        worker.picked(outputs, msg.micrograph)
-        assert worker.wait_idle(60)
-    finally:
-        worker.stop(60)
+    with _worker(tmp_path, max_pixels=100) as worker:  # every micrograph too large
+        _hand_over(worker, outputs, _picks(tmp_path, 0)[0])
     assert metrics.GALLERY_UNREADABLE._value.get() == unreadable + 1
     assert metrics.GALLERY_SECONDS._sum.get() > batches
     (m,) = _session_data(SessionGallery(outputs))["micrographs"]
@@ -215,13 +218,9 @@ def test_the_worker_counts_what_it_could_not_draw_and_carries_on(tmp_path: Path)
 
 def test_a_repick_replaces_the_micrographs_gallery_files(tmp_path: Path) -> None:
     outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
-    worker = GalleryWorker(size=128, max_pixels=10**8, roots=[tmp_path / "data"])
-    worker.start()
-    try:
+    with _worker(tmp_path) as worker:
         first, _ = _picks(tmp_path, 0)
-        outputs.apply(first)
-        worker.picked(outputs, first.micrograph)
-        assert worker.wait_idle(60)
+        _hand_over(worker, outputs, first)
         gallery = SessionGallery(outputs, size=128)
         (before,) = _session_data(gallery)["micrographs"]
         # a new model picks it again: other scores, a later pick
@@ -236,9 +235,26 @@ def test_a_repick_replaces_the_micrographs_gallery_files(tmp_path: Path) -> None
         assert outputs.apply(again).outcome == "replaced"
         worker.picked(outputs, again.micrograph)
         assert worker.wait_idle(60)
-    finally:
-        worker.stop(60)
     (after,) = _session_data(gallery)["micrographs"]
     assert after["key"] == before["key"] and after["model_version"] == "v2"
     assert after["version_token"] != before["version_token"]  # the page loads its pictures and candidates again
     assert _candidates(gallery, after["key"])["s"] == again.scores
+
+
+def test_a_failed_batch_is_drawn_again_with_the_sessions_next_one(tmp_path: Path) -> None:
+    from cryomae.service import metrics
+
+    outputs = SessionOutputs(tmp_path / "out" / "p" / "s")
+    blocker = outputs.root / GALLERY_DIR / "data"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the candidates folder goes")  # every candidates file fails to be written
+    failures = metrics.GALLERY_FAILURES._value.get()
+    with _worker(tmp_path) as worker:
+        first, _ = _picks(tmp_path, 0)
+        _hand_over(worker, outputs, first)
+        assert metrics.GALLERY_FAILURES._value.get() == failures + 1
+        blocker.unlink()
+        _hand_over(worker, outputs, _picks(tmp_path, 1)[0])
+    gallery = SessionGallery(outputs, size=128)
+    assert gallery.missing() == []  # the first micrograph too, though nothing named it again
+    assert [m["image"] is not None for m in _session_data(gallery)["micrographs"]] == [True, True]

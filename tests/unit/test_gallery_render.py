@@ -102,6 +102,8 @@ def test_bad_input_is_refused() -> None:
         thumbnail(np.zeros((8, 8), dtype=np.float32), 0.0)
     with pytest.raises(ConfigError):
         thumbnail(np.zeros((8, 8), dtype=np.float32), 10.0, size=0)
+    strip = thumbnail(np.arange(3 * 5000, dtype=np.float32).reshape(3, 5000), 4.0, size=500)  # thinner than a block
+    assert strip.factor == 10 and strip.grey.shape == (1, 500)
     thumb = thumbnail(np.ones((8, 8), dtype=np.float32), 4.0)
     with pytest.raises(InputError):
         draw(thumb, 4.0, kept=np.zeros((3, 3)))

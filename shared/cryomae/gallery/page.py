@@ -21,7 +21,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,20 @@ import numpy as np
 from PIL import Image
 
 from cryomae.errors import InputError
-from cryomae.gallery.render import NEAR_FRACTION, Thumbnail, draw, near_cutoff, save_image, thumbnail
+from cryomae.gallery.render import (
+    NEAR_FRACTION,
+    Thumbnail,
+    draw,
+    near_cutoff,
+    picture_factor,
+    picture_shape,
+    save_image,
+    thumbnail,
+)
 from cryomae.io.atomic import TEMP_FILE, atomic_output
 from cryomae.io.micrographs import read_micrograph
 from cryomae.io.roots import inside_roots
-from cryomae.store.outputs import MicrographEntry, SessionOutputs
+from cryomae.store.outputs import Candidates, MicrographEntry, SessionOutputs
 
 GALLERY_DIR = "gallery"
 INDEX_NAME = "index.html"
@@ -51,13 +59,6 @@ def page_html() -> str:
 FAILURES_NAME = "failures.json"
 FAILURES_KEPT = 1000  # failed micrographs remembered per session (the newest)
 FAILURES_SHOWN = 200  # of which the page lists the newest
-
-
-@dataclass(frozen=True)
-class Tally:
-    """What the writer cannot know itself: micrographs the watcher published for the session (None: not known)."""
-
-    seen: int | None = None
 
 
 def read_pixels(micrograph: str, roots: Sequence[Path], max_pixels: int) -> tuple[np.ndarray | None, str | None]:
@@ -110,11 +111,11 @@ class SessionGallery:
         """Write a micrograph's pictures (from ``image`` [H, W], its pixels; None when it could not be read:
         the page says so) and its candidates. The index is written by ``write_index``."""
         entry = self.outputs.entry(micrograph)
+        c = self.outputs.candidates(micrograph)
         if image is not None:
             thumb = thumbnail(image, entry.diameter, self.size)
             save_image(Image.fromarray(thumb.grey), self.image_path(entry.key))
-            self._draw_picks(entry, thumb)
-        c = self.outputs.candidates(micrograph)
+            self._draw_picks(entry, thumb, c)
         data = {
             "x": np.round(c.x, 1).tolist(),
             "y": np.round(c.y, 1).tolist(),
@@ -132,12 +133,12 @@ class SessionGallery:
                 continue
             with Image.open(plain) as im:
                 grey = np.asarray(im.convert("L"))
-            self._draw_picks(entry, Thumbnail(grey, self._factor(entry.shape), entry.shape))
+            thumb = Thumbnail(grey, picture_factor(entry.shape, self.size), entry.shape)
+            self._draw_picks(entry, thumb, self.outputs.candidates(entry.micrograph))
             done += 1
         return done
 
-    def _draw_picks(self, entry: MicrographEntry, thumb: Thumbnail) -> None:
-        c = self.outputs.candidates(entry.micrograph)
+    def _draw_picks(self, entry: MicrographEntry, thumb: Thumbnail, c: Candidates) -> None:
         xy = np.stack([c.x, c.y], axis=1).reshape(-1, 2)
         picture = draw(thumb, entry.diameter, xy[c.scores >= c.cutoff], xy[near_cutoff(c.scores, c.cutoff)])
         save_image(picture, self.picks_path(entry.key))
@@ -146,7 +147,6 @@ class SessionGallery:
         """A micrograph of the session was dead-lettered by the picker (``PickFailed``): remember it for the page."""
         kept = [f for f in self._failures() if f["micrograph"] != micrograph]
         kept.append({"micrograph": micrograph, "reason": reason, "failed_at": failed_at})
-        self.root.mkdir(parents=True, exist_ok=True)
         _write_text(self.root / FAILURES_NAME, json.dumps(kept[-FAILURES_KEPT:], allow_nan=False) + "\n")
 
     def _failures(self) -> list[dict[str, Any]]:
@@ -156,9 +156,10 @@ class SessionGallery:
             return []
         return [f for f in data if isinstance(f, dict) and {"micrograph", "reason", "failed_at"} <= f.keys()]
 
-    def failures(self) -> list[dict[str, Any]]:
-        """The failed micrographs not picked since they failed (a replay that succeeded takes one off), oldest first."""
-        picked = {e.micrograph: e.applied_at for e in self.outputs.micrographs()}
+    def failures(self, entries: list[MicrographEntry]) -> list[dict[str, Any]]:
+        """The failed micrographs not picked since they failed (a replay that succeeded takes one off), oldest first;
+        ``entries``: the session's micrographs (``SessionOutputs.micrographs``)."""
+        picked = {e.micrograph: e.applied_at for e in entries}
         return [f for f in self._failures() if picked.get(f["micrograph"], -math.inf) < f["failed_at"]]
 
     def remove_temp_files(self) -> int:
@@ -176,9 +177,10 @@ class SessionGallery:
         """Micrographs of the session whose candidates file is not written yet (e.g. after a crash)."""
         return [e.micrograph for e in self.outputs.micrographs() if not self.data_path(e.key).is_file()]
 
-    def write_index(self, tally: Tally | None = None) -> Path:
-        """Write session.js from the outputs (and the page when it differs); returns the page's path."""
-        _write_text(self.root / SESSION_DATA, f"window.CRYOMAE_GALLERY = {_json(self.session_data(tally))};\n")
+    def write_index(self, seen: int | None = None) -> Path:
+        """Write session.js from the outputs (and the page when it differs); returns the page's path. ``seen``:
+        micrographs the watcher published for the session, which the writer cannot know itself (None: unknown)."""
+        _write_text(self.root / SESSION_DATA, f"window.CRYOMAE_GALLERY = {_json(self.session_data(seen))};\n")
         html = page_html()
         if not self.index_path.is_file() or self.index_path.read_text(encoding="utf-8") != html:
             _write_text(self.index_path, html)
@@ -186,12 +188,8 @@ class SessionGallery:
 
     # ------------------------------------------------------------------------------------------ data
 
-    def _factor(self, shape: tuple[int, int]) -> int:
-        return max(1, math.ceil(max(shape) / self.size))
-
-    def session_data(self, tally: Tally | None = None) -> dict[str, Any]:
+    def session_data(self, seen: int | None = None) -> dict[str, Any]:
         """What session.js holds (also what the tests read)."""
-        tally = tally or Tally()
         entries = self.outputs.micrographs()
         counts = self.outputs.counts()
         scores = [self.outputs.candidates(e.micrograph).scores for e in entries]
@@ -200,8 +198,9 @@ class SessionGallery:
         counts_hist = np.histogram(every, bins=HISTOGRAM_BINS, range=(lo, hi if hi > lo else lo + 1.0))[0]
         micrographs = []
         for seq, e in enumerate(entries):
-            factor = self._factor(e.shape)
+            factor = picture_factor(e.shape, self.size)
             image = self.image_path(e.key)
+            drawn = image.is_file()
             micrographs.append(
                 {
                     "key": e.key,
@@ -218,15 +217,15 @@ class SessionGallery:
                     "shape": list(e.shape),
                     "diameter": e.diameter,
                     "factor": factor,
-                    "thumb": [max(1, e.shape[0] // factor), max(1, e.shape[1] // factor)],
-                    "image": image.relative_to(self.root).as_posix() if image.is_file() else None,
-                    "image_problem": None if image.is_file() else "no picture: the micrograph could not be read",
+                    "thumb": list(picture_shape(e.shape, factor)),
+                    "image": image.relative_to(self.root).as_posix() if drawn else None,
+                    "image_problem": None if drawn else "no picture: the micrograph could not be read",
                     "picks_image": self.picks_path(e.key).relative_to(self.root).as_posix(),
                     "data": self.data_path(e.key).relative_to(self.root).as_posix(),
                     "version_token": e.message_id[:16],
                 }
             )
-        failures = self.failures()
+        failures = self.failures(entries)
         cutoffs = [e.threshold for e in entries]
         project, session = self.outputs.owner or (self.outputs.root.parent.name, self.outputs.root.name)
         return {
@@ -238,7 +237,7 @@ class SessionGallery:
             "median_cutoff": float(np.median(cutoffs)) if cutoffs else None,
             "near_fraction": NEAR_FRACTION,
             "summary": {
-                "seen": tally.seen,
+                "seen": seen,
                 "picked": counts.micrographs,
                 "failed": len(failures),
                 "particles": counts.particles,

@@ -33,6 +33,8 @@ __all__ = [
     "Thumbnail",
     "draw",
     "near_cutoff",
+    "picture_factor",
+    "picture_shape",
     "render_preview",
     "save_image",
     "thumbnail",
@@ -85,6 +87,16 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     return np.round(scaled * 255.0).astype(np.uint8)
 
 
+def picture_factor(shape: tuple[int, int], size: int) -> int:
+    """Original pixels per picture pixel: the whole factor that brings the longer side to at most ``size``."""
+    return max(1, math.ceil(max(shape) / size))
+
+
+def picture_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(rows, columns) of the picture of a micrograph of ``shape`` shrunk by ``factor``."""
+    return max(1, shape[0] // factor), max(1, shape[1] // factor)
+
+
 def thumbnail(image: np.ndarray, diameter: float, size: int = 512, lowpass_sigma: float | None = None) -> Thumbnail:
     """Shrink ``image`` [H, W] so that its longer side is at most ``size`` (never enlarged), low-pass filter it
     (``lowpass_sigma`` in original pixels, default ``diameter / 10``, 0 for none) and stretch it to uint8."""
@@ -96,8 +108,10 @@ def thumbnail(image: np.ndarray, diameter: float, size: int = 512, lowpass_sigma
     if size < 1:
         raise ConfigError(f"the picture size must be at least 1 pixel, got {size}")
     h, w = img.shape
-    factor = max(1, math.ceil(max(h, w) / size))
-    rows, cols = max(1, h // factor), max(1, w // factor)
+    factor = picture_factor((h, w), size)
+    rows, cols = picture_shape((h, w), factor)
+    if h < factor or w < factor:  # a strip thinner than one block: its edge repeated to fill the block
+        img = np.pad(img, ((0, max(0, factor - h)), (0, max(0, factor - w))), mode="edge")
     if factor == 1:
         small = img.astype(np.float32, copy=False)
     else:

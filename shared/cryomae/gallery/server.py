@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import http.server
 import io
-import os
 import posixpath
 import threading
 import urllib.parse
@@ -94,6 +93,7 @@ class GalleryHandler(http.server.SimpleHTTPRequestHandler):
         if found is None:
             self.send_error(404, "not found")
             return None
+        # a file inside the folder, symlinks resolved: the base class opens it (and never lists a folder)
         self.path = "/" + urllib.parse.quote(found.relative_to(self.root).as_posix())
         return super().send_head()
 
@@ -115,10 +115,6 @@ class GalleryHandler(http.server.SimpleHTTPRequestHandler):
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cryomae sessions</title></head>'
             f"<body><h1>cryomae sessions</h1><ul>{rows or '<li>no session pages yet</li>'}</ul></body></html>"
         )
-
-    def list_directory(self, path: str | os.PathLike[str]) -> None:
-        self.send_error(404, "not found")
-        return
 
 
 class GalleryServer(http.server.ThreadingHTTPServer):

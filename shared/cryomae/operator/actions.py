@@ -254,7 +254,8 @@ def session_outputs_dir(settings: Settings, project: str, session: str) -> Path:
 def gallery_build(settings: Settings, project: str, session: str) -> dict[str, Any]:
     """Draw a session's gallery again from its outputs (every picture, the candidates, the page), e.g. for a session
     written before the gallery existed; the outputs are only read. A running writer may write beside it."""
-    from cryomae.gallery.page import SessionGallery, Tally, read_pixels
+    from cryomae.gallery.page import SessionGallery, read_pixels
+    from cryomae.service.gallery import seen_in_ledger
 
     folder = session_outputs_dir(settings, project, session)
     if not folder.is_dir():
@@ -267,9 +268,7 @@ def gallery_build(settings: Settings, project: str, session: str) -> dict[str, A
         if problem is not None:
             unreadable.append({"micrograph": entry.micrograph, "problem": problem})
         gallery.add(entry.micrograph, pixels)
-    _, summaries = read_ledger(settings.state / WATCHER_STATE)
-    summary = summaries.get((project, session))
-    page = gallery.write_index(Tally(seen=None if summary is None else summary.published))
+    page = gallery.write_index(seen_in_ledger(settings.state, project, session))
     return {"page": str(page), "micrographs": len(entries), "unreadable": unreadable}
 
 

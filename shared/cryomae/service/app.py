@@ -20,13 +20,14 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from cryomae.errors import ConfigError, CryomaeError, TransientError
 from cryomae.messaging import Broker, open_broker, redact_url, topology
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
-from cryomae.service.gallery import GalleryWorker, SessionTally
+from cryomae.service.gallery import GalleryWorker, seen_in_ledger
 from cryomae.service.handling import get_logger
 from cryomae.service.inbox import Inbox
 from cryomae.service.metrics import HealthServer, register_gpu_metrics
@@ -92,9 +93,9 @@ class App:
         if name == "writer":
             gallery = None
             if s.gallery.enabled:
-                tally = SessionTally(s.state)
+                seen = partial(seen_in_ledger, s.state)
                 gallery = GalleryWorker(
-                    size=s.gallery.size, max_pixels=s.max_micrograph_pixels, roots=s.roots(), tally=tally
+                    size=s.gallery.size, max_pixels=s.max_micrograph_pixels, roots=s.roots(), seen=seen
                 )
             return Writer(self.broker, s.outputs, store=self.store, roots=s.roots(), gallery=gallery)
         if name == "trainer":

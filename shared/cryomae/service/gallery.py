@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomae.gallery.page import SessionGallery, Tally, read_pixels
+from cryomae.gallery.page import SessionGallery, read_pixels
 from cryomae.messages import PickFailed
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger
@@ -31,7 +31,7 @@ from cryomae.watching.ledger import read_ledger
 
 log = get_logger("gallery")
 
-TallySource = Callable[[str, str], Tally]
+SeenSource = Callable[[str, str], int | None]  # (project, session) -> micrographs the watcher published
 
 
 @dataclass
@@ -44,8 +44,8 @@ class _Work:
 
 class GalleryWorker:
     """Draws the galleries of the sessions the writer writes. ``size``: picture pixels; ``max_pixels``: the
-    largest micrograph read; ``roots``: the data roots a micrograph must still lie in; ``tally``: seen and failed
-    counts for the page's summary."""
+    largest micrograph read; ``roots``: the data roots a micrograph must still lie in; ``seen``: the count of
+    micrographs seen, for the page's summary (``seen_in_ledger``)."""
 
     def __init__(
         self,
@@ -53,12 +53,12 @@ class GalleryWorker:
         size: int,
         max_pixels: int,
         roots: Sequence[Path],
-        tally: TallySource | None = None,
+        seen: SeenSource | None = None,
     ) -> None:
         self.size = size
         self.max_pixels = max_pixels
         self.roots = [Path(r).resolve() for r in roots]
-        self.tally = tally
+        self.seen = seen
         self._work: dict[Path, _Work] = {}
         self._galleries: dict[Path, SessionGallery] = {}
         self._busy = False
@@ -86,11 +86,10 @@ class GalleryWorker:
             self._queue(outputs).failures.append(note)
             self._changed.notify_all()
 
-    def rethresholded(self, outputs: SessionOutputs, redraw: bool = True) -> None:
-        """The session's cutoff changed: draw every micrograph's picks again (``redraw``) and write the index."""
+    def rethresholded(self, outputs: SessionOutputs) -> None:
+        """The session's cutoff changed: draw every micrograph's picks again and write the index."""
         with self._changed:
-            work = self._queue(outputs)
-            work.redraw = work.redraw or redraw
+            self._queue(outputs).redraw = True
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -142,8 +141,9 @@ class GalleryWorker:
                 gallery.add(micrograph, self._pixels(micrograph))
             if work.redraw:
                 gallery.redraw_picks()
-            gallery.write_index(self._tally(gallery))
+            gallery.write_index(self._seen(gallery))
         except Exception as exc:  # noqa: BLE001 (the gallery never stops the writer; the STAR files are written)
+            self._galleries.pop(root, None)  # the next batch of this session draws what this one left undrawn
             metrics.GALLERY_FAILURES.inc()
             log.error("gallery_failed", session=str(root), error=f"{type(exc).__name__}: {exc}")
             return
@@ -163,24 +163,19 @@ class GalleryWorker:
             log.warning("gallery_unreadable", micrograph=micrograph, error=problem)
         return pixels
 
-    def _tally(self, gallery: SessionGallery) -> Tally | None:
-        if self.tally is None or gallery.outputs.owner is None:
+    def _seen(self, gallery: SessionGallery) -> int | None:
+        if self.seen is None or gallery.outputs.owner is None:
             return None
         try:
-            return self.tally(*gallery.outputs.owner)
-        except Exception as exc:  # noqa: BLE001 (counts for a page: never worth failing it)
-            log.warning("gallery_tally_failed", error=f"{type(exc).__name__}: {exc}")
+            return self.seen(*gallery.outputs.owner)
+        except Exception as exc:  # noqa: BLE001 (a count for a page: never worth failing it)
+            log.warning("gallery_seen_unknown", error=f"{type(exc).__name__}: {exc}")
             return None
 
 
-class SessionTally:
-    """Micrographs seen, from the watcher's ledger when it is in this state folder (one process, or a shared
-    state volume); None where it is not."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-
-    def __call__(self, project: str, session: str) -> Tally:
-        _, summaries = read_ledger(self.state / WATCHER_STATE)
-        summary = summaries.get((project, session))
-        return Tally(seen=None if summary is None else summary.published)
+def seen_in_ledger(state: Path, project: str, session: str) -> int | None:
+    """Micrographs the watcher published for a session, from its ledger in the state folder ``state`` (one process,
+    or a shared state volume); None where the ledger does not know the session."""
+    _, summaries = read_ledger(state / WATCHER_STATE)
+    summary = summaries.get((project, session))
+    return None if summary is None else summary.published

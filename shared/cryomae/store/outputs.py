@@ -176,9 +176,9 @@ class MicrographEntry:
     complete_at: float  # when the watcher judged the file complete
     picked_at: float
     applied_at: float  # when its rows were written: latency = applied_at - complete_at
-    key: str = ""  # names its files: coordinates/<key>_autopick.star, the gallery's images
-    diameter: float = 0.0  # particle diameter in pixels, as the picker sent it
-    shape: tuple[int, int] = (0, 0)  # micrograph (rows, columns)
+    key: str  # names its files: coordinates/<key>_autopick.star, the gallery's images
+    diameter: float  # particle diameter in pixels, as the picker sent it
+    shape: tuple[int, int]  # micrograph (rows, columns)
 
 
 @dataclass(frozen=True)
