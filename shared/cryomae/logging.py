@@ -1,5 +1,9 @@
 """structlog set-up: JSON lines when not on a terminal, readable key=value lines on one, or a log file.
 
+That default is for the long-running processes (``cryomae service``, ``cryomae run``), whose logs a collector
+reads. A one-shot command prints its result for a person or a script, so its log lines are readable text
+unless JSON is asked for explicitly (``--log-json``, or ``CRYOMAE_LOG_JSON`` true: ``json_asked``).
+
 With ``file`` the log goes to that file instead of stderr (appended, JSON lines unless ``json=False``), rotated
 when it reaches ``LOG_FILE_BYTES`` with ``LOG_FILE_BACKUPS`` old files kept (``FILE.1`` newest), so that a
 service left running for weeks neither floods a terminal nor fills a disk.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +22,12 @@ import structlog
 LOG_FILE_BYTES = 50 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 _FILE_LOGGER = "cryomae.logfile"
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})  # what the settings read as true in CRYOMAE_LOG_JSON
+
+
+def json_asked(flag: bool) -> bool:
+    """Whether JSON log lines were asked for explicitly: the ``--log-json`` flag, or ``CRYOMAE_LOG_JSON`` set true."""
+    return flag or os.environ.get("CRYOMAE_LOG_JSON", "").strip().lower() in _TRUE
 
 
 def _file_logger(path: Path) -> logging.Logger:

@@ -374,6 +374,10 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         )
         assert consistent(live)
         assert set(particle_rows(live)) < set(rows_before)
+        # `cryomae status` shows the session's cutoff now in force (the JSON in full, the table as %g)
+        assert session_row(ok_json(cli(live, "status", "--json")), SESSION)["threshold"] == high
+        shown = [line.split() for line in ok(cli(live, "status")).stdout.splitlines()]
+        assert [f"{PROJECT}/{SESSION}", f"{high:g}"] in [[row[0], row[-1]] for row in shown if row], shown
         assert all(fom > high - 1e-5 for fom in particles(live)["rlnAutopickFigureOfMerit"])
         ok(cli(live, "session", "rethreshold", "--project", PROJECT, "--session", SESSION, "--clear"))
         wait_until(
@@ -417,10 +421,12 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         # the status for people: the stopped session with its counts, the other one still watched
         text = ok(cli(live, "status")).stdout
         assert "one process (in-memory broker)" in text and "queues: all empty" in text
-        assert f"{PROJECT}: model {project['current_version']} (1 versions), training done" in text
+        assert f"{PROJECT}: model {project['current_version']} (1 version), training done" in text
         table = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith(f"{PROJECT}/")}
-        assert table[f"{PROJECT}/{SESSION}"] == ["no", "6", "6", "0", str(outputs(live).counts().particles)]
-        assert table[f"{PROJECT}/{OTHER}"] == ["yes", "1", "1", "0", str(outputs(live, OTHER).counts().particles)]
+        # the cutoff column: both sessions back at each micrograph's automatic cutoff (after --clear)
+        n, n_other = (str(outputs(live, name).counts().particles) for name in (SESSION, OTHER))
+        assert table[f"{PROJECT}/{SESSION}"] == ["no", "6", "6", "0", n, "automatic"]
+        assert table[f"{PROJECT}/{OTHER}"] == ["yes", "1", "1", "0", n_other, "automatic"]
         assert resolved(ignored) not in {e.micrograph for e in outputs(live).micrographs()}
 
         assert run.sigterm() == 0, run.tail()

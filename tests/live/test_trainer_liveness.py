@@ -49,7 +49,7 @@ def test_status_shows_a_dead_trainer_and_its_queued_request(rabbit: Live, tmp_pa
     wait_until(request_back, what="the training request back in its queue")
     text = ok(cli(live, "status")).stdout
     line = _project_line(text)
-    assert "training request queued" in line and "stopped" in line and "1 requests in the training queue" in line, text
+    assert "training request queued" in line and "stopped" in line and "1 request in the training queue" in line, text
     assert "trainer: not running" in text, text
     assert not any(t["alive"] for t in trainer_liveness(live.root / "store"))
 

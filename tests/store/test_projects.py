@@ -170,7 +170,7 @@ def test_diameter_defaults_to_the_projects_and_is_required_somewhere(store, mic,
     src = _star(tmp_path / "ex.star", centres[:6])
     assert store.add_exemplars("with_default", path, src, roots=[tmp_path]).diameter == 30.0
     assert store.add_exemplars("with_default", path, src, diameter=22.0, roots=[tmp_path]).diameter == 22.0
-    with pytest.raises(InputError, match="give the particle diameter"):
+    with pytest.raises(InputError, match=r"give the particle diameter \(--diameter\)"):
         store.add_exemplars("without", path, src, roots=[tmp_path])
     with pytest.raises(InputError, match="does not fit"):
         store.add_exemplars("without", path, src, diameter=500.0, roots=[tmp_path])

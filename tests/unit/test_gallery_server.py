@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cryomae.errors import InputError
-from cryomae.gallery.server import DEFAULT_HOST, make_server, serve_in_thread
+from cryomae.gallery.server import DEFAULT_HOST, INDEX_REFRESH_S, make_server, serve_in_thread
 
 
 @pytest.fixture
@@ -89,15 +89,48 @@ def test_it_is_read_only(served: tuple[Path, int], method: str) -> None:
     assert (root / "proj" / "sess" / "gallery" / "index.html").read_text() == "<html>the page</html>"
 
 
-def test_binds_this_host_by_default_and_refuses_a_missing_folder(tmp_path: Path) -> None:
+def test_binds_this_host_by_default_and_refuses_a_file(tmp_path: Path) -> None:
     assert DEFAULT_HOST == "127.0.0.1"
     server = make_server(tmp_path, port=0)
     try:
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.server_close()
-    with pytest.raises(InputError, match="no such folder"):
-        make_server(tmp_path / "missing", port=0)
+    (tmp_path / "a file").write_text("not a folder")
+    with pytest.raises(InputError, match="not a folder"):
+        make_server(tmp_path / "a file", port=0)
+
+
+def _write_page(session: Path) -> None:
+    """What the writer leaves once it has picked a session's first micrograph: its page."""
+    (session / "gallery").mkdir(parents=True)
+    (session / "gallery" / "index.html").write_text("<html>the page</html>")
+
+
+@pytest.mark.parametrize("scope", ["outputs", "session"])
+def test_it_starts_before_the_first_pick_and_lists_sessions_as_they_appear(tmp_path: Path, scope: str) -> None:
+    outputs = tmp_path / "outputs"  # not made yet: nothing was picked
+    session = outputs / "proj" / "sess"
+    root = outputs if scope == "outputs" else session
+    server = make_server(root, port=0)
+    serve_in_thread(server)
+    try:
+        port = int(server.server_address[1])
+        status, body = _get(port, "/")
+        assert status == 200 and b"No session yet" in body
+        assert f'<meta http-equiv="refresh" content="{INDEX_REFRESH_S}">'.encode() in body  # it reloads itself
+        assert b"<a href" not in body
+        assert _get(port, "/healthz") == (200, b"ok\n")
+        session.mkdir(parents=True)  # the writer's first files: still no page
+        assert b"No session yet" in _get(port, "/")[1]
+        _write_page(session)
+        status, body = _get(port, "/")
+        page = "proj/sess/gallery/index.html" if scope == "outputs" else "gallery/index.html"
+        assert status == 200 and f'href="{page}"'.encode() in body and b"No session yet" not in body
+        assert _get(port, "/" + page) == (200, b"<html>the page</html>")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_the_command_serves_a_session_and_says_where(tmp_path: Path) -> None:
@@ -126,3 +159,37 @@ def test_the_command_serves_a_session_and_says_where(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)  # reads and closes its stdout
+
+
+def test_the_command_starts_before_the_session_has_a_page_and_ctrl_c_exits_130(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    outputs = tmp_path / "outputs"  # the session has no page, and the outputs folder is not made yet
+    script = Path(sys.executable).with_name("cryomae")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "cryomae.operator.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRYOMAE_")}
+    args = ["gallery", "serve", "--outputs", str(outputs), "--project", "proj", "--session", "sess", "--port", "0"]
+    proc = subprocess.Popen(
+        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "read-only on http://localhost:" in first, first + proc.communicate(timeout=30)[1]
+        port = int(first.split("http://localhost:")[1].split("/")[0])
+        assert "no session page yet" in proc.stdout.readline()
+        assert b"No session yet" in _get(port, "/")[1]
+        _write_page(outputs / "proj" / "sess")
+        assert b'href="gallery/index.html"' in _get(port, "/")[1]
+        assert _get(port, "/gallery/index.html") == (200, b"<html>the page</html>")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "interrupted", err
+    assert rest == ""

@@ -6,7 +6,9 @@ It serves the files under one folder (the outputs folder, or one session's folde
 - a request's path is resolved (symlinks followed) and refused (404) unless it lies inside the folder, so
   ``..``, encoded ``%2e%2e``, absolute paths and symlinks out of the folder all end there;
 - hidden names (a segment starting with ``.``, e.g. the writer's ``.cryomae`` state) are never served;
-- folders are not listed; ``/`` is a page that links every session's gallery under the folder;
+- folders are not listed; ``/`` is a page that links every session's gallery under the folder, reloading itself
+  every ``INDEX_REFRESH_S`` seconds: it may start before the first pick (the folder empty, or not made yet) and
+  lists each session's page as the writer writes it;
 - ``/healthz`` answers ``ok`` (for Kubernetes probes).
 
 It binds 127.0.0.1 by default: the page shows micrograph paths and project names, and has no authentication.
@@ -29,6 +31,7 @@ from cryomae.gallery.page import GALLERY_DIR, INDEX_NAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+INDEX_REFRESH_S = 10  # the front page reloads itself: sessions appear on it as the writer writes their pages
 _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",  # the page is rewritten as the session runs
@@ -106,14 +109,21 @@ class GalleryHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
     def _sessions_page(self) -> str:
+        pages = session_pages(self.root)
         rows = "".join(
             f'<li><a href="{html.escape(urllib.parse.quote(p.relative_to(self.root).as_posix()))}">'
             f"{html.escape(p.parent.parent.relative_to(self.root).as_posix() or 'this session')}</a></li>"
-            for p in session_pages(self.root)
+            for p in pages
+        )
+        waiting = (
+            '<p id="none">No session yet: each session\'s page is listed here as soon as the writer has picked its '
+            "first micrograph.</p>"
         )
         return (
-            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cryomae sessions</title></head>'
-            f"<body><h1>cryomae sessions</h1><ul>{rows or '<li>no session pages yet</li>'}</ul></body></html>"
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="refresh" content="{INDEX_REFRESH_S}"><title>cryomae sessions</title></head>'
+            f'<body><h1>cryomae sessions</h1>{"" if pages else waiting}<ul id="sessions">{rows}</ul>'
+            f"<p>This page reloads every {INDEX_REFRESH_S} s.</p></body></html>"
         )
 
 
@@ -122,9 +132,12 @@ class GalleryServer(http.server.ThreadingHTTPServer):
 
 
 def make_server(root: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> GalleryServer:
-    """A server of ``root`` (not started: ``serve_forever``); ``port`` 0 takes a free one (``server_port``)."""
-    if not root.is_dir():
-        raise InputError(root, "no such folder to serve (the outputs folder, or a session's folder in it)")
+    """A server of ``root`` (not started: ``serve_forever``); ``port`` 0 takes a free one (``server_port``).
+
+    ``root`` may not exist yet (a session not picked yet, outputs not written yet): ``/`` says so until it does.
+    """
+    if root.exists() and not root.is_dir():
+        raise InputError(root, "not a folder (serve the outputs folder, or a session's folder in it)")
     return GalleryServer((host, port), partial(GalleryHandler, directory=str(root)))
 
 

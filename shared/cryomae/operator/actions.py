@@ -35,6 +35,7 @@ from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
+from cryomae.words import plural
 
 # ------------------------------------------------------------------------------------------------ results
 # What each action returns: typed for the CLI (and mypy), printed as is by ``--json``.
@@ -342,7 +343,7 @@ def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any
     if not training:
         return "never trained"
     state = str(training.get("state", "unknown"))
-    in_queue = "" if queued is None else f"; {queued} requests in the training queue"
+    in_queue = "" if queued is None else f"; {plural(queued, 'request')} in the training queue"
     if state == "failed":
         return f"training failed: {training.get('error', '?')}"
     if state == "queued":
@@ -516,16 +517,16 @@ def format_status(data: Status) -> str:
     lines.append("")
     lines.append("projects:" if data["projects"] else f"projects: none in the store {data['store']}")
     for p in data["projects"]:
-        waiting = f", {p['waiting']} micrographs waiting for a model" if p["waiting"] else ""
+        waiting = f", {plural(p['waiting'], 'micrograph')} waiting for a model" if p["waiting"] else ""
         lines.append(
-            f"  {p['project']}: model {p['current_version'] or '-'} ({len(p['versions'])} versions), "
+            f"  {p['project']}: model {p['current_version'] or '-'} ({plural(len(p['versions']), 'version')}), "
             f"{p['training_state']}{waiting}"
         )
     lines.append("")
     if not data["sessions"]:
         lines.append("sessions: none")
         return "\n".join(lines)
-    header = ("project/session", "watched", "seen", "picked", "failed", "particles")
+    header = ("project/session", "watched", "seen", "picked", "failed", "particles", "cutoff")
     rows = [
         (
             f"{s['project']}/{s['session']}",
@@ -534,6 +535,8 @@ def format_status(data: Status) -> str:
             str(s["picked"]),
             str(s["failed"]),
             str(s["particles"]),
+            # the session's cutoff (`cryomae session rethreshold`), else each micrograph's automatic one
+            "automatic" if s["threshold"] is None else f"{s['threshold']:g}",
         )
         for s in data["sessions"]
     ]
@@ -555,7 +558,8 @@ def format_dead_letters(data: DeadLetters) -> str:
     """``cryomae dlq list`` for people."""
     if not data["running"]:
         return f"{data['queue']}: unknown (no `cryomae run` process is running)"
-    lines = [f"{data['queue']}: {data['depth']} messages"]
+    depth = "depth unknown" if data["depth"] is None else plural(data["depth"], "message")
+    lines = [f"{data['queue']}: {depth}"]
     for m in data["messages"]:
         what = m.get("path") or m.get("micrograph") or m.get("exemplar_set") or m.get("body", "")
         lines.append(f"  {m.get('id', '?')} {m.get('kind', '?')} {what}\n    reason: {m['reason']}")

@@ -23,9 +23,10 @@ import structlog
 
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.errors import ConfigError, CryomaeError, InputError, TransientError
-from cryomae.logging import configure_logging
+from cryomae.logging import configure_logging, json_asked
 from cryomae.model.presets import PRESETS
 from cryomae.picking.threshold import THRESHOLD_RULES
+from cryomae.words import plural
 
 log = structlog.get_logger("cryomae.operator.cli")
 
@@ -114,9 +115,11 @@ def cmd_pick(args: argparse.Namespace) -> int:
     else:
         for row in summary["micrographs"]:
             print(
-                f"{row['micrograph']}: {row['picks']} picks (threshold {row['threshold']:.4f}, {row['seconds']:.2f} s)"
+                f"{row['micrograph']}: {plural(row['picks'], 'pick')} (threshold {row['threshold']:.4f}, "
+                f"{row['seconds']:.2f} s)"
             )
-        print(f"{summary['total_picks']} picks on {len(summary['micrographs'])} micrographs -> {args.out}")
+        on = plural(len(summary["micrographs"]), "micrograph")
+        print(f"{plural(summary['total_picks'], 'pick')} on {on} -> {args.out}")
     return 0
 
 
@@ -177,7 +180,8 @@ def cmd_encoder_pretrain(args: argparse.Namespace) -> int:
     values.update(_set_pairs(args.set or []))
     cfg = EncoderConfig(**values)
     out = args.out if args.out is not None else next_version(_settings(args).store / "encoders" / args.name)
-    print(f"pre-training a facility encoder on {len(files)} micrographs -> {out} (resumable: run again to go on)")
+    on = plural(len(files), "micrograph")
+    print(f"pre-training a facility encoder on {on} -> {out} (resumable: run again to go on)")
 
     def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
         print(
@@ -215,8 +219,8 @@ def cmd_encoder_list(args: argparse.Namespace) -> int:
         + (
             r["problem"]
             if "problem" in r
-            else f"{r['preset']}, {r['micrographs']} micrographs, "
-            f"{r['epochs']} epochs, {r['created']}, checksum {r['checksum']}"
+            else f"{r['preset']}, {plural(r['micrographs'], 'micrograph')}, "
+            f"{plural(r['epochs'], 'epoch')}, {r['created']}, checksum {r['checksum']}"
         )
         for r in rows
     )
@@ -287,8 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cryomae.operator.demo import DemoOptions, run_demo
 
-    # the demo prints its own progress; the services' per-message log lines only with --log-level INFO
-    configure_logging(args.log_level or "WARNING", json=True if args.log_json else None)
+    # the demo prints its own progress; the services' per-message log lines only with --log-level INFO, as text
+    configure_logging(args.log_level or "WARNING", json=json_asked(args.log_json))
     opts = DemoOptions(
         out=args.out,
         source=args.source,
@@ -345,7 +349,8 @@ def cmd_exemplars_add(args: argparse.Namespace) -> int:
         return ops.exemplars_add(settings, control, args.project, args.micrograph, args.coords, args.diameter)
 
     out = act(None) if args.no_train else _with_control(args, act)
-    lines = [f"exemplar set {out['exemplar_set']}: {out['exemplars']} exemplars, diameter {out['diameter']} px"]
+    counted = plural(out["exemplars"], "exemplar")
+    lines = [f"exemplar set {out['exemplar_set']}: {counted}, diameter {out['diameter']} px"]
     lines += [f"warning: {w}" for w in out["warnings"]]
     if out["training"]:
         lines.append(f"training requested ({out['training']['delivery']}); follow it with `cryomae status`")
@@ -395,11 +400,12 @@ def cmd_session_repick(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = _with_control(args, lambda c: ops.session_repick(settings, c, args.project, args.session, args.all))
     text = (
-        f"{out['micrographs']} micrographs of {out['project']}/{out['session']} to re-pick with model "
+        f"{plural(out['micrographs'], 'micrograph')} of {out['project']}/{out['session']} to re-pick with model "
         f"{out['model_version']} ({out['delivery']})"
     )
     if out["missing"]:
-        text += f"\n{len(out['missing'])} micrographs are no longer on disk: " + ", ".join(out["missing"][:5])
+        gone = plural(len(out["missing"]), "micrograph is", "micrographs are")
+        text += f"\n{gone} no longer on disk: " + ", ".join(out["missing"][:5])
     _print(args, out, text)
     return 0
 
@@ -421,14 +427,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         text = ops.format_dead_letters(out)
     elif args.action == "replay":
         out = _with_control(args, lambda c: ops.dlq_replay(c, args.queue, args.limit))
-        done = "requested" if out["replayed"] is None else f"{out['replayed']} messages moved back"
+        done = "requested" if out["replayed"] is None else f"{plural(out['replayed'], 'message')} moved back"
         text = f"{out['queue']}: replay {done} {out['note']}".rstrip()
     else:
         if not args.yes:
             print(f"purging deletes the dead letters of {args.queue} for good; add --yes", file=sys.stderr)
             return 2
         out = _with_control(args, lambda c: ops.dlq_purge(c, args.queue))
-        done = "requested" if out["purged"] is None else f"{out['purged']} messages deleted"
+        done = "requested" if out["purged"] is None else f"{plural(out['purged'], 'message')} deleted"
         text = f"{out['queue']}: purge {done} {out['note']}".rstrip()
     _print(args, out, text)
     return 0
@@ -453,7 +459,7 @@ def cmd_gallery_build(args: argparse.Namespace) -> int:
 
     out = gallery_build(_settings(args), args.project, args.session)
     problems = "".join(f"\n  no picture: {u['problem']}" for u in out["unreadable"])
-    _print(args, out, f"{out['micrographs']} micrographs drawn; open {out['page']}{problems}")
+    _print(args, out, f"{plural(out['micrographs'], 'micrograph')} drawn; open {out['page']}{problems}")
     return 0
 
 
@@ -472,10 +478,11 @@ def cmd_gallery_serve(args: argparse.Namespace) -> int:
     print(f"serving {root} read-only on {base}/ (Ctrl-C stops)", flush=True)
     for page in pages[:20]:
         print(f"  {base}/{page.relative_to(root).as_posix()}", flush=True)
+    if not pages:
+        made = "" if root.is_dir() else f" ({root} does not exist yet)"
+        print(f"  no session page yet{made}: {base}/ lists each one as the writer writes it", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()  # Ctrl-C: KeyboardInterrupt, which main() turns into exit 130 like every command
     finally:
         server.server_close()
     return 0
@@ -689,8 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
         "previews; the live services (service, run, demo); and the operator's commands (project, exemplars, "
         "session, status, dlq, config).",
     )
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO, or CRYOMAE_LOG_LEVEL)")
-    p.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
+    p.add_argument(
+        "--log-level",
+        help="DEBUG, INFO, WARNING or ERROR (default: `service` and `run` INFO or CRYOMAE_LOG_LEVEL; `train`, `pick`, "
+        "`example` and `encoder pretrain` INFO; every other command WARNING)",
+    )
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log JSON lines, also on a terminal (default: `service` and `run` off a terminal, or CRYOMAE_LOG_JSON; "
+        "every other command only with this flag or CRYOMAE_LOG_JSON=true)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
@@ -821,13 +837,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Long-running processes: JSON lines off a terminal by default (for a log collector), configured again from the
+# settings once they are read (``_log_from_settings``).
+_PROCESSES = frozenset({"service", "run"})
+# One-shot commands that do long work and report its progress in the log (training steps, each micrograph picked).
+_PROGRESS_IN_THE_LOG = frozenset({"train", "pick", "example", "encoder pretrain"})
+
+
+def _configure_command_logging(args: argparse.Namespace) -> None:
+    """A service logs JSON lines when its stderr is not a terminal. Every other command prints its own output for a
+    person or a script: its log lines are readable text, never JSON unless asked for (``--log-json`` or
+    ``CRYOMAE_LOG_JSON``), and only warnings and errors unless the command's progress is in the log (``train``,
+    ``pick``) or ``--log-level`` says otherwise; so ``cryomae status --json 2>&1`` is the status and nothing else."""
+    if args.command in _PROCESSES:
+        configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
+        return
+    name = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    default = "INFO" if args.command in _PROGRESS_IN_THE_LOG or name in _PROGRESS_IN_THE_LOG else "WARNING"
+    configure_logging(args.log_level or default, json=json_asked(args.log_json))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR1 PID` writes every thread's stack to stderr: what a stuck process is waiting for
     if sys.__stderr__ is not None:  # the process's own stderr, also while a caller captures sys.stderr
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level or "INFO", json=True if args.log_json else None)
+    _configure_command_logging(args)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

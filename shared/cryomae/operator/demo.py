@@ -40,6 +40,7 @@ from cryomae.service.inbox import queue_names
 from cryomae.settings import Settings
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
 from cryomae.store.projects import ProjectStore
+from cryomae.words import plural
 
 PROJECT = "demo"
 SESSION = "session01"
@@ -328,12 +329,13 @@ def format_report(r: dict[str, Any]) -> str:
     def lat(d: dict[str, Any]) -> str:
         if not d["n"]:
             return "none"
-        return f"p50 {d['p50_s']} s, p95 {d['p95_s']} s, max {d['max_s']} s over {d['n']} micrographs"
+        return f"p50 {d['p50_s']} s, p95 {d['p95_s']} s, max {d['max_s']} s over {plural(d['n'], 'micrograph')}"
 
     acc = r["accuracy"]
     score = (
-        f"precision {acc['precision']}, recall {acc['recall']}, F1 {acc['f1']} on {acc['micrographs']} micrographs "
-        f"({acc['picks']} picks, {acc['truth']} true particles; the reference micrograph excluded)"
+        f"precision {acc['precision']}, recall {acc['recall']}, F1 {acc['f1']} "
+        f"on {plural(acc['micrographs'], 'micrograph')} "
+        f"({plural(acc['picks'], 'pick')}, {plural(acc['truth'], 'true particle')}; the reference micrograph excluded)"
         if acc.get("micrographs")
         else "no micrographs to score"
     )
@@ -355,7 +357,7 @@ def format_report(r: dict[str, Any]) -> str:
             "",
             (
                 f"demo {'complete' if r['complete'] else 'INCOMPLETE'}: {r['picked']}/{r['micrographs']} micrographs "
-                f"picked, {r['particles']} particles, {r['dead_lettered']} dead-lettered, {r['wall_s']} s"
+                f"picked, {plural(r['particles'], 'particle')}, {r['dead_lettered']} dead-lettered, {r['wall_s']} s"
             ),
             f"  latency (file complete -> rows in the STAR): {headline}",
             f"  training: {r['training_s']} s{held}",

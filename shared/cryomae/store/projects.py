@@ -213,7 +213,7 @@ class ProjectStore:
     ) -> Project:
         """Create a project; with ``exist_ok`` an existing one is returned unchanged (its settings are kept)."""
         check_name(name, "project name")
-        _check_diameter(diameter, "project diameter")
+        _check_diameter(diameter, "project diameter (--diameter)")
         overrides = dict(train_overrides or {})
         try:
             cfg = TrainConfig(**overrides)
@@ -310,8 +310,10 @@ class ProjectStore:
         proj = self.get_project(project)
         diameter = proj.diameter if diameter is None else diameter
         if diameter is None:
-            raise InputError(None, f"give the particle diameter (project {project!r} has no default diameter)")
-        _check_diameter(diameter, "particle diameter")
+            raise InputError(
+                None, f"give the particle diameter (--diameter): project {project!r} has no default diameter"
+            )
+        _check_diameter(diameter, "particle diameter (--diameter)")
         mic_path = Path(os.path.abspath(micrograph))
         _inside_data_roots(mic_path, roots)  # the trainer checks it again when it reads the set
         coords_path = Path(coords)
