@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N: the one device setting, for picking and training alike"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for torch and the BLAS libraries (default: the CPUs this process may use, from its "
+        "affinity and its cgroup CPU quota; the Helm chart passes the container's CPU limit)",
+    )
     model_check_seconds: float = Field(10.0, gt=0, description="how often a picker checks for a new model version")
     pick_workers: int | None = Field(
         None,

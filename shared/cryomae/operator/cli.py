@@ -24,6 +24,7 @@ import structlog
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.errors import ConfigError, CryomaeError, InputError, TransientError
 from cryomae.logging import configure_logging, json_asked
+from cryomae.threads import configure_threads
 from cryomae.model.presets import PRESETS
 from cryomae.picking.threshold import THRESHOLD_RULES
 from cryomae.words import plural
@@ -259,6 +260,7 @@ def _serve(args: argparse.Namespace, names: Sequence[str]) -> int:
 
     settings = _settings(args)
     _log_from_settings(args, settings)
+    configure_threads(settings.threads)  # again: .env and the secrets folder may set it too
     code = serve(App(settings, names))
     # Everything is stopped and flushed; leave without the interpreter's teardown, in which native threads
     # (torch's pools) can abort the process and turn a clean stop into exit 134 for the supervisor.
@@ -864,6 +866,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_command_logging(args)
+    try:  # before anything loads torch: its pools read their size and wait policy once, when they load
+        configure_threads()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
