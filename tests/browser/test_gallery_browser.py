@@ -8,7 +8,9 @@ The screenshot is kept with the test's files (and copied to ``CRYOMAE_GALLERY_SC
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +39,23 @@ ODD_NAME = "grid #1? <b>x & ü.mrc"
 CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
 SLIDER = "document.getElementById('cutoff')"
 SIZE = "document.getElementById('size')"
+# each card's name, count, the count's noun, cutoff and time of picking, as the page shows them
+LABELS = (
+    "Array.from(document.querySelectorAll('#grid .card')).map(c => [c.getAttribute('data-micrograph'), "
+    "c.querySelector('.count').textContent, c.querySelector('.unit').textContent.trim(), "
+    "c.querySelector('.cutoff').textContent, c.querySelector('.when').textContent, "
+    "c.querySelectorAll('circle.kept').length])"
+)
+ISO_TIME = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}"
+
+
+def _iso_utc(t: float) -> str:
+    """A time as the page writes it (ISO form) in the browser's time zone, set to UTC by the test."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
+
+
+def _noun(count: int) -> str:
+    return "particle" if count == 1 else "particles"
 
 
 @pytest.fixture
@@ -95,6 +114,14 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
         rows = len(starfile.read(entries[name].coordinate_file)) if entries[name].particles else 0
         assert int(count) == int(kept) == entries[name].particles == rows
     assert ODD_NAME in [c[0] for c in cards] and b.evaluate("document.querySelectorAll('#grid b').length") == 0
+    # each card's count, its noun and its cutoff are those of the STAR files; its time of picking in ISO form
+    for name, count, unit, cutoff, picked, drawn in b.evaluate(LABELS):
+        e = entries[name]
+        assert (int(count), unit, cutoff, drawn) == (e.particles, _noun(e.particles), f"{e.threshold:.4f}", e.particles)
+        assert picked == f"picked {_iso_utc(e.picked_at)}", picked
+    assert re.fullmatch(f"updated {ISO_TIME} .*", b.evaluate("document.getElementById('updated').textContent"))
+    failed_at = b.evaluate("document.querySelector('#failures li span').textContent")
+    assert re.fullmatch(f"flat\\.mrc \u00b7 {ISO_TIME}", failed_at), failed_at
     # the images load
     b.wait_for(f"{CARDS}.every(s => s.getAttribute('data-loaded'))")
     assert b.evaluate(f"{CARDS}.map(s => s.getAttribute('data-loaded'))") == ["1"] * PICKED
@@ -131,6 +158,10 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
             f"document.querySelector('.card[data-micrograph=\"{name}\"] svg').querySelectorAll('circle.kept').length"
         )
         assert drawn == int(np.count_nonzero(c.scores >= shown))
+    # every card's count and cutoff follow the slider: the count is the picks drawn, the cutoff the slider's
+    assert b.evaluate("document.getElementById('cutoff-value').textContent") == f"{shown:.4f}"
+    for name, count, unit, cutoff, _, drawn in b.evaluate(LABELS):
+        assert (int(count), unit, cutoff) == (drawn, _noun(drawn), f"{shown:.4f}"), name
     # the picture size: larger cards
     width = "document.querySelector('#grid .card').getBoundingClientRect().width"
     small = b.evaluate(width)
@@ -142,7 +173,17 @@ def _check_page(b: Chromium, live: Live, url: str, screenshot: Path | None) -> N
     if screenshot is not None:
         b.screenshot(screenshot)
         assert screenshot.stat().st_size > 10_000
+    large = b.evaluate(
+        "(function (el) { return [el.querySelector('.count').textContent, el.querySelector('.cutoff').textContent, "
+        "el.querySelectorAll('circle.kept').length]; })(document.getElementById('large'))"
+    )
+    assert large == [str(large[2]), f"{shown:.4f}", large[2]]  # the large view follows the slider too
     b.evaluate("document.getElementById('large').click()")
+    # back to the cutoff in force: every card's count and cutoff are the STAR files' again
+    b.evaluate("document.getElementById('reset').click()")
+    for name, count, unit, cutoff, _, drawn in b.evaluate(LABELS):
+        e = entries[name]
+        assert (int(count), unit, cutoff, drawn) == (e.particles, _noun(e.particles), f"{e.threshold:.4f}", e.particles)
     assert not b.exceptions, b.exceptions
     errors = [m for m in b.console if m["type"] == "error"]
     assert not errors, errors
@@ -154,6 +195,7 @@ def test_the_session_page_works_in_a_browser_from_disk_and_from_the_server(
 ) -> None:
     live, page = session_page
     shot = tmp_path / "gallery.png"
+    browser.call("Emulation.setTimezoneOverride", timezoneId="UTC")  # the dates the page shows are checked in UTC
     _check_page(browser, live, page.as_uri(), None)
     browser.evaluate("document.getElementById('large').click()")
     server = make_server(live.root / "outputs", port=0)
