@@ -296,9 +296,59 @@ def _env(scenario: str, component: str) -> dict[str, str]:
     assert container["envFrom"] == [{"configMapRef": {"name": _settings_cm_name(scenario)}}]
     env = dict(_settings_cm(scenario))
     for item in container.get("env", []):
+        if item["name"] in FROM_RESOURCES:  # the downward API: Kubernetes fills it in (_threads_from)
+            continue
         assert "valueFrom" not in item, f"{component}: env {item['name']} from a reference"
         env[item["name"]] = item["value"]
     return env
+
+
+FROM_RESOURCES = {"CRYOMAE_THREADS"}
+
+
+def _threads_from(scenario: str, component: str) -> dict[str, Any] | None:
+    """The resourceFieldRef that CRYOMAE_THREADS comes from (None: not set, the process reads its cgroup)."""
+    container = _container(_deployment(scenario, component))
+    found = [item for item in container.get("env", []) if item["name"] == "CRYOMAE_THREADS"]
+    if not found:
+        return None
+    ref: dict[str, Any] = found[0]["valueFrom"]["resourceFieldRef"]
+    return ref
+
+
+def test_threads_follow_the_containers_cpu_limit_else_its_request() -> None:
+    """torch sizes itself to the node's cores: the chart hands each service its CPU share (downward API, whole
+    CPUs rounded up), the limit when there is one, else the request; with neither the process reads its cgroup."""
+    for component in _components("defaults"):
+        resources = _values("defaults")[component]["resources"]
+        ref = _threads_from("defaults", component)
+        if "cpu" in resources.get("limits", {}):
+            expected: str | None = "limits.cpu"
+        elif "cpu" in resources.get("requests", {}):
+            expected = "requests.cpu"
+        else:
+            expected = None
+        assert (ref or {}).get("resource") == expected, component
+        if ref is not None:
+            assert ref == {"containerName": component, "resource": expected, "divisor": "1"}
+
+    def rendered_env(values: dict[str, Any], component: str) -> list[dict[str, Any]]:
+        out = _render(values)
+        docs = [d for p, text in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+        (deployment,) = [
+            d
+            for d in docs
+            if d["kind"] == "Deployment"
+            and d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        ]
+        env: list[dict[str, Any]] = _container(deployment)["env"]
+        return env
+
+    limited = {"trainer": {"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "3500m", "memory": "8Gi"}}}}
+    (item,) = [e for e in rendered_env(limited, "trainer") if e["name"] == "CRYOMAE_THREADS"]
+    assert item["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    no_cpu = {"picker": {"resources": {"requests": {"cpu": None}, "limits": {"memory": "1Gi"}}}}  # null: removed
+    assert all(e["name"] != "CRYOMAE_THREADS" for e in rendered_env(no_cpu, "picker"))
 
 
 # ------------------------------------------------------------------------------------------ lint and schemas
