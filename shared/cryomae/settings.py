@@ -108,8 +108,14 @@ class Settings(BaseSettings):
         "projects and model versions, so only this host by default (the container images and the Helm chart "
         "set 0.0.0.0, behind their network and a NetworkPolicy)",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least level logged")
-    log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a terminal)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="least level logged by `cryomae run` and the services (other commands: --log-level)"
+    )
+    log_json: bool | None = Field(
+        None,
+        description="JSON log lines (default: `cryomae run` and the services when stderr is not a terminal; other "
+        "commands only when true)",
+    )
     log_file: Path | None = Field(
         None, description="write the services' log to this file (appended, rotated at 50 MB, 5 kept; default stderr)"
     )

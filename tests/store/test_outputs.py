@@ -9,6 +9,7 @@ micrograph with no picks.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,46 @@ def test_same_file_name_in_two_folders_gets_two_coordinate_files(tmp_path: Path)
     assert len(read_autopick(first.coordinate_file)) == 1 and len(read_autopick(second.coordinate_file)) == 2
     files = [str(first.coordinate_file), str(second.coordinate_file)]
     assert list(read_index(out)["rlnMicrographCoordinates"]) == files
+
+
+def _relion31_coordinate_file(micrograph_name: str, coord_dir: str, coord_suffix: str) -> str:
+    """Where RELION 3.1's ``relion_preprocess --extract --coord_dir D --coord_suffix S`` looks for the coordinates of
+    a micrograph its micrographs STAR names ``micrograph_name`` (3.1 has no ``--coord_list``): D, then the name with
+    its leading ``<Job>/jobNNN/`` folders dropped (the whole name when it has none) and its extension replaced by S.
+    """
+    parts = micrograph_name.split("/")
+    job = next((i for i in range(1, len(parts) - 1) if re.fullmatch(r"job\d{3}.*", parts[i])), None)
+    rest = "/".join(parts if job is None else parts[job + 1 :])
+    return coord_dir.rstrip("/") + "/" + rest.rsplit(".", 1)[0] + coord_suffix
+
+
+def test_relion_3_1_finds_each_file_with_coord_dir_and_coord_suffix(tmp_path: Path) -> None:
+    """The command the docs give for RELION 3.1, ``--coord_dir <session>/coordinates/ --coord_suffix _autopick.star``,
+    finds the file of a micrograph RELION names ``<Job>/jobNNN/<stem>.mrc``; one in a sub-folder of the job is found
+    through a folder of links that mirrors it; every file carries the labels RELION 3.1 reads."""
+    project = tmp_path / "relion"
+    out = SessionOutputs(tmp_path / "proj" / "s1", name_root=project)
+    flat = out.apply(picks(f"{project}/MotionCorr/job002/FoilHole_1_Data_1.mrc", [0.9, 0.2, 0.6]))
+    deeper = out.apply(picks(f"{project}/MotionCorr/job002/Movies/FoilHole_2_Data_1.mrc", [0.7]))
+    names = list(read_index(out)["rlnMicrographName"])
+    assert names == ["MotionCorr/job002/FoilHole_1_Data_1.mrc", "MotionCorr/job002/Movies/FoilHole_2_Data_1.mrc"]
+
+    found = _relion31_coordinate_file(names[0], f"{out.coordinates_dir}/", AUTOPICK_SUFFIX)
+    assert Path(found) == flat.coordinate_file and Path(found).is_file()
+    # in a sub-folder of the job, RELION 3.1 looks in the same sub-folder of --coord_dir: the links the docs give
+    # (mkdir -p links/Movies && ln -s <session>/coordinates/*_autopick.star links/Movies/) mirror it
+    assert not Path(_relion31_coordinate_file(names[1], f"{out.coordinates_dir}/", AUTOPICK_SUFFIX)).exists()
+    (tmp_path / "links" / "Movies").mkdir(parents=True)
+    for file in out.coordinates_dir.glob(f"*{AUTOPICK_SUFFIX}"):
+        (tmp_path / "links" / "Movies" / file.name).symlink_to(file)
+    linked = Path(_relion31_coordinate_file(names[1], str(tmp_path / "links"), AUTOPICK_SUFFIX))
+    assert linked.resolve() == deeper.coordinate_file.resolve()
+
+    for result in (flat, deeper):  # one data block, a loop with RELION's labels only: X, Y and the figure of merit
+        lines = result.coordinate_file.read_text().splitlines()
+        labels = [line for line in lines if line.startswith("_")]
+        assert "data_" in lines and "loop_" in lines
+        assert labels[:2] == ["_rlnCoordinateX #1", "_rlnCoordinateY #2"] and "_rlnAutopickFigureOfMerit #4" in labels
+        assert all(label.startswith("_rln") for label in labels)
+        table = read_autopick(result.coordinate_file)
+        assert len(table) == result.rows and (table["rlnAutopickFigureOfMerit"] >= 0.5).all()
