@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cryomae.service.trainer import trainer_liveness
+from cryomae.service.heartbeats import trainer_liveness
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import DIAMETER, PROJECT, TINY_TRAINING, Live, wait_until
 from tests.live.test_cli_ops import add_exemplars, alive_while, cli, ok, ok_json, rabbit, service

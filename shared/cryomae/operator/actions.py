@@ -27,8 +27,8 @@ from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER
 from cryomae.operator.control import BrokerControl, Control, SpoolControl
+from cryomae.service.heartbeats import trainer_liveness
 from cryomae.service.inbox import DLQ_LISTED
-from cryomae.service.trainer import trainer_liveness
 from cryomae.service.watcher import WATCHER_STATE
 from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs

@@ -21,7 +21,6 @@ import numpy as np
 import structlog
 
 from cryomae.config import PickConfig, TrainConfig
-from cryomae.device import resolve_device
 from cryomae.errors import InputError
 from cryomae.evaluation.metrics import Evaluation, evaluate
 from cryomae.io.atomic import write_json
@@ -34,9 +33,6 @@ from cryomae.io.writers import (
     write_coordinates,
     write_particles_star,
 )
-from cryomae.model.checkpoint import load_model, save_model
-from cryomae.picking.picker import pick_micrograph, session_cutoff
-from cryomae.training.train import train_model
 
 log = structlog.get_logger("cryomae.operator.workflows")
 RUN_FILE = "pick_run.json"
@@ -52,6 +48,10 @@ def train_from_files(
     unlabeled: Sequence[Path] = (),
 ) -> Path:
     """Validate the inputs, train, and write a model directory."""
+    # torch only in the commands that compute with it (train, pick, example): evaluate and preview start without
+    from cryomae.model.checkpoint import save_model
+    from cryomae.training.train import train_model
+
     mic = read_micrograph(reference)
     ex = read_coordinates(coords)
     for warning in check_exemplars(ex, mic.shape, coords):
@@ -67,6 +67,10 @@ def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: Pic
 
     A micrograph that cannot be read is reported and skipped; the others are still picked and written.
     """
+    from cryomae.device import resolve_device
+    from cryomae.model.checkpoint import load_model
+    from cryomae.picking.picker import pick_micrograph, session_cutoff
+
     stems: dict[str, Path] = {}
     for path in micrographs:
         if path.stem in stems:

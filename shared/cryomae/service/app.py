@@ -27,14 +27,10 @@ from cryomae.errors import ConfigError, CryomaeError, TransientError
 from cryomae.messaging import Broker, open_broker, redact_url, topology
 from cryomae.messaging.journal import Journal
 from cryomae.messaging.memory import MemoryBroker
-from cryomae.service.gallery import GalleryWorker, seen_in_ledger
 from cryomae.service.handling import get_logger
 from cryomae.service.inbox import Inbox
 from cryomae.service.metrics import HealthServer, register_gpu_metrics
-from cryomae.service.picker import Picker
-from cryomae.service.trainer import Trainer
 from cryomae.service.watcher import WatcherService
-from cryomae.service.writer import Writer
 from cryomae.settings import Settings
 from cryomae.store.projects import ProjectStore
 
@@ -89,8 +85,13 @@ class App:
         self._started = False
 
     def _build(self, name: str) -> Service:
+        # Each service's code is imported here, by the process that runs it: a watcher never loads the writer's
+        # imaging libraries, and only the picker and the trainer load torch (and register the GPU's gauges).
         s = self.settings
         if name == "writer":
+            from cryomae.service.gallery import GalleryWorker, seen_in_ledger
+            from cryomae.service.writer import Writer
+
             gallery = None
             if s.gallery.enabled:
                 seen = partial(seen_in_ledger, s.state)
@@ -98,11 +99,17 @@ class App:
                     size=s.gallery.size, max_pixels=s.max_micrograph_pixels, roots=s.roots(), seen=seen
                 )
             return Writer(self.broker, s.outputs, store=self.store, roots=s.roots(), gallery=gallery)
+        if name in ("picker", "trainer"):
+            register_gpu_metrics()
         if name == "trainer":
+            from cryomae.service.trainer import Trainer
+
             return Trainer(
                 self.broker, self.store, s.train, s.device, max_pixels=s.max_micrograph_pixels, roots=s.roots()
             )
         if name == "picker":
+            from cryomae.service.picker import Picker
+
             return Picker(
                 self.broker,
                 self.store,
@@ -126,7 +133,6 @@ class App:
             raise
 
     def start(self) -> None:
-        register_gpu_metrics()
         self.build()
         try:
             wait_for_broker(self.broker, self.settings.broker_wait_seconds, self.settings.broker.url)

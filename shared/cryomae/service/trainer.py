@@ -10,7 +10,7 @@ Stopping the trainer (SIGTERM, Ctrl-C) interrupts a training at its next step: t
 training queue unacknowledged (``TrainingInterruptedError``), its status becomes ``queued``, and the next trainer
 to run trains it again. While it runs, the trainer writes a heartbeat file, ``<store>/.trainers/<id>.json``,
 every ``HEARTBEAT_S`` seconds, so that ``cryomae status`` can tell a training in progress from one whose
-trainer is gone (``trainer_liveness``).
+trainer is gone (``cryomae.service.heartbeats``).
 """
 
 from __future__ import annotations
@@ -35,39 +35,12 @@ from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.model.checkpoint import save_model
 from cryomae.service import metrics
-from cryomae.service.handling import get_logger, handling, pid_running
+from cryomae.service.handling import get_logger, handling
+from cryomae.service.heartbeats import HEARTBEAT_KEEP_S, HEARTBEAT_S, heartbeat_file, trainer_liveness
 from cryomae.store.projects import ProjectStore
 from cryomae.training.train import TrainingInterruptedError, train_model
 
 log = get_logger("trainer")
-
-HEARTBEAT_S = 5.0  # how often a running trainer refreshes its heartbeat file
-HEARTBEAT_STALE_S = 3 * HEARTBEAT_S  # a heartbeat older than this: that trainer is not running
-HEARTBEATS = ".trainers"  # folder of the heartbeat files in the project store
-HEARTBEAT_KEEP_S = 24 * 3600.0  # a starting trainer deletes the heartbeats of trainers silent for longer
-
-
-def trainer_liveness(store_root: Path, now: float | None = None) -> list[dict[str, Any]]:
-    """Every trainer heartbeat in the store: id, host, pid, age_s, alive, and the request in hand (if any)."""
-    now = time.time() if now is None else now
-    rows = []
-    folder = Path(store_root) / HEARTBEATS
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-            age = max(0.0, now - float(data["time"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # being replaced, or not ours
-        alive = age <= HEARTBEAT_STALE_S and not _gone(data)
-        rows.append({**data, "age_s": round(age, 1), "alive": alive})
-    return rows
-
-
-def _gone(heartbeat: dict[str, Any]) -> bool:
-    """Whether a heartbeat's process is known to have ended (it ran on this host and its pid is gone)."""
-    if heartbeat.get("host") != socket.gethostname():
-        return False  # another host (a pod): only the heartbeat's age tells
-    return not pid_running(heartbeat.get("pid"))
 
 
 class Trainer:
@@ -175,7 +148,7 @@ class Trainer:
         self._cancel.clear()
         for old in trainer_liveness(self.store.root):
             if old["age_s"] > HEARTBEAT_KEEP_S:
-                (self.store.root / HEARTBEATS / f"{old['id']}.json").unlink(missing_ok=True)
+                heartbeat_file(self.store.root, old["id"]).unlink(missing_ok=True)
         self._beat()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="trainer-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -192,7 +165,7 @@ class Trainer:
         self._heartbeat_file().unlink(missing_ok=True)
 
     def _heartbeat_file(self) -> Path:
-        return self.store.root / HEARTBEATS / f"{self.id}.json"
+        return heartbeat_file(self.store.root, self.id)
 
     def _beat(self) -> None:
         path = self._heartbeat_file()
