@@ -9,6 +9,7 @@ A library call takes one of these. A process reads them as sections of its ``Set
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +90,19 @@ class TrainConfig(BaseModel):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         return self
+
+    def planned_steps(self) -> dict[str, int]:
+        """The optimizer steps of each stage, in the order they run (the trainer's estimate of the time left)."""
+        return {
+            "pretrain": stage_steps(self.pretrain_regions, self.batch_size, self.pretrain_epochs),
+            "scs_train": stage_steps(self.n_unlabeled, min(self.unlabeled_per_step, self.n_unlabeled), self.epochs),
+        }
+
+
+def stage_steps(n: int, per_step: int, epochs: int) -> int:
+    """Steps of a training stage: ``epochs`` passes over ``n`` items, ``per_step`` items a step (the last one
+    shorter)."""
+    return math.ceil(n / per_step) * epochs if n else 0
 
 
 class PickConfig(BaseModel):

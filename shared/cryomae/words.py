@@ -11,3 +11,25 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """``count`` with its noun: ``1 version``, ``0 versions``, ``3 versions``; ``nouns`` for irregular plurals
     (``plural(n, "request is", "requests are")``)."""
     return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def time_left(seconds: float) -> str:
+    """An estimate of the time left, rounded as a person would say it: ``about 40 s left``, ``about 3 min left``,
+    ``about 1 h 20 min left``."""
+    s = max(0.0, seconds)
+    if s < 57.5:  # to the nearest 5 s
+        return f"about {max(5, round(s / 5) * 5)} s left"
+    if s < 3570:  # to the nearest minute
+        return f"about {max(1, round(s / 60))} min left"
+    hours, minutes = divmod(round(s / 60), 60)
+    return f"about {hours} h {minutes} min left" if minutes else f"about {hours} h left"
+
+
+def training_progress(training: dict[str, object]) -> str:
+    """A training's progress from its status (``training.json``): the stage and step, and the time left when the
+    trainer estimated it (``pretrain 96/320, about 2 min left``); empty before the first step."""
+    progress = str(training.get("progress") or "")
+    eta = training.get("eta_s")
+    if progress and isinstance(eta, int | float):
+        return f"{progress}, {time_left(float(eta))}"
+    return progress

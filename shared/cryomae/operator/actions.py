@@ -35,7 +35,7 @@ from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
-from cryomae.words import plural
+from cryomae.words import plural, training_progress
 
 # ------------------------------------------------------------------------------------------------ results
 # What each action returns: typed for the CLI (and mypy), printed as is by ``--json``.
@@ -350,7 +350,7 @@ def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any
         why = f" ({training['interrupted']})" if training.get("interrupted") else ""
         return f"training queued{why}{in_queue}"
     if state == "training":
-        progress = f" ({training['progress']})" if training.get("progress") else ""
+        progress = f" ({training_progress(training)})" if training.get("progress") else ""
         owner = training.get("trainer")
         beats = [t for t in trainers if owner is None or t.get("id") == owner]
         if any(t["alive"] for t in beats):

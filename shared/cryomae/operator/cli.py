@@ -305,6 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         preset=args.preset,
         diameter=args.diameter,
         train_overrides=_set_pairs(args.set or []),
+        stall_s=args.stall_limit,
     )
     report = run_demo(opts, progress=None if args.json else print)
     if args.json:
@@ -591,6 +592,14 @@ def _add_live_parsers(sub: Any) -> None:
     d.add_argument("--preset", choices=list(PRESETS), default="fast", help="model preset (default fast)")
     d.add_argument("--diameter", type=float, help="particle diameter in px (a --source folder without dataset.json)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="training hyperparameter override (repeat)")
+    d.add_argument(
+        "--stall-limit",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="give up when nothing (a micrograph written, a training step, a pick) has happened for this long "
+        "(default 900); there is no limit while the session progresses",
+    )
     d.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("project", help="create and list projects").add_subparsers(dest="action", required=True)

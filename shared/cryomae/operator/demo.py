@@ -33,6 +33,7 @@ from cryomae.errors import ConfigError, InputError
 from cryomae.evaluation.metrics import evaluate
 from cryomae.gallery.page import GALLERY_DIR, INDEX_NAME
 from cryomae.io import Coordinates, read_coordinates, write_coordinates, write_mrc
+from cryomae.messaging import topology
 from cryomae.operator import actions as ops
 from cryomae.operator.control import BrokerControl
 from cryomae.service.app import App
@@ -40,7 +41,7 @@ from cryomae.service.inbox import queue_names
 from cryomae.settings import Settings
 from cryomae.store.outputs import MicrographEntry, SessionOutputs
 from cryomae.store.projects import ProjectStore
-from cryomae.words import plural
+from cryomae.words import plural, time_left, training_progress
 
 PROJECT = "demo"
 SESSION = "session01"
@@ -60,7 +61,10 @@ class DemoOptions:
     preset: str = "fast"
     diameter: float | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)  # on top of the preset and the source's
-    timeout_s: float = 1800.0
+    # no fixed limit while the session progresses: the demo gives up only when nothing (a micrograph written, a
+    # training step, a pick) has happened for stall_s seconds; timeout_s is an overall limit for benchmarks
+    stall_s: float = 900.0
+    timeout_s: float | None = None
     hold_for_model: bool = True  # pause the feed after the exemplars until the model is published
 
 
@@ -178,7 +182,8 @@ def _score(entries: list[MicrographEntry], source: Source, reference: str) -> di
 
 
 def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Play the session, wait until every micrograph is picked (or ``timeout_s``), and return the report."""
+    """Play the session, wait until every micrograph is picked (or nothing has progressed for ``stall_s``, or
+    ``timeout_s`` has passed), and return the report."""
     say = progress or (lambda _line: None)
     out = opts.out.resolve()
     _prepare_out(out)
@@ -246,40 +251,59 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         ops.session_start(settings, control, PROJECT, SESSION, session_folder, "*.mrc", True)
         feeder = threading.Thread(target=feed, name="demo-feeder", daemon=True)
         feeder.start()
-        deadline = time.monotonic() + opts.timeout_s
-        last = ""
+        began = last_change = time.monotonic()
+        last, seen, stopped = "", None, ""
+        dead_letters = topology.dead_letters(topology.MICROGRAPHS)
         while True:
             app.check()
             if feeder_error:
                 raise feeder_error[0]
             entries = session_entries(settings)
-            picked = len(entries)
+            picked, failed = len(entries), app.broker.depth(dead_letters)
             version = store.current_version(PROJECT)
+            training = store.training_status(PROJECT) or {}
             if version is not None:
                 model = version
+            elif training.get("state") == "failed":
+                stopped = "nothing can be picked without a model (`cryomae status` shows the training's error)"
+                break
             elif registered_at:
-                training = store.training_status(PROJECT) or {}
-                model = f"training ({training['progress']})" if training.get("progress") else "training (starting)"
+                model = f"training ({training_progress(training) or 'starting'})"
             else:
                 model = "- (exemplars not registered yet)"
+            now = time.monotonic()
+            if (state := (len(written), picked, failed, training.get("progress"), version)) != seen:
+                seen, last_change = state, now
+            left = _time_left(entries, count, len(written), opts.interval_s, version)
             line = (
-                f"demo: written {len(written)}/{count}, picked {picked}, particles "
-                f"{sum(e.particles for e in entries)}, model {model}"
+                f"demo: written {len(written)}/{count}, picked {picked}, "
+                f"{plural(sum(e.particles for e in entries), 'particle')}, model {model}"
+                + (f", {plural(failed, 'micrograph')} dead-lettered" if failed else "")
+                + (f"; {left}" if left else "")
             )
             if line != last:
                 say(line)
                 last = line
-            if picked >= count or time.monotonic() > deadline:
+            if picked >= count:
+                break
+            if picked + failed >= count:
+                stopped = f"{plural(failed, 'micrograph was', 'micrographs were')} dead-lettered (`cryomae dlq list`)"
+                break
+            if now - last_change > opts.stall_s:
+                stopped = f"nothing progressed for {opts.stall_s:g} s (no micrograph written, training step or pick)"
+                break
+            if opts.timeout_s is not None and now - began > opts.timeout_s:
+                stopped = f"the demo's time limit of {opts.timeout_s:g} s ran out"
                 break
             time.sleep(0.5)  # progress display cadence
         finished = time.time()
-        failed = len(control.dead_letters("micrographs", 1000))
     finally:
         stopping.set()
         app.stop()
     entries = session_entries(settings)
     training = ops.status_projects(settings)[0]["training"] or {}
     model_at = float(training.get("finished", finished))
+    page = (settings.outputs / PROJECT / SESSION / GALLERY_DIR / INDEX_NAME).resolve()
     live = [e.applied_at - e.complete_at for e in entries if e.complete_at >= model_at]
     backlog = [e.applied_at - e.complete_at for e in entries if e.complete_at < model_at]
     after = [e for e in entries if e.applied_at >= model_at]
@@ -296,6 +320,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
     ]
     report = {
         "complete": len(entries) >= count,
+        "unfinished": None if len(entries) >= count else _unfinished(count, len(entries), training, stopped),
         "source": source.name,
         "broker": opts.broker.split("@")[-1],
         "micrographs": count,
@@ -305,6 +330,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         "interval_s": opts.interval_s,
         "wall_s": round(finished - started, 1),
         "training_s": None if training.get("seconds") is None else round(float(training["seconds"]), 1),
+        "training": training_report(training),
         "feed_held_s": round(sum(held), 1),
         "throughput_per_min": None if span <= 0 else round(len(after) / span * 60.0, 1),
         "backlog_per_min": None if drain <= 0 else round(len(waited) / drain * 60.0, 1),
@@ -313,11 +339,43 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = print) 
         "latency_backlog": _percentiles(backlog),
         "accuracy": _score(entries, source, source.micrographs[0].stem),
         "outputs": str(settings.outputs / PROJECT / SESSION),
-        "gallery": str((settings.outputs / PROJECT / SESSION / GALLERY_DIR / INDEX_NAME).resolve()),
+        "gallery": str(page) if page.is_file() else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(format_report(report))
     return report
+
+
+def _time_left(entries: list[MicrographEntry], count: int, written: int, interval_s: float, version: str | None) -> str:
+    """The demo's time left once the model is picking: the feed's remaining micrographs at the microscope's pace,
+    or the micrographs not yet picked at the picker's pace so far, whichever is longer (empty before the model,
+    when the training's own estimate is shown, and before the first pick)."""
+    if version is None or not entries or len(entries) >= count:
+        return ""
+    times = sorted(e.applied_at for e in entries)
+    pace = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else interval_s
+    return time_left(max((count - written) * interval_s, (count - len(entries)) * pace))
+
+
+def training_report(training: dict[str, Any]) -> str:
+    """The training in a few words for the report: its time, or how far it got and why it stopped."""
+    state = training.get("state")
+    if not training:
+        return "not started (no exemplars registered)"
+    if state == "done" and training.get("seconds") is not None:
+        return f"{float(training['seconds']):.1f} s"
+    if state == "failed":
+        return f"failed: {training.get('error', 'no reason given')}"
+    progress = training_progress(training)
+    return f"not finished ({progress})" if progress else "not finished (no training step done)"
+
+
+def _unfinished(count: int, picked: int, training: dict[str, Any], stopped: str) -> str:
+    """What did not finish and why, in one sentence for the operator."""
+    what = f"{count - picked} of {plural(count, 'micrograph')} not picked"
+    if training.get("state") != "done":
+        what += f"; training {training_report(training)}"
+    return f"{what}: {stopped or 'the demo was stopped'}"
 
 
 def session_entries(settings: Settings) -> list[MicrographEntry]:
@@ -352,6 +410,22 @@ def format_report(r: dict[str, Any]) -> str:
         "none (no micrograph was picked)",
     )
     held = f" (the feed paused {r['feed_held_s']} s for it)" if r.get("feed_held_s") else ""
+    pace = f" (the microscope's pace here: {60.0 / r['interval_s']:.0f}/min)" if r["interval_s"] > 0 else ""
+    backlog = (
+        f"picked at {r['backlog_per_min']} micrographs/min once the model was published (capacity)"
+        if r["backlog_per_min"] is not None
+        else "not measured (no micrograph waited for the model and was picked)"
+    )
+    throughput = (
+        f"{r['throughput_per_min']} micrographs/min{pace}"
+        if r["throughput_per_min"] is not None
+        else "not measured (fewer than two micrographs picked after the model)"
+    )
+    page = (
+        f"{r['gallery']} (open it in a browser, or `cryomae gallery serve`)"
+        if r["gallery"]
+        else "not written (no micrograph was picked)"
+    )
     return "\n".join(
         [
             "",
@@ -359,18 +433,16 @@ def format_report(r: dict[str, Any]) -> str:
                 f"demo {'complete' if r['complete'] else 'INCOMPLETE'}: {r['picked']}/{r['micrographs']} micrographs "
                 f"picked, {plural(r['particles'], 'particle')}, {r['dead_lettered']} dead-lettered, {r['wall_s']} s"
             ),
+            *([] if r["complete"] else [f"  what did not finish: {r.get('unfinished')}"]),
             f"  latency (file complete -> rows in the STAR): {headline}",
-            f"  training: {r['training_s']} s{held}",
+            f"  training: {r.get('training') or r['training_s']}{held}",
             f"  latency (file complete -> rows in the STAR), arriving after the model: {lat(r['latency_live'])}",
             f"  latency once the backlog was picked (nothing queued before them): {lat(r['latency_caught_up'])}",
             f"  latency of the micrographs that waited for the model: {lat(r['latency_backlog'])}",
-            f"  backlog picked at {r['backlog_per_min']} micrographs/min once the model was published (capacity)",
-            f"  throughput after the model: {r['throughput_per_min']} micrographs/min "
-            f"(the microscope's pace here: {60.0 / r['interval_s']:.0f}/min)"
-            if r["interval_s"] > 0
-            else f"  throughput after the model: {r['throughput_per_min']} micrographs/min",
+            f"  backlog: {backlog}",
+            f"  throughput after the model: {throughput}",
             f"  accuracy: {score}",
             f"  outputs: {r['outputs']}",
-            f"  session page: {r['gallery']} (open it in a browser, or `cryomae gallery serve`)",
+            f"  session page: {page}",
         ]
     )

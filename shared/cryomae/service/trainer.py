@@ -92,13 +92,21 @@ class Trainer:
                 micrograph, coords = exemplars.read_inputs(self.max_pixels, roots=self.roots)
                 cfg = self.config_for(msg.project)
 
+                planned = cfg.planned_steps()
+
                 def report(stage: str, step: int, total: int, losses: dict[str, float]) -> None:
+                    # the stages' steps cost about the same on one device: the time left is the steps left at the
+                    # pace so far (which follows the machine's load as it changes)
+                    stages = list(planned)
+                    before = sum(planned[s] for s in stages[: stages.index(stage)]) if stage in planned else 0
+                    done, steps = before + step, max(sum(planned.values()), before + total)
+                    elapsed = time.time() - started
                     status["progress"] = f"{stage} {step}/{total}"
+                    status["fraction"] = round(done / steps, 4)
+                    status["eta_s"] = round(elapsed / max(done, 1) * (steps - done), 1)
                     status["losses"] = losses
                     self.store.write_training_status(msg.project, status)
-                    # pre-training is the first half of the progress, SCS training the second
-                    done = (0.0 if stage == "pretrain" else 0.5) + 0.5 * step / max(total, 1)
-                    metrics.TRAINING_PROGRESS.labels(msg.project).set(done)
+                    metrics.TRAINING_PROGRESS.labels(msg.project).set(done / steps)
                     for name, value in losses.items():
                         metrics.TRAINING_LOSS.labels(msg.project, stage, name).set(value)
 

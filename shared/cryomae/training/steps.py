@@ -16,6 +16,7 @@ import numpy as np
 import structlog
 import torch
 
+from cryomae.config import stage_steps
 from cryomae.device import autocast
 from cryomae.errors import TransientError
 
@@ -103,7 +104,7 @@ class TrainingLoop:
         """Train; ``batch(indices)`` builds a step's input (outside autocast), ``loss(input)`` returns the loss to
         minimise and the figures to log. Returns each step's figures."""
         steps_per_epoch = math.ceil(n / self.per_step) if n else 0
-        total = steps_per_epoch * self.epochs
+        total = stage_steps(n, self.per_step, self.epochs)
         if total == 0:
             return []
         opt = adamw(model, self.lr, self.weight_decay)
