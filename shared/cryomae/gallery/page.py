@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cryomae.errors import InputError
+from cryomae.gallery.layout import GALLERY_DIR, INDEX_NAME
 from cryomae.gallery.render import (
     NEAR_FRACTION,
     Thumbnail,
@@ -44,8 +45,6 @@ from cryomae.io.micrographs import read_micrograph
 from cryomae.io.roots import inside_roots
 from cryomae.store.outputs import Candidates, MicrographEntry, SessionOutputs
 
-GALLERY_DIR = "gallery"
-INDEX_NAME = "index.html"
 SESSION_DATA = "session.js"
 HISTOGRAM_BINS = 80
 _FORMAT = 1

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cryomae.errors import InputError
-from cryomae.gallery.page import GALLERY_DIR, INDEX_NAME
+from cryomae.gallery.layout import GALLERY_DIR, INDEX_NAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

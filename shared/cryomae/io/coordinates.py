@@ -15,13 +15,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import starfile
 
 from cryomae.errors import InputError
+
+if TYPE_CHECKING:  # pandas and starfile are imported only to read a STAR file: the services' start-up skips them
+    import pandas as pd
 
 COORDINATE_SUFFIXES: tuple[str, ...] = (".star", ".box", ".csv")
 
@@ -122,6 +123,9 @@ def _columns_text(columns: Sequence[object]) -> str:
 
 def _read_star(path: Path) -> Coordinates:
     """The first block of a STAR file that has coordinate columns (a loop, or key/value pairs for one row)."""
+    import pandas as pd
+    import starfile
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pandas/starfile internals; the result is validated below

@@ -25,8 +25,6 @@ from typing import Literal, get_args
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.ndimage import uniform_filter1d
-from skimage.filters import threshold_otsu
 
 from cryomae.errors import ConfigError, InputError
 
@@ -134,6 +132,8 @@ def knn_cutoff(
         return float(s[-1])
     d = knn_mean_distances(s, k)  # [N]
     if smooth >= 2:
+        from scipy.ndimage import uniform_filter1d  # here, not at the top: the CLI reads this module's registry
+
         d = uniform_filter1d(d, size=smooth, mode="nearest")
     rate = np.abs(np.diff(d))  # [N-1]
     lo = min(min_picks - 1, n - 2)
@@ -154,6 +154,8 @@ def otsu_cutoff(scores: np.ndarray) -> float:
     lowest = float(s.min())
     if lowest == float(s.max()):
         return lowest
+    from skimage.filters import threshold_otsu  # here, not at the top: the CLI reads this module's registry
+
     t = float(threshold_otsu(s))
     above = s[s > t]
     return float(above.min()) if len(above) else float(s.max())
