@@ -49,10 +49,8 @@ def test_unfixable_files_are_dead_lettered_at_once_and_a_truncated_one_is_shown_
         ops.exemplars_add(settings, control, PROJECT, live.dataset.micrographs[0], exemplars, None)
         wait_until(lambda: store.current_version(PROJECT) is not None, what="the project's first model")
         dlq = topology.dead_letters(topology.MICROGRAPHS)
-        started = time.monotonic()
         ops.session_start(settings, control, PROJECT, SESSION, folder, "*.mrc", True)
         wait_until(lambda: app.broker.depth(dlq) == 2, QUICK, "the not-MRC file and the symlink dead-lettered")
-        assert time.monotonic() - started < QUICK < GIVE_UP
         wait_until(lambda: live.picked() == 1, QUICK, "the good micrograph picked")
 
         listed = ops.dlq_list(control, topology.MICROGRAPHS, 100)

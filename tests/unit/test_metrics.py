@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -102,17 +101,16 @@ def test_matching_agrees_with_brute_force() -> None:
     np.testing.assert_array_equal(match_picks(picks, scores, truth, 20.0), _reference_match(picks, scores, truth, 20.0))
 
 
-def test_matching_is_fast() -> None:
+def test_matching_a_crowded_micrograph_gives_one_true_pick_per_particle_at_most() -> None:
+    """10,000 picks on 1,000 particles (three near each, the rest anywhere); its speed is measured in
+    tests/benchmarks/speed.py --matching, not here."""
     rng = np.random.default_rng(1)
     truth = rng.uniform(0, 4000, size=(1000, 2))
     picks = np.concatenate([truth + rng.normal(0, 5, size=truth.shape)] * 3 + [rng.uniform(0, 4000, (7000, 2))])
     scores = rng.uniform(size=len(picks))
-    start = time.perf_counter()
     flags = match_picks(picks, scores, truth, diameter=100.0)
-    elapsed = time.perf_counter() - start
     assert len(flags) == 10_000
     assert 900 <= flags.sum() <= 1000  # one TP per particle at most
-    assert elapsed < 1.0
 
 
 def test_score_ratios_worked_example() -> None:
