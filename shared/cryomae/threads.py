@@ -85,13 +85,13 @@ def cgroup_cpu_limit(proc: Path = Path("/proc/self"), cgroup_root: Path = Path("
                 if quota is not None:
                     limits.append(quota)
         elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own hierarchy
-            mount = next(
+            v1 = next(
                 (cgroup_root / name for name in (controllers, "cpu", "cpu,cpuacct") if (cgroup_root / name).is_dir()),
                 None,
             )
-            if mount is None:
+            if v1 is None:
                 continue
-            for folder in _ancestors(mount, relative):
+            for folder in _ancestors(v1, relative):
                 quota = _v1_quota(folder)
                 if quota is not None:
                     limits.append(quota)
