@@ -10,8 +10,11 @@ store, state and outputs folder with the in-memory broker; their cost is the chi
 RabbitMQ, ``cryomae run`` with the in-memory broker, ``cryomae gallery serve``) start ``--service-runs`` times
 each, idle; once one answers ready (``/readyz`` 200, the gallery's ``/healthz``) and has stayed idle for
 ``--idle`` seconds, its VmRSS and VmHWM are read from ``/proc/PID/status``, then it is stopped with SIGTERM.
-RabbitMQ: the test suite's (``CRYOMAE_TEST_AMQP_URL``, default the local one), in a namespace of its own that is
-deleted afterwards. Writes ``--json`` (default docs/footprint.json) and prints a Markdown table.
+The writer's heaviest work, drawing a micrograph's gallery pictures, is measured apart: the peak resident memory
+(``ru_maxrss``) of ``cryomae gallery build`` (the same drawing code) over a session of one float32 micrograph,
+``--draw-side`` pixels square. RabbitMQ: the test suite's (``CRYOMAE_TEST_AMQP_URL``, default the local one), in a
+namespace of its own that is deleted afterwards. Writes ``--json`` (default docs/footprint.json) and prints
+Markdown tables.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ SERVICES: dict[str, list[str]] = {
     "cryomae run": ["run"],
 }
 START_TIMEOUT_S = 300.0
+DRAW = "cryomae gallery build"
 
 
 def _env(folder: Path, broker: str, namespace: str) -> dict[str, str]:
@@ -214,6 +218,56 @@ def service_footprint(args: Sequence[str], env: dict[str, str], idle_s: float) -
     }
 
 
+def drawing_peak(folder: Path, env: dict[str, str], side: int, runs: int) -> dict[str, Any]:
+    """Peak resident memory and CPU seconds of drawing one ``side`` x ``side`` float32 micrograph's pictures."""
+    import numpy as np
+
+    from cryomae.io import write_mrc
+    from cryomae.messages import PicksReady
+    from cryomae.store.outputs import SessionOutputs
+
+    data = folder / "data"
+    data.mkdir(exist_ok=True)
+    path = data / f"micrograph_{side}.mrc"
+    rng = np.random.default_rng(0)
+    write_mrc(path, rng.standard_normal((side, side), dtype=np.float32), dtype=np.float32)
+    xy = rng.uniform(0, side - 1, size=(1500, 2))
+    picks = PicksReady(
+        project="footprint",
+        session="draw",
+        micrograph=str(path),
+        micrograph_id="m0",
+        model_version="v0",
+        diameter=side / 64,
+        threshold=0.5,
+        x=xy[:, 0].tolist(),
+        y=xy[:, 1].tolist(),
+        scores=rng.uniform(0, 1, len(xy)).tolist(),
+        shape=(side, side),
+        complete_at=time.time(),
+    )
+    SessionOutputs(Path(env["CRYOMAE_OUTPUTS"]) / picks.project / picks.session).apply(picks)
+    peaks, cpus = [], []
+    for _ in range(runs):
+        proc = subprocess.Popen(
+            [CRYOMAE, "gallery", "build", "--project", picks.project, "--session", picks.session],
+            env={**env, "CRYOMAE_DATA_ROOTS": json.dumps([str(data)])},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=env["CRYOMAE_STATE"],
+        )
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        code, cpu, maxrss = _reap(proc)
+        if code != 0:
+            raise RuntimeError(f"{DRAW} exited {code}: {err[-2000:]}")
+        peaks.append(maxrss)
+        cpus.append(cpu)
+    path.unlink()
+    return {"side": side, "maxrss": _summary(peaks), "cpu_s": _summary(cpus)}
+
+
 def _summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -223,22 +277,25 @@ def _mib(n: float) -> str:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [
-        f"Operator commands, CPU seconds (user + system) of the whole process, {result['runs']} runs:",
-        "",
-        "| command | median s | min s | max s |",
-        "|---|---|---|---|",
-    ]
+    lines: list[str] = []
+    if result["commands"]:
+        lines += [
+            f"Operator commands, CPU seconds (user + system) of the whole process, {result['runs']} runs:",
+            "",
+            "| command | median s | min s | max s |",
+            "|---|---|---|---|",
+        ]
     for name, row in result["commands"].items():
         s = row["cpu_s"]
         lines.append(f"| `{name}` | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} |")
-    lines += [
-        "",
-        f"Services, idle {result['idle_s']:.0f} s after ready, {result['service_runs']} runs (median; min-max):",
-        "",
-        "| service | resident MiB (VmRSS) | peak MiB (VmHWM) | CPU s to ready |",
-        "|---|---|---|---|",
-    ]
+    if result["services"]:
+        lines += [
+            "",
+            f"Services, idle {result['idle_s']:.0f} s after ready, {result['service_runs']} runs (median; min-max):",
+            "",
+            "| service | resident MiB (VmRSS) | peak MiB (VmHWM) | CPU s to ready |",
+            "|---|---|---|---|",
+        ]
     for name, row in result["services"].items():
         rss, hwm, cpu = row["rss"], row["hwm"], row["cpu_ready_s"]
         lines.append(
@@ -246,6 +303,15 @@ def report(result: dict[str, Any]) -> str:
             f"| {_mib(hwm['median'])} ({_mib(hwm['min'])}-{_mib(hwm['max'])}) "
             f"| {cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) |"
         )
+    if "drawing" in result:
+        d = result["drawing"]
+        m = d["maxrss"]
+        lines += [
+            "",
+            f"Drawing one {d['side']} x {d['side']} float32 micrograph's gallery pictures (`{DRAW}`, the writer's "
+            f"drawing code), {result['service_runs']} runs: peak {_mib(m['median'])} MiB resident "
+            f"({_mib(m['min'])}-{_mib(m['max'])}), {d['cpu_s']['median']:.1f} s CPU.",
+        ]
     return "\n".join(lines)
 
 
@@ -254,10 +320,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs of each operator command")
     parser.add_argument("--service-runs", type=int, default=3, help="starts of each service")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds a ready service idles before it is read")
+    parser.add_argument("--draw-side", type=int, default=8192, help="side of the drawn micrograph (0: skip)")
     parser.add_argument("--only", nargs="*", help="measure only these (e.g. 'cryomae status' 'cryomae run')")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[2] / "docs" / "footprint.json")
     args = parser.parse_args()
-    chosen = set(args.only or [*COMMANDS, *SERVICES])
+    chosen = set(args.only or [*COMMANDS, *SERVICES, DRAW])
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "runs": args.runs,
@@ -287,6 +354,9 @@ def main() -> None:
                     print(f"{name}: {_mib(result['services'][name]['rss']['median'])} MiB resident", file=sys.stderr)
         finally:
             delete_namespace(namespace)
+        if DRAW in chosen and args.draw_side:
+            result["drawing"] = drawing_peak(folder, memory_env, args.draw_side, args.service_runs)
+            print(f"{DRAW}: {_mib(result['drawing']['maxrss']['median'])} MiB peak", file=sys.stderr)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(report(result))

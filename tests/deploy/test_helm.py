@@ -1194,3 +1194,39 @@ def test_notes_show_where_the_gallery_is() -> None:
     notes = _rendered("gallery-ingress")[0]["cryomae/templates/NOTES.txt"]
     assert f"https://gallery.krios.example.org{GALLERY_PAGE}" in notes
     assert "port-forward svc/krios-cryomae-gallery" not in notes
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+FOOTPRINT = ROOT / "docs" / "footprint.json"  # tests/benchmarks/footprint.py
+MEASURED_AS = {
+    "watcher": "cryomae service watcher",
+    "writer": "cryomae service writer",
+    "gallery": "cryomae gallery serve",
+    "picker": "cryomae service picker",
+    "trainer": "cryomae service trainer",
+}
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def _bytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (``104Mi``, ``2Gi``, or plain bytes) in bytes."""
+    unit = quantity[-2:]
+    return float(quantity[:-2]) * _UNITS[unit] if unit in _UNITS else float(quantity)
+
+
+def test_memory_requests_follow_the_measured_footprint() -> None:
+    """Each service's memory request covers its measured resident memory with headroom, and a service that never
+    loads torch does not reserve a torch-sized share; the writer's limit covers drawing a large micrograph."""
+    footprint = json.loads(FOOTPRINT.read_text(encoding="utf-8"))
+    values = _values("defaults")
+    for component, name in MEASURED_AS.items():
+        rss = footprint["services"][name]["rss"]["median"]
+        resources = values[component]["resources"]
+        request, limit = _bytes(resources["requests"]["memory"]), _bytes(resources["limits"]["memory"])
+        assert 1.25 * rss <= request <= limit, (component, rss, resources)
+        if component in ("watcher", "writer", "gallery"):
+            assert request <= 2 * rss, (component, rss, resources)
+    drawing = footprint["drawing"]["maxrss"]["max"]
+    assert _bytes(values["writer"]["resources"]["limits"]["memory"]) >= 1.5 * drawing
