@@ -48,7 +48,7 @@ TINY_TRAINING = {
 WAIT = 120.0  # seconds a whole pipeline may take before a test fails
 RABBIT = [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]  # parametrize ``transport`` with RabbitMQ only
 PIPELINE = ["writer", "trainer", "picker"]  # no watcher: tests that send the micrograph messages themselves
-CLI_TIMEOUT = 120.0  # seconds one CLI command may take (it imports torch; the machine may be busy)
+CLI_TIMEOUT = 120.0  # seconds one CLI command may take (the machine may be busy; train and pick load torch)
 _SCRIPT = Path(sys.executable).with_name("cryomae")
 CRYOMAE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "cryomae.operator.cli"]
 MICS_DLQ = topology.dead_letters(topology.MICROGRAPHS)
