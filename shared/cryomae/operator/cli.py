@@ -24,9 +24,9 @@ import structlog
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.errors import ConfigError, CryomaeError, InputError, TransientError
 from cryomae.logging import configure_logging, json_asked
-from cryomae.threads import configure_threads
 from cryomae.model.presets import PRESETS
 from cryomae.picking.threshold import THRESHOLD_RULES
+from cryomae.threads import configure_threads
 from cryomae.words import plural
 
 log = structlog.get_logger("cryomae.operator.cli")
