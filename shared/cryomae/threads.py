@@ -3,14 +3,16 @@
 torch sizes its thread pool to the host's cores, and its OpenMP threads spin while they wait for each other. On a
 shared node, or in a Kubernetes pod whose CPU limit is below the node's cores, that makes training many times
 slower: a thread spins on a core that another job needs while the thread it waits for is not running
-(docs/performance.md, "A busy machine": 7.7x slower beside 3 CPU-bound processes with torch's defaults, 2.6x with
-these). So every process, before torch loads:
+(docs/performance.md, "A busy machine"). So every process, before torch loads:
 
 - sizes the pools to its CPU share: the CPUs in its affinity mask, and no more than the cgroup CPU quota
   (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1), rounded up; ``CRYOMAE_THREADS``
   (or an ``OMP_NUM_THREADS`` already set) overrides it;
-- lets OpenMP threads that wait sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``), unless the environment
-  says otherwise.
+- lets an OpenMP thread that waits spin only briefly before it sleeps (``GOMP_SPINCOUNT=1000`` for libgomp, the
+  OpenMP runtime of torch's Linux builds, instead of its 300,000), unless the environment says otherwise
+  (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set). Measured in tests/benchmarks/contention.py against sleeping at
+  once (``OMP_WAIT_POLICY=PASSIVE``), which is as fast beside other jobs but slower on a quiet machine, where a
+  short spin catches most waits.
 
 Torch-free: the operator's commands and the watcher, writer and gallery import it too.
 """
@@ -26,7 +28,8 @@ THREADS_ENV = "CRYOMAE_THREADS"
 # what the thread pools read when they load; OMP covers torch's intra-op pool (libgomp), the rest BLAS libraries
 POOL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
-WAIT_POLICY = "PASSIVE"  # measured: tests/benchmarks/contention.py, docs/performance.md
+SPIN_ENV = "GOMP_SPINCOUNT"
+SPIN_COUNT = "1000"  # measured: tests/benchmarks/contention.py, docs/performance.md
 
 
 def affinity_cpus() -> int:
@@ -132,12 +135,13 @@ def thread_count(threads: int | None = None, environ: dict[str, str] | None = No
 
 def configure_threads(threads: int | None = None) -> int:
     """Size torch's and the BLAS libraries' thread pools to ``thread_count(threads)`` and make waiting OpenMP
-    threads sleep; returns the count. Call it before torch loads (the OpenMP runtime reads its environment once,
-    when it loads); when torch is already loaded its pool is resized as well."""
+    threads sleep after a short spin; returns the count. Call it before torch loads (the OpenMP runtime reads its
+    environment once, when it loads); when torch is already loaded its pool is resized as well."""
     n = thread_count(threads)
     for name in POOL_ENV:
         os.environ[name] = str(n)
-    os.environ.setdefault(WAIT_POLICY_ENV, WAIT_POLICY)
+    if WAIT_POLICY_ENV not in os.environ:  # an explicit policy sets its own spin count
+        os.environ.setdefault(SPIN_ENV, SPIN_COUNT)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
         torch.set_num_threads(n)

@@ -11,8 +11,11 @@ the CPU explains. This benchmark times the two commands a project runs, as whole
 for each thread policy, each ``--runs`` times, on a quiet machine and beside ``--busy`` processes that each spin
 one core (``python -c 'while True: pass'``, started before and stopped after each case). Policies:
 
-- ``cryomae`` (what every cryomae process does now): threads from the CPU share, ``OMP_WAIT_POLICY=PASSIVE``;
-- ``spinning``: the same thread count, ``OMP_WAIT_POLICY=ACTIVE`` (torch's behaviour before: threads spin);
+- ``cryomae`` (what every cryomae process does now): threads from the CPU share, a waiting OpenMP thread spins
+  1,000 times before it sleeps (``GOMP_SPINCOUNT=1000``);
+- ``passive``: the same thread count, waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``);
+- ``torch-default``: the same thread count, libgomp's default spin of 300,000 (``GOMP_SPINCOUNT=300000``): what
+  torch did before (its pool then had as many threads as the host's cores, here the same 2);
 - ``one-thread``: ``CRYOMAE_THREADS=1``.
 
     .venv/bin/python tests/benchmarks/contention.py                      # every policy, 3 runs each
@@ -53,7 +56,8 @@ DEFAULT_JSON = PROJECT_ROOT / "docs" / "contention.json"
 CRYOMAE = str(Path(sys.executable).with_name("cryomae"))
 POLICIES: dict[str, dict[str, str]] = {
     "cryomae": {},
-    "spinning": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "torch-default": {"GOMP_SPINCOUNT": "300000"},
     "one-thread": {"CRYOMAE_THREADS": "1"},
 }
 BUSY_LOOP = "while True: pass"
@@ -95,7 +99,9 @@ def run_case(work: Path, data: Path, policy: str, env_extra: dict[str, str]) -> 
         table = read_coordinates(data / "coords" / f"{reference.stem}.star")
         chosen = np.random.default_rng(EXEMPLAR_SEED).choice(len(table), N_EXEMPLARS, replace=False)
         write_coordinates(exemplars, Coordinates(table.xy[chosen]))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CRYOMAE_", "OMP_", "MKL_", "OPENBLAS_"))}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CRYOMAE_", "OMP_", "GOMP_", "MKL_", "OPENBLAS_"))
+    }
     env = {**clean, **env_extra}
     model, picks = work / f"model-{policy}", work / f"picks-{policy}"
     train = [CRYOMAE, "train", str(reference), "--coords", str(exemplars), "--diameter", str(DIAMETER)]
@@ -134,7 +140,9 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA_ROOT)
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated: " + ", ".join(POLICIES))
+    ap.add_argument(
+        "--policies", default="cryomae,passive,torch-default", help="comma-separated: " + ", ".join(POLICIES)
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--busy", type=int, default=3, help="CPU-bound processes beside the busy cases")
     ap.add_argument("--loads", default="quiet,busy")

@@ -91,7 +91,8 @@ def test_thread_count_order_setting_then_cryomae_threads_then_omp(monkeypatch: p
 
 def _fresh(code: str, **env: str) -> dict[str, object]:
     """Run ``code`` in a new interpreter (nothing loaded yet) and return the JSON it prints last."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CRYOMAE_THREADS")}
+    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "CRYOMAE_THREADS")
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=300, check=False
     )
@@ -107,19 +108,21 @@ from cryomae.threads import configure_threads
 n = configure_threads()
 import torch
 print(json.dumps({{"n": n, "torch": torch.get_num_threads(), "omp": os.environ["OMP_NUM_THREADS"],
-                  "wait": os.environ["OMP_WAIT_POLICY"]}}))
+                  "wait": os.environ.get("OMP_WAIT_POLICY"), "spin": os.environ.get("GOMP_SPINCOUNT")}}))
 """
 
 
 def test_a_fresh_process_sizes_torch_to_its_affinity() -> None:
-    """One CPU in the affinity mask: one torch thread, whatever the host has; waiting threads sleep."""
+    """One CPU in the affinity mask: one torch thread, whatever the host has; waiting threads sleep after a short
+    spin."""
     got = _fresh(PROBE.format(setup="os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})"))
-    assert got == {"n": 1, "torch": 1, "omp": "1", "wait": "PASSIVE"}
+    assert got == {"n": 1, "torch": 1, "omp": "1", "wait": None, "spin": "1000"}
 
 
 def test_cryomae_threads_overrides_and_an_explicit_wait_policy_is_kept() -> None:
     got = _fresh(PROBE.format(setup=""), CRYOMAE_THREADS="1", OMP_NUM_THREADS="4", OMP_WAIT_POLICY="ACTIVE")
-    assert got == {"n": 1, "torch": 1, "omp": "1", "wait": "ACTIVE"}
+    assert got == {"n": 1, "torch": 1, "omp": "1", "wait": "ACTIVE", "spin": None}
+    assert _fresh(PROBE.format(setup=""), GOMP_SPINCOUNT="300000")["spin"] == "300000"
 
 
 def test_torch_loaded_first_is_resized() -> None:
