@@ -13,11 +13,20 @@ count error, with their means over the sets.
 The cache (default ``.study/`` in the project root, ignored by git) holds one folder per dataset; a training
 variant (``prepare --train-set lowpass=2.0``) or a score-map variant (``prepare --pick-set score=max``) needs a
 cache of its own (``--cache .study/lowpass2``). docs/accuracy-study.md has what was measured with it.
+
+``choose`` decides a free choice leaving one sample out (issue 24): every combination of the ``--grid`` values is
+scored on the cached maps, and ``loso.py`` reports, per held-out sample, the variant chosen on the other samples
+and its F1 at the automatic cutoff beside the in-sample choice's. One cache per exemplar draw
+(``prepare --draw N --cache .study/draw-N``) gives mean and minimum over the draws:
+
+    .venv/bin/python tests/benchmarks/study.py choose --grid threshold=auto,gmm,robust --grid nms_distance=0.4,0.3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -37,7 +46,7 @@ from cryomae.io import read_micrograph
 from cryomae.model.checkpoint import TrainedModel, load_model, save_model
 from cryomae.picking.picker import ScoreMap, _cutoff, compute_score_map, find_candidates, session_cutoff
 from cryomae.training.train import train_model
-from tests.benchmarks import accuracy
+from tests.benchmarks import accuracy, loso
 from tests.benchmarks.accuracy import (
     DEFAULT_DATA_ROOT,
     PROJECT_ROOT,
@@ -67,15 +76,42 @@ def _folder(cache: Path, name: str) -> Path:
     return cache / name.replace("/", "__")
 
 
-def _split(ds: Any, cache: Path) -> Split:
-    """The protocol's split with the cache's exemplar count (``study.json``; the protocol's 15 by default)."""
+def _meta(cache: Path) -> dict[str, Any]:
+    """What ``prepare`` recorded about a cache's exemplars (``study.json``): their count and draw, if not the
+    protocol's."""
     meta = cache / "study.json"
-    n = json.loads(meta.read_text())["exemplars"] if meta.is_file() else accuracy.N_EXEMPLARS
-    saved, accuracy.N_EXEMPLARS = accuracy.N_EXEMPLARS, n
+    return dict(json.loads(meta.read_text())) if meta.is_file() else {}
+
+
+def _split(ds: Any, cache: Path) -> Split:
+    """The protocol's split with the cache's exemplar count and draw (``study.json``; by default the protocol's
+    15 exemplars drawn with ``default_rng(0)``)."""
+    meta = _meta(cache)
+    saved = accuracy.N_EXEMPLARS, accuracy.EXEMPLAR_SEED
+    accuracy.N_EXEMPLARS = meta.get("exemplars", accuracy.N_EXEMPLARS)
+    accuracy.EXEMPLAR_SEED = meta.get("draw", accuracy.EXEMPLAR_SEED)
     try:
         return few_shot_split(ds, None)
     finally:
-        accuracy.N_EXEMPLARS = saved
+        accuracy.N_EXEMPLARS, accuracy.EXEMPLAR_SEED = saved
+
+
+def _record(cache: Path, exemplars: int | None, draw: int | None) -> None:
+    """Keep a non-default exemplar count or draw with the cache; a cache whose models were trained on another
+    draw is refused (its score maps belong to the exemplars they were trained on)."""
+    meta = _meta(cache)
+    recorded = meta.get("draw", accuracy.EXEMPLAR_SEED)
+    if draw is not None and draw != recorded and any(cache.glob("*/model/manifest.json")):
+        raise accuracy.BenchmarkError(
+            f"{cache} holds models trained on draw {recorded}, not {draw}: give each draw a cache of its own (--cache)"
+        )
+    want = {**meta}
+    if exemplars is not None:
+        want["exemplars"] = exemplars
+    if draw is not None:
+        want["draw"] = draw
+    if want != meta:
+        (cache / "study.json").write_text(json.dumps(want))
 
 
 def prepare(
@@ -85,13 +121,14 @@ def prepare(
     train_cfg: TrainConfig,
     map_cfg: PickConfig,
     exemplars: int | None = None,
+    draw: int | None = None,
 ) -> None:
     """Train (unless cached) and score every micrograph of each dataset; ``map_cfg`` holds the options that shape
     the score map itself (``score``, ``feature_norm``, ``stride_fraction``): give ``evaluate`` the same ones.
-    ``exemplars`` draws that many exemplars instead of the protocol's 15 (kept with the cache)."""
+    ``exemplars`` draws that many exemplars instead of the protocol's 15, ``draw`` draws them with
+    ``default_rng(draw)`` instead of the protocol's ``default_rng(0)`` (both kept with the cache)."""
     cache.mkdir(parents=True, exist_ok=True)
-    if exemplars is not None:
-        (cache / "study.json").write_text(json.dumps({"exemplars": exemplars}))
+    _record(cache, exemplars, draw)
     for ds in discover_datasets(data_root):
         if names and ds.name not in names:
             continue
@@ -210,30 +247,137 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid(options: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every combination of ``--grid KEY=V1,V2,...`` options, each with its label (``KEY=V1 KEY2=W1``), in order:
+    the first values of every grid first, so list the current defaults first (a tie goes to them). A value is
+    JSON when it parses as JSON, else the plain string (as ``--pick-set``)."""
+    axes: list[list[tuple[str, str, Any]]] = []
+    keys: list[str] = []
+    for option in options:
+        key, sep, rest = option.partition("=")
+        key = key.strip()
+        raw = [v.strip() for v in rest.split(",") if v.strip()]
+        if not sep or not key or not raw:
+            raise accuracy.BenchmarkError(f"--grid expects KEY=VALUE,VALUE,..., got {option!r}")
+        if key in keys or len(set(raw)) != len(raw):
+            raise accuracy.BenchmarkError(f"--grid {key}: a key or a value given twice")
+        keys.append(key)
+        axes.append([(key, v, _pairs([f"{key}={v}"], "--grid")[key]) for v in raw])
+    return [
+        (" ".join(f"{k}={v}" for k, v, _ in combo), {k: value for k, _, value in combo})
+        for combo in itertools.product(*axes)
+    ]
+
+
+def choose_figures(
+    data_root: Path,
+    caches: Sequence[Path],
+    names: Sequence[str] | None,
+    base: dict[str, Any],
+    variants: Sequence[tuple[str, dict[str, Any]]],
+) -> dict[str, dict[str, list[float]]]:
+    """F1 at the automatic cutoff of every variant (``base`` updated with its values) on every dataset, one
+    figure per cache (one cache per exemplar draw): variant label -> dataset -> [F1 of each cache]."""
+    figures: dict[str, dict[str, list[float]]] = {label: {} for label, _ in variants}
+    held: list[str] | None = None
+    for cache in caches:
+        cached = load(data_root, cache, names)
+        found = [c.name for c in cached]
+        if not found:
+            raise accuracy.BenchmarkError(f"{cache}: no prepared dataset (run `study.py prepare --cache {cache}`)")
+        if held is not None and found != held:
+            raise accuracy.BenchmarkError(f"{cache} holds {found}, {caches[0]} holds {held}: prepare the same sets")
+        held = found
+        for label, values in variants:
+            result = table(cached, PickConfig(**{**base, **values}), quiet=True)
+            for name, row in result["rows"].items():
+                figures[label].setdefault(name, []).append(float(row["f1"]))
+            print(f"{cache}: {label}: mean F1 at the automatic cutoff {result['mean']['f1']:.3f}", flush=True)
+        del cached
+    return figures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except accuracy.BenchmarkError as error:
+        print(f"study.py: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("prepare", "evaluate"))
+    p.add_argument("action", choices=("prepare", "evaluate", "choose"))
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument(
+        "--cache",
+        type=Path,
+        action="append",
+        default=None,
+        help=f"default {DEFAULT_CACHE}; choose: one per exemplar draw, repeat the option",
+    )
     p.add_argument("--datasets", default=None, help="comma list (default: all)")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--pick-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="choose: PickConfig values to choose among (every combination; list the default first)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
     p.add_argument("--exemplars", type=int, default=None, help="prepare: exemplars per reference (default 15)")
+    p.add_argument("--draw", type=int, default=None, help="prepare: exemplars drawn with default_rng(DRAW) (default 0)")
     args = p.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
+    caches: list[Path] = args.cache or [DEFAULT_CACHE]
+    if args.draw is not None and args.action != "prepare":
+        p.error("--draw is for prepare (the cache keeps its draw)")
+    if args.grid and args.action != "choose":
+        p.error("--grid is for choose")
+    command = " ".join([".venv/bin/python tests/benchmarks/study.py", *(argv or sys.argv[1:])])
+    if args.action == "choose":
+        if not args.grid:
+            p.error("choose needs at least one --grid KEY=V1,V2,...")
+        base = _pairs(args.pick_set, "--pick-set")
+        variants = grid(args.grid)
+        clash = sorted(set(base) & set(variants[0][1]))
+        if clash:
+            p.error(f"{', '.join(clash)}: in --grid and --pick-set")
+        figures = choose_figures(args.data_root, caches, names, base, variants)
+        try:
+            choice = loso.choose(figures)
+        except ValueError as error:
+            raise accuracy.BenchmarkError(str(error)) from error
+        report = loso.markdown(choice)
+        print(report, end="")
+        if args.json:
+            doc = {
+                "command": command,
+                "caches": [str(c) for c in caches],
+                "figures": figures,
+                **dataclasses.asdict(choice),
+                "loso_choice": choice.loso_choice,
+                "decision": choice.decision(),
+            }
+            args.json.write_text(json.dumps(doc, indent=1))
+        if args.out:
+            args.out.write_text(f"Command: `{command}`\n\n{report}")
+        return 0
+    if len(caches) > 1:
+        p.error(f"{args.action} takes one --cache")
     if args.action == "prepare":
         train_cfg = TrainConfig(**_pairs(args.train_set, "--train-set"))
         map_cfg = PickConfig(**_pairs(args.pick_set, "--pick-set"))
-        prepare(args.data_root, args.cache, names, train_cfg, map_cfg, args.exemplars)
+        prepare(args.data_root, caches[0], names, train_cfg, map_cfg, args.exemplars, args.draw)
         return 0
-    cached = load(args.data_root, args.cache, names)
+    cached = load(args.data_root, caches[0], names)
     result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.out:
-        command = " ".join([".venv/bin/python tests/benchmarks/study.py", *(argv or sys.argv[1:])])
         args.out.write_text(markdown(result, command))
     return 0
 
