@@ -13,9 +13,10 @@ Flow (queue names in ``cryomae.messaging.topology``)::
 
 Times are Unix seconds (``time.time()``); paths are absolute strings as the producer saw them.
 
-Sizes are bounded: a body above ``MAX_MESSAGE_BYTES`` is refused by ``decode`` before it is parsed, paths are at
-most ``PATH_CHARS`` characters and ids, versions and labels ``TEXT_CHARS``, so that a reason or a log line quoting
-a message stays short.
+Sizes are bounded: a body above ``MAX_MESSAGE_BYTES``, or nested deeper than ``MAX_DEPTH`` levels, is refused by
+``decode`` before it is parsed (a body of 400 KB of brackets would make the JSON parser raise RecursionError); paths
+are at most ``PATH_CHARS`` characters, with no NUL byte, and ids, versions and labels ``TEXT_CHARS``, so that a reason
+or a log line quoting a message stays short. Every refusal is an ``InputError``: permanent, dead-lettered at once.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import json
 import re
 import time
 import uuid
+from itertools import accumulate
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from cryomae.errors import InputError
 
@@ -34,6 +37,8 @@ SCHEMA_VERSION: Literal[1] = 1
 # Largest message body ``decode`` accepts. A PicksReady of a crowded 8k micrograph, 20,000 candidates, is about
 # 1.1 MB (57 bytes per candidate): this admits some 70,000, and stays far below RabbitMQ's own message limit.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Deepest nesting of arrays and objects ``decode`` accepts; the deepest message of this project has 3 levels.
+MAX_DEPTH = 32
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="project or session name: letters, digits, . _ -")]
 # Bounds of the other strings: a path as long as Linux allows (PATH_MAX), an id, version or label far longer than
@@ -41,6 +46,16 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, description="project or sessio
 PATH_CHARS = 4096
 TEXT_CHARS = 256
 Text = Annotated[str, Field(min_length=1, max_length=TEXT_CHARS)]
+
+
+def _no_nul(value: str) -> str:
+    """A path with a NUL byte names no file (the system refuses it): a permanent error, reported by field."""
+    if "\x00" in value:
+        raise PydanticCustomError("nul_in_path", "NUL byte in a path")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
 # Longest failure reason, in characters (a dead letter's reason header, a PickFailed's reason): a header must fit
 # one AMQP frame (RabbitMQ: 128 KB), and a reason is read by people. Longer ones are cut by
 # ``cryomae.messaging.delivery.shorten``, which keeps the start and the end.
@@ -71,7 +86,7 @@ class MicrographReady(Message):
     kind: Literal["micrograph_ready"] = "micrograph_ready"
     project: Name
     session: Name
-    path: str = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
+    path: PathText = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
     size: int = Field(ge=0, description="bytes, when the file was judged complete")
     mtime: float
     complete_at: float = Field(description="when the watcher judged the file complete (latency starts here)")
@@ -88,7 +103,7 @@ class PicksReady(Message):
     kind: Literal["picks_ready"] = "picks_ready"
     project: Name
     session: Name
-    micrograph: str = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
+    micrograph: PathText = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the micrograph")
     micrograph_id: str = Field(max_length=TEXT_CHARS, description="id of the MicrographReady message that was picked")
     model_version: str = Field(max_length=TEXT_CHARS)
     diameter: float = Field(gt=0)
@@ -118,7 +133,7 @@ class PickFailed(Message):
     kind: Literal["pick_failed"] = "pick_failed"
     project: Name
     session: Name
-    micrograph: str = Field(min_length=1, max_length=PATH_CHARS, description="the micrograph's path as sent")
+    micrograph: PathText = Field(min_length=1, max_length=PATH_CHARS, description="the micrograph's path as sent")
     micrograph_id: str = Field(max_length=TEXT_CHARS, description="id of the MicrographReady that was dead-lettered")
     reason: str = Field(max_length=REASON_CHARS, description="why: the dead letter's reason")
     failed_at: float = Field(default_factory=time.time)
@@ -149,7 +164,7 @@ class SessionCommand(Message):
     action: Literal["start", "stop"]
     project: Name
     session: Name
-    folder: str = Field("", max_length=PATH_CHARS, description="absolute path of the session folder (start)")
+    folder: PathText = Field("", max_length=PATH_CHARS, description="absolute path of the session folder (start)")
     pattern: str = Field("*.mrc", max_length=TEXT_CHARS, description="glob of micrograph file names")
     recursive: bool = True
 
@@ -170,27 +185,55 @@ AnyMessage = Annotated[
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
 
 
-def decode(body: bytes | str, source: str = "message") -> Message:
-    """Parse and validate a message body; InputError names what is wrong (for the dead-letter reason).
+# A JSON string: from its quote to the closing one, or to the end of the body when it is not closed (so that the
+# pattern always matches where it starts, and stripping the strings stays linear whatever the body).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\[\s\S][^"\\]*+)*+"?')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
 
-    A body above ``MAX_MESSAGE_BYTES`` is refused before it is parsed."""
-    size = len(body.encode() if isinstance(body, str) else body)
-    if size > MAX_MESSAGE_BYTES:
-        raise InputError(None, f"{source}: message body of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+
+def nesting_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON body nest (brackets inside strings do not count), in linear time and
+    without recursion: what ``decode`` checks before the parser, which recurses, sees the body."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def _refused(source: str, problem: str) -> InputError:
+    """The InputError of a body ``decode`` refuses: ``source: problem``, or the problem alone without a source."""
+    return InputError(None, f"{source}: {problem}" if source else problem)
+
+
+def decode(body: bytes | str, source: str = "message") -> Message:
+    """Parse and validate a message body; InputError names what is wrong (for the dead-letter reason), after
+    ``source`` (none when empty).
+
+    A body above ``MAX_MESSAGE_BYTES`` or nested deeper than ``MAX_DEPTH`` levels is refused before it is parsed;
+    a field the model refuses is named in the reason (``path: NUL byte in a path``). Whatever the body, the only
+    exception is InputError, which is permanent (``cryomae.messaging.delivery.fate``)."""
+    raw = body.encode(errors="surrogatepass") if isinstance(body, str) else bytes(body)
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise _refused(source, f"message body of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    if nesting_depth(raw) > MAX_DEPTH:
+        raise _refused(source, f"message nested deeper than {MAX_DEPTH} levels")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(None, f"{source}: not JSON ({exc})") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4300 digits
+        raise _refused(source, f"not JSON ({exc})") from None
+    except RecursionError:  # not reached after the depth check; kept so that no body can make decode fail otherwise
+        raise _refused(source, f"message nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
-        raise InputError(None, f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise _refused(source, f"expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InputError(None, f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        raise _refused(source, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     try:
         message: Message = _ADAPTER.validate_python(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise InputError(None, f"{source}: invalid message ({problems})") from None
+        raise _refused(source, f"invalid message ({problems})") from None
     return message
 
 

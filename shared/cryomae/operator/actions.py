@@ -35,7 +35,7 @@ from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger
-from cryomae.words import plural, training_progress
+from cryomae.words import escaped, plural, training_progress
 
 # ------------------------------------------------------------------------------------------------ results
 # What each action returns: typed for the CLI (and mypy), printed as is by ``--json``.
@@ -147,6 +147,7 @@ class DeadLetter(TypedDict, total=False):
     micrograph: str
     exemplar_set: str
     body: str
+    undecodable: str
 
 
 class DeadLetters(TypedDict):
@@ -330,7 +331,7 @@ def _failed_by_session(control: Control) -> dict[tuple[str, str], int]:
     for env in control.dead_letters(topology.MICROGRAPHS, 10_000) or []:
         try:
             msg = decode(env.body)
-        except InputError:
+        except InputError:  # what ``decode`` raises for any body: listed by ``dlq list``, not counted here
             continue
         if isinstance(msg, MicrographReady):
             key = (msg.project, msg.session)
@@ -453,19 +454,23 @@ def _queue(name: str) -> str:
 
 
 def describe_dead_letter(env: Envelope) -> DeadLetter:
+    """A dead letter as ``dlq list`` shows it; one whose body does not decode (too large, nested too deep, not a
+    message) is listed with the start of its body and why (``undecodable``), never an exception."""
     row: DeadLetter = {
         "reason": str(env.headers.get(REASON_HEADER, "")),
         "queue": str(env.headers.get(QUEUE_HEADER, "")),
         "deliveries": env.delivery_count,
     }
     try:
-        msg = decode(env.body)
-        row.update({"id": msg.id, "kind": getattr(msg, "kind", None)})
-        for key in ("project", "session", "path", "micrograph", "exemplar_set"):
-            if hasattr(msg, key):
-                row[key] = getattr(msg, key)
-    except InputError:
+        msg = decode(env.body, source="")
+    except InputError as exc:
         row["body"] = env.body[:200].decode(errors="replace")
+        row["undecodable"] = str(exc)
+        return row
+    row.update({"id": msg.id, "kind": getattr(msg, "kind", None)})
+    for key in ("project", "session", "path", "micrograph", "exemplar_set"):
+        if hasattr(msg, key):
+            row[key] = getattr(msg, key)
     return row
 
 
@@ -520,7 +525,7 @@ def format_status(data: Status) -> str:
         waiting = f", {plural(p['waiting'], 'micrograph')} waiting for a model" if p["waiting"] else ""
         lines.append(
             f"  {p['project']}: model {p['current_version'] or '-'} ({plural(len(p['versions']), 'version')}), "
-            f"{p['training_state']}{waiting}"
+            f"{escaped(p['training_state'])}{waiting}"
         )
     lines.append("")
     if not data["sessions"]:
@@ -550,19 +555,22 @@ def format_status(data: Status) -> str:
             lines.append(f"{s['project']}/{s['session']}: {len(s['incomplete_files'])} incomplete")
             for f in s["incomplete_files"]:
                 since = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-                lines.append(f"  {f['path']}: incomplete since {since} ({f['problem']})")
+                lines.append(f"  {escaped(f['path'])}: incomplete since {since} ({escaped(f['problem'])})")
     return "\n".join(lines)
 
 
 def format_dead_letters(data: DeadLetters) -> str:
-    """``cryomae dlq list`` for people."""
+    """``cryomae dlq list`` for people: every name and reason ``escaped`` (``--json`` keeps them raw)."""
     if not data["running"]:
         return f"{data['queue']}: unknown (no `cryomae run` process is running)"
     depth = "depth unknown" if data["depth"] is None else plural(data["depth"], "message")
     lines = [f"{data['queue']}: {depth}"]
     for m in data["messages"]:
         what = m.get("path") or m.get("micrograph") or m.get("exemplar_set") or m.get("body", "")
-        lines.append(f"  {m.get('id', '?')} {m.get('kind', '?')} {what}\n    reason: {m['reason']}")
+        lines.append(f"  {escaped(m.get('id', '?'))} {escaped(m.get('kind', '?'))} {escaped(what)}")
+        lines.append(f"    reason: {escaped(m['reason'])}")
+        if "undecodable" in m:
+            lines.append(f"    undecodable: {escaped(m['undecodable'])}")
     return "\n".join(lines)
 
 

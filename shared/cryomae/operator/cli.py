@@ -27,7 +27,7 @@ from cryomae.logging import configure_logging, json_asked
 from cryomae.model.presets import PRESETS
 from cryomae.picking.threshold import THRESHOLD_RULES
 from cryomae.threads import configure_threads
-from cryomae.words import plural
+from cryomae.words import escaped, plural
 
 log = structlog.get_logger("cryomae.operator.cli")
 
@@ -408,7 +408,7 @@ def cmd_session_repick(args: argparse.Namespace) -> int:
     )
     if out["missing"]:
         gone = plural(len(out["missing"]), "micrograph is", "micrographs are")
-        text += f"\n{gone} no longer on disk: " + ", ".join(out["missing"][:5])
+        text += f"\n{gone} no longer on disk: " + ", ".join(escaped(m) for m in out["missing"][:5])
     _print(args, out, text)
     return 0
 
@@ -461,7 +461,7 @@ def cmd_gallery_build(args: argparse.Namespace) -> int:
     from cryomae.operator.actions import gallery_build
 
     out = gallery_build(_settings(args), args.project, args.session)
-    problems = "".join(f"\n  no picture: {u['problem']}" for u in out["unreadable"])
+    problems = "".join(f"\n  no picture: {escaped(u['problem'])}" for u in out["unreadable"])
     _print(args, out, f"{plural(out['micrographs'], 'micrograph')} drawn; open {out['page']}{problems}")
     return 0
 
