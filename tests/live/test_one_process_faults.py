@@ -19,6 +19,7 @@ from cryomae.service.heartbeats import trainer_liveness
 from cryomae.store.projects import ProjectStore
 from tests.live.conftest import DIAMETER, PROJECT, TINY_TRAINING, Live, wait_until
 from tests.live.test_cli_ops import CRYOMAE, STOP_TIMEOUT, add_exemplars, alive_while, cli, mem, ok, ok_json, service
+from tests.processes import ctrl_c_as_at_a_terminal
 
 __all__ = ["mem"]  # the fixture, imported for pytest
 
@@ -164,6 +165,7 @@ def test_ctrl_c_of_a_foreground_command_exits_130_with_one_line(mem: Live, comma
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_as_at_a_terminal,
     )
     try:
         # interrupted while the model trains

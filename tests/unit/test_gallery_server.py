@@ -11,6 +11,9 @@ import pytest
 
 from cryomae.errors import InputError
 from cryomae.gallery.server import DEFAULT_HOST, INDEX_REFRESH_S, make_server, serve_in_thread
+from tests.processes import ctrl_c_as_at_a_terminal
+
+DEADLINE_S = 300.0  # for a child that never answers, far above its start-up beside other jobs; not a speed
 
 
 @pytest.fixture
@@ -172,12 +175,18 @@ def test_the_command_starts_before_the_session_has_a_page_and_ctrl_c_exits_130(t
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRYOMAE_")}
     args = ["gallery", "serve", "--outputs", str(outputs), "--project", "proj", "--session", "sess", "--port", "0"]
     proc = subprocess.Popen(
-        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
+        [*command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=ctrl_c_as_at_a_terminal,
     )
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
-        assert "read-only on http://localhost:" in first, first + proc.communicate(timeout=30)[1]
+        assert "read-only on http://localhost:" in first, first + proc.communicate(timeout=DEADLINE_S)[1]
         port = int(first.split("http://localhost:")[1].split("/")[0])
         assert "no session page yet" in proc.stdout.readline()
         assert b"No session yet" in _get(port, "/")[1]
@@ -185,7 +194,7 @@ def test_the_command_starts_before_the_session_has_a_page_and_ctrl_c_exits_130(t
         assert b'href="gallery/index.html"' in _get(port, "/")[1]
         assert _get(port, "/gallery/index.html") == (200, b"<html>the page</html>")
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        rest, err = proc.communicate(timeout=30)
+        rest, err = proc.communicate(timeout=DEADLINE_S)
     finally:
         if proc.poll() is None:
             proc.kill()
