@@ -85,8 +85,8 @@ def _reap(proc: subprocess.Popen[str]) -> tuple[int, float, int]:
     return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
-def command_cpu(args: Sequence[str], env: dict[str, str]) -> float:
-    """CPU seconds of one run of ``cryomae ARGS`` (it must succeed)."""
+def run_measured(args: Sequence[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run ``cryomae ARGS`` to its end (it must succeed): its CPU seconds and peak resident memory (bytes)."""
     proc = subprocess.Popen(
         [CRYOMAE, *args],
         env=env,
@@ -97,10 +97,15 @@ def command_cpu(args: Sequence[str], env: dict[str, str]) -> float:
     )
     assert proc.stderr is not None
     err = proc.stderr.read()
-    code, cpu, _ = _reap(proc)
+    code, cpu, maxrss = _reap(proc)
     if code != 0:
         raise RuntimeError(f"cryomae {' '.join(args)} exited {code}: {err[-2000:]}")
-    return cpu
+    return cpu, maxrss
+
+
+def command_cpu(args: Sequence[str], env: dict[str, str]) -> float:
+    """CPU seconds of one run of ``cryomae ARGS`` (it must succeed)."""
+    return run_measured(args, env)[0]
 
 
 def _lines(stream: IO[str], out: queue.Queue[str], keep: list[str]) -> None:
@@ -249,19 +254,10 @@ def drawing_peak(folder: Path, env: dict[str, str], side: int, runs: int) -> dic
     SessionOutputs(Path(env["CRYOMAE_OUTPUTS"]) / picks.project / picks.session).apply(picks)
     peaks, cpus = [], []
     for _ in range(runs):
-        proc = subprocess.Popen(
-            [CRYOMAE, "gallery", "build", "--project", picks.project, "--session", picks.session],
-            env={**env, "CRYOMAE_DATA_ROOTS": json.dumps([str(data)])},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=env["CRYOMAE_STATE"],
+        cpu, maxrss = run_measured(
+            ["gallery", "build", "--project", picks.project, "--session", picks.session],
+            {**env, "CRYOMAE_DATA_ROOTS": json.dumps([str(data)])},
         )
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        code, cpu, maxrss = _reap(proc)
-        if code != 0:
-            raise RuntimeError(f"{DRAW} exited {code}: {err[-2000:]}")
         peaks.append(maxrss)
         cpus.append(cpu)
     path.unlink()

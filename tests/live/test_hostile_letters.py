@@ -15,8 +15,6 @@ Every wait polls a condition with a deadline (``wait_until``); nothing sleeps to
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Any
 
 import pytest
@@ -28,29 +26,22 @@ from cryomae.messaging.delivery import REASON_HEADER, judge
 from cryomae.operator import actions as ops
 from cryomae.service.handling import expect
 from cryomae.words import escaped
-from tests.live.conftest import MICS_DLQ, PROJECT, RABBIT, SESSION, Live, publish_raw, ready, running, wait_until
+from tests.live.conftest import (
+    MICS_DLQ,
+    PROJECT,
+    RABBIT,
+    SESSION,
+    Live,
+    publish_raw,
+    raw_micrograph_ready,
+    ready,
+    running,
+    wait_until,
+)
 from tests.live.test_cli_ops import cli_many, ok, ok_json
 
 NESTED = b"[" * 200_000 + b"]" * 200_000  # 400 KB of brackets
 HOSTILE_NAME = "/nowhere/\x1b[31mred\nline\x9b2J.mrc"  # ESC sequence, newline, an 8-bit CSI
-
-
-def _micrograph_ready(path: str) -> bytes:
-    """A MicrographReady body built by hand (json escapes the NUL byte as \\u0000, as any producer would)."""
-    now = time.time()
-    fields = {
-        "schema_version": 1,
-        "id": uuid.uuid4().hex,
-        "created": now,
-        "kind": "micrograph_ready",
-        "project": PROJECT,
-        "session": SESSION,
-        "path": path,
-        "size": 1,
-        "mtime": now,
-        "complete_at": now,
-    }
-    return json.dumps(fields).encode()
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -85,7 +76,7 @@ def test_nesting_depth_is_linear_on_bodies_of_many_unclosed_strings() -> None:
         (b'{"a":' * 100_000, f"message nested deeper than {MAX_DEPTH} levels"),
         (b"[" * (MAX_DEPTH + 1), f"message nested deeper than {MAX_DEPTH} levels"),
         (b'{"schema_version": 1, "n": ' + b"9" * 5000 + b"}", "not JSON"),  # more digits than Python converts
-        (_micrograph_ready("/data/a\x00.mrc"), "path: NUL byte in a path"),
+        (raw_micrograph_ready("/data/a\x00.mrc"), "path: NUL byte in a path"),
         (
             SessionCommand(action="start", project="p", session="s", folder="/data")
             .body()
@@ -205,7 +196,7 @@ def test_hostile_dead_letters_refused_at_once_and_listed_by_status_and_dlq_list(
     live.create_project()
     (live.root / "outputs" / PROJECT / SESSION).mkdir(parents=True)  # the session status reports on
     with running(live, live.settings(), ["picker"]) as (app, control):
-        nul = _micrograph_ready(str(live.data / "a\x00b.mrc"))
+        nul = raw_micrograph_ready(str(live.data / "a\x00b.mrc"))
         named = ready(HOSTILE_NAME).body()
         publish_raw(live, topology.MICROGRAPHS, NESTED)
         publish_raw(live, topology.MICROGRAPHS, nul)

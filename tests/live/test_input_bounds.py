@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -40,11 +38,10 @@ from tests.live.conftest import (
     MICS_DLQ,
     PICKS_DLQ,
     PIPELINE,
-    PROJECT,
     RABBIT,
-    SESSION,
     Live,
     publish_raw,
+    raw_micrograph_ready,
     ready,
     running,
     train_first_model,
@@ -53,24 +50,6 @@ from tests.live.conftest import (
 from tests.messaging.conftest import AMQP_URL
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _raw_micrograph_ready(path: str) -> bytes:
-    """A MicrographReady body built by hand, so that no bound of this side stops it before the queue."""
-    now = time.time()
-    fields = {
-        "schema_version": 1,
-        "id": uuid.uuid4().hex,
-        "created": now,
-        "kind": "micrograph_ready",
-        "project": PROJECT,
-        "session": SESSION,
-        "path": path,
-        "size": 1,
-        "mtime": now,
-        "complete_at": now,
-    }
-    return json.dumps(fields).encode()
 
 
 def _dead_letters(broker: Broker, queue: str) -> dict[int, Envelope]:
@@ -137,8 +116,8 @@ def test_picks_with_a_non_finite_threshold_are_refused() -> None:
 def test_oversized_messages_are_dead_lettered_with_a_short_reason(live: Live) -> None:
     live.create_project()
     good = live.drop(3).resolve()
-    huge = _raw_micrograph_ready("/" + "a" * (10 * 1024 * 1024))  # 10 MB in one string of a valid message
-    long_path = _raw_micrograph_ready(str(live.session_folder / ("b" * 5000)) + ".mrc")  # small body, long path
+    huge = raw_micrograph_ready("/" + "a" * (10 * 1024 * 1024))  # 10 MB in one string of a valid message
+    long_path = raw_micrograph_ready(str(live.session_folder / ("b" * 5000)) + ".mrc")  # small body, long path
     assert len(huge) > MAX_MESSAGE_BYTES > len(long_path)
     with running(live, live.settings(), PIPELINE) as (app, control):
         train_first_model(live, control)
