@@ -90,3 +90,32 @@ def test_unfixable_files_are_dead_lettered_at_once_and_a_truncated_one_is_shown_
         str(good.resolve()),
         str(resolved / "truncated.mrc"),
     }
+
+
+def test_a_symlink_loop_is_shown_in_status_and_the_rest_of_the_folder_is_published(live: Live) -> None:
+    """Issue 25 item 1: with a.mrc -> b.mrc -> a.mrc beside good micrographs, every good one is published and
+    `cryomae status` lists the loop's entries with why they are skipped."""
+    live.create_project()
+    settings = live.settings(watch={"settle_seconds": 0.3, "check_interval": 0.1, "poll_interval": 0.5})
+    folder = live.session_folder
+    folder.mkdir(parents=True)
+    for i in range(6):
+        shutil.copyfile(live.dataset.micrographs[i % len(live.dataset.micrographs)], folder / f"mic_{i:02d}.mrc")
+    (folder / "a.mrc").symlink_to(folder / "b.mrc")
+    (folder / "b.mrc").symlink_to(folder / "a.mrc")
+    problem = "cannot be examined: too many levels of symbolic links (a symlink loop)"
+
+    with running(live, settings) as (_app, control):
+        ops.session_start(settings, control, PROJECT, SESSION, folder, "*.mrc", True)
+
+        def session() -> ops.SessionStatus:
+            (row,) = [s for s in ops.status(settings, control)["sessions"] if s["session"] == SESSION]
+            return row
+
+        wait_until(lambda: session()["seen"] == 6, QUICK, "the 6 good micrographs published")
+        wait_until(lambda: session()["incomplete"] == 2, QUICK, "the loop's entries listed")
+        resolved = folder.resolve()
+        rows = {f["path"]: f["problem"] for f in session()["incomplete_files"]}
+        assert rows == {str(resolved / "a.mrc"): problem, str(resolved / "b.mrc"): problem}
+        assert f"{resolved / 'a.mrc'}: incomplete since " in ops.format_status(ops.status(settings, control))
+        assert session()["seen"] == 6  # the loop's entries are never published

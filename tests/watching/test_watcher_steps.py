@@ -19,7 +19,7 @@ from cryomae.messages import MicrographReady, SessionCommand
 from cryomae.watching import Watcher, parse_mountinfo
 from cryomae.watching.ledger import read_incomplete
 
-from .helpers import FakeClock, Published, SlowWrite, fast_settings, mrc_bytes, patched, write_micrograph
+from .helpers import FakeClock, Published, SlowWrite, fast_settings, mrc_bytes, patched, wait_until, write_micrograph
 
 SETTLE, GIVE_UP, POLL = 1.0, 10.0, 0.5
 
@@ -450,3 +450,81 @@ def test_incomplete_files_are_in_the_ledger_while_they_wait(tmp_path: Path, fold
     (folder / "empty2.mrc").unlink()
     with make_watcher(tmp_path, published, clock):
         assert read_incomplete(state) == {}  # a restarted watcher looks again; nothing stale stays listed
+
+
+LOOP = "cannot be examined: too many levels of symbolic links (a symlink loop)"
+DANGLING = "cannot be examined: its symlink leads nowhere (a dangling symlink)"
+
+
+def _good_and_broken(folder: Path, start: int = 0) -> list[str]:
+    """20 good micrographs beside a symlink loop (a.mrc -> b.mrc -> a.mrc) and a dangling symlink; the good paths."""
+    good = [str(write_micrograph(folder / f"mic_{i:02d}.mrc", seed=i)) for i in range(start, start + 20)]
+    (folder / "a.mrc").symlink_to(folder / "b.mrc")
+    (folder / "b.mrc").symlink_to(folder / "a.mrc")
+    (folder / "gone.mrc").symlink_to(folder / "nowhere.mrc")
+    return sorted(good)
+
+
+def _problems(state: Path) -> dict[str, str]:
+    return {r.path: r.problem for r in read_incomplete(state).get(("proj", "sess"), [])}
+
+
+def test_entries_that_cannot_be_examined_are_reported_and_the_rest_of_the_folder_is_picked(
+    tmp_path: Path, folder: Path, clock: FakeClock
+):
+    """Issue 25 item 1: a symlink loop (or a dangling symlink) no longer stops the listing; each such entry is
+    skipped, logged once and listed for `cryomae status`, on polling and at catch-up after a restart."""
+    state = tmp_path / "state"
+    good = _good_and_broken(folder)
+    broken = {str(folder / "a.mrc"): LOOP, str(folder / "b.mrc"): LOOP, str(folder / "gone.mrc"): DANGLING}
+    published = Published()
+    with make_watcher(tmp_path, published, clock) as watcher, capture_logs() as logs:
+        watcher.start_session("proj", "sess", folder)
+        settle(watcher, clock)  # the catch-up scan, then the settle time
+        assert sorted(published.paths()) == good
+        assert _problems(state) == broken
+        for _ in range(3):  # polled again: still listed, logged once
+            clock.advance(POLL)
+            watcher.step()
+        assert _problems(state) == broken
+    warned = [(e["path"], e["problem"]) for e in logs if e["event"] == "micrograph_unexaminable"]
+    assert sorted(warned) == sorted(broken.items())
+    assert sorted(published.paths()) == good  # the broken entries are never published
+
+    # at catch-up after a restart, with 20 more good files that arrived meanwhile
+    more = _good_and_broken(folder / "later", start=20)
+    again = Published()
+    with make_watcher(tmp_path, again, clock) as watcher:
+        settle(watcher, clock)
+        assert sorted(again.paths()) == more
+        later = {str(folder / "later" / name): problem for name, problem in [("a.mrc", LOOP), ("gone.mrc", DANGLING)]}
+        later[str(folder / "later" / "b.mrc")] = LOOP
+        assert _problems(state) == broken | later
+
+        # repaired or removed: no longer listed, and a repaired one is picked
+        (folder / "a.mrc").unlink()
+        write_micrograph(folder / "a.mrc", seed=99)
+        (folder / "b.mrc").unlink()
+        clock.advance(POLL)
+        settle(watcher, clock)
+        assert again.paths()[-1] == str(folder / "a.mrc")
+        assert set(_problems(state)) == {str(folder / "gone.mrc"), *later}
+
+
+def test_a_symlink_loop_announced_by_inotify_is_reported(tmp_path: Path, folder: Path, clock: FakeClock):
+    """On live events (inotify, no periodic rescan): the loop's entries are reported, the good files published."""
+    state = tmp_path / "state"
+    published = Published()
+    with make_watcher(tmp_path, published, clock, mode="inotify") as watcher:
+        watcher.start_session("proj", "sess", folder)
+        watcher.step()  # the catch-up of an empty folder; from now on only events tell
+        good = _good_and_broken(folder)
+
+        def caught_up() -> bool:
+            clock.advance(SETTLE + 0.1)
+            watcher.step()
+            return sorted(published.paths()) == good and len(_problems(state)) == 3
+
+        wait_until(caught_up, "the good files published and the broken ones reported")
+        assert _problems(state)[str(folder / "a.mrc")] == LOOP
+        assert _problems(state)[str(folder / "gone.mrc")] == DANGLING

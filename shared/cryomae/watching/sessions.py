@@ -117,6 +117,7 @@ class WatchedSession:
     next_scan: float = 0.0
     next_attempt: float = 0.0
     listing_problem: str = ""
+    unexaminable: dict[str, str] = field(default_factory=dict)  # path -> why it cannot be examined (in the ledger)
 
     def __post_init__(self) -> None:
         self.folder = self.record.folder

@@ -14,6 +14,8 @@ One loop (``run()`` in the caller's thread, or ``start()`` on a background threa
    that can never complete (or resolve outside the data roots) are published at once, for the picker to
    dead-letter with the reason; files that may still grow wait up to the give-up time, listed in the ledger as
    incomplete (``cryomae status`` shows them) until they are published, deleted or their session stopped.
+   A candidate that cannot be examined (a symlink loop, a dangling symlink, no permission) is skipped, logged once
+   and listed there too with its reason, until it can be examined or is gone; the rest of the folder is listed.
 
 A published path is the resolved session folder joined with the file's path inside it (absolute; a file that is
 itself a symlink keeps its own name, so picks carry the session's names). Files already there when a session is
@@ -41,7 +43,7 @@ from watchdog.observers import Observer
 from cryomae.config import WatchSettings
 from cryomae.errors import InputError, TransientError
 from cryomae.messages import MicrographReady, SessionCommand, check_name
-from cryomae.watching.candidates import check_pattern, is_candidate, list_candidates
+from cryomae.watching.candidates import check_pattern, examine, is_candidate, list_candidates
 from cryomae.watching.completeness import PendingFile, Signature, Verdict, incompleteness, signature_of
 from cryomae.watching.filesystems import Mount, mount_of, needs_polling, read_mounts
 from cryomae.watching.inotify import ObserverFactory, stop_observer, watch_folder
@@ -429,6 +431,11 @@ class Watcher:
                 continue
             if is_candidate(relative, r.pattern, r.recursive):
                 known = str(path) in watched.published
+                if not known:
+                    _, problem = examine(path)
+                    self._note_unexaminable(watched, [(path, problem)] if problem else [], path)
+                    if problem:
+                        continue
                 self._consider(watched, path, signature_of(path) if known else None, now)
 
     def _list_due(self, watched: WatchedSession, now: float) -> None:
@@ -441,6 +448,7 @@ class Watcher:
             listing = list_candidates(watched.folder, r.pattern, r.recursive, start)
             for path, st in listing.files:
                 self._consider(watched, path, Signature.of(st), now)
+            self._note_unexaminable(watched, listing.unexaminable, start or watched.folder)
             if start is None:
                 self._note_listing_problem(watched, "; ".join(listing.errors))
         if whole:
@@ -457,6 +465,30 @@ class Watcher:
         else:
             log.info("session_listing_recovered", project=r.project, session=r.session)
         watched.listing_problem = problem
+
+    def _note_unexaminable(self, watched: WatchedSession, found: Sequence[tuple[Path, str]], under: Path) -> None:
+        """Record the candidates under ``under`` (a folder just listed, or one file) that cannot be examined: each
+        is logged and listed in the ledger (``cryomae status``) once, and its row cleared when it no longer is
+        (it can be examined now, or it is gone)."""
+        r = watched.record
+        now_found = {str(path): problem for path, problem in found}
+        for key in [k for k in watched.unexaminable if k not in now_found and Path(k).is_relative_to(under)]:
+            del watched.unexaminable[key]
+            self._ledger.clear_incomplete(r.project, r.session, key)
+            log.info("micrograph_examinable_again", project=r.project, session=r.session, path=key)
+        for key, problem in now_found.items():
+            if watched.unexaminable.get(key) == problem:
+                continue
+            log.warning(
+                "micrograph_unexaminable",
+                project=r.project,
+                session=r.session,
+                path=key,
+                problem=problem,
+                action="skipped (the rest of the folder is listed); fix or remove the entry",
+            )
+            self._ledger.note_incomplete(r.project, r.session, key, time.time(), problem)
+            watched.unexaminable[key] = problem
 
     def _consider(self, watched: WatchedSession, path: Path, signature: Signature | None, now: float) -> None:
         with self._lock:
@@ -487,7 +519,7 @@ class Watcher:
             if verdict is Verdict.GONE:
                 with self._lock:
                     watched.pending.pop(str(pending.path), None)
-                if pending.noted:
+                if pending.noted and str(pending.path) not in watched.unexaminable:
                     self._ledger.clear_incomplete(watched.record.project, watched.record.session, str(pending.path))
             elif verdict is Verdict.INCOMPLETE and before is not Verdict.INCOMPLETE:
                 problem = incompleteness(pending.path)
