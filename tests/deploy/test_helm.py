@@ -592,7 +592,7 @@ def test_environment_names_are_settings_and_load_into_them(scenario: str, tmp_pa
         # the folders a service uses are the ones mounted in its pod
         mounts = _mounts(_deployment(scenario, component))
         needs = {
-            "watcher": {"state": False, "data": True},
+            "watcher": {"state": False, "data": True, "store": True},  # store: to refuse a session of no project
             "picker": {"store": True, "data": True},
             "writer": {"outputs": False, "store": True, "data": True},  # store, data: to check picks messages
             "trainer": {"store": False, "data": True, "outputs": True},

@@ -120,7 +120,7 @@ class App:
                 workers=s.pick_workers,
                 max_pixels=s.max_micrograph_pixels,
             )
-        return WatcherService(self.broker, s)
+        return WatcherService(self.broker, s, self.store)
 
     def build(self) -> None:
         """Construct the services (taking the state folder's locks; nothing talks to the broker yet)."""

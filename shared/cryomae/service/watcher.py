@@ -1,5 +1,9 @@
 """The watcher service: watches session folders (``cryomae.watching.Watcher``) and publishes each complete
-micrograph to the micrographs queue; takes session commands (start, stop watching) from the watcher queue."""
+micrograph to the micrographs queue; takes session commands (start, stop watching) from the watcher queue.
+
+A start for a project that is not in the store is refused before anything is watched: an InputError naming the
+project (dead-lettered at the first delivery), by the same rule as ``cryomae session start``
+(``ProjectStore.get_project``). The watcher reads the store only; under Helm it is mounted read-only."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from cryomae.messaging import Broker, Consumer, Envelope, topology
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger, handling
 from cryomae.settings import Settings
+from cryomae.store.projects import ProjectStore
 from cryomae.watching import Watcher
 
 WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (its ledger; ``cryomae status`` reads it)
@@ -18,8 +23,9 @@ WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (its l
 class WatcherService:
     """The watcher publishing to the micrographs queue, and taking session commands from the watcher queue."""
 
-    def __init__(self, broker: Broker, settings: Settings) -> None:
+    def __init__(self, broker: Broker, settings: Settings, store: ProjectStore | None = None) -> None:
         self.broker = broker
+        self.store = store or ProjectStore(settings.store)
         self.watcher = Watcher(settings.state / WATCHER_STATE, self.publish, settings.watch_settings())
         self._consumer: Consumer | None = None
 
@@ -30,6 +36,9 @@ class WatcherService:
     def handle(self, env: Envelope) -> None:
         with handling(get_logger("watcher"), env, (SessionCommand,)) as h:
             h.fields.update(action=h.message.action, folder=h.message.folder)
+            if h.message.action == "start":
+                # InputError "no project '...' in <store> (create it with ...)": as at the CLI, before watching
+                self.store.get_project(h.message.project)
             self.watcher.handle(h.message)
             metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
 

@@ -253,7 +253,8 @@ class ProjectStore:
         check_name(name, "project name")
         path = self._dir(name)
         if not (path / PROJECT_FILE).is_file():
-            raise InputError(None, f"no project {name!r} in {self.root}")
+            create = f"cryomae project create {name} --diameter D"
+            raise InputError(None, f"no project {name!r} in {self.root} (create it with `{create}`)")
         data = _read_json(path / PROJECT_FILE)
         try:
             return Project(
