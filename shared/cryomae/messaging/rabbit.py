@@ -69,6 +69,7 @@ POLL = 0.2  # longest a consumer's connection thread waits for I/O before checki
 START_TIMEOUT = 30.0  # seconds ``consume``/``subscribe`` wait for the consumer's first connection
 SOCKET_TIMEOUT = 5.0
 BLOCKED_TIMEOUT = 30.0  # seconds a publish waits while RabbitMQ blocks publishers (memory/disk alarm)
+PEEK_SETTLE_S = 2.0  # longest a peek waits for the messages it handed back to be ready again
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -311,7 +312,9 @@ class RabbitBroker(Broker):
         return self._retry(f"depth of {queue}", operation)
 
     def peek(self, queue: str, limit: int | None = 100) -> list[Envelope]:
-        """Messages are fetched without an ack and returned when the channel closes (ready again a moment later).
+        """Messages are fetched without an ack, then handed back (nack with requeue), and peek returns once the
+        queue holds as many ready messages as before it (or after ``PEEK_SETTLE_S``): a depth or a second peek right
+        after sees them all.
 
         Each peek counts as a delivery on a quorum queue: harmless on dead-letter and waiting queues (no delivery
         limit), but peeking a work queue brings its messages nearer their delivery limit.
@@ -320,11 +323,21 @@ class RabbitBroker(Broker):
         def operation(connection: Any, channel: Any) -> list[Envelope]:
             found: list[Envelope] = []
             with self._scratch(connection) as scratch:
+                ready = self._ready_count(scratch, queue)
+                if ready is None:  # no such queue (its channel is closed now): nothing to peek at
+                    return found
                 while limit is None or len(found) < limit:
                     method, properties, body = scratch.basic_get(self.full(queue), auto_ack=False)
                     if method is None:
                         break
                     found.append(self.envelope(queue, properties, body))
+                if found:
+                    scratch.basic_nack(delivery_tag=0, multiple=True, requeue=True)
+                    # a quorum queue takes requeued messages back a moment after the nack: wait (bounded) until
+                    # they are ready again, so that a depth or a listing right after a peek sees them all
+                    deadline = time.monotonic() + PEEK_SETTLE_S
+                    while (self._ready_count(scratch, queue) or 0) < ready and time.monotonic() < deadline:
+                        time.sleep(0.01)  # polling the broker's count: it says when the requeue is done
             return found
 
         return self._retry(f"peek at {queue}", self._tolerate_missing(operation, []))
