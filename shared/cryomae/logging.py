@@ -18,16 +18,23 @@ import sys
 from pathlib import Path
 
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 LOG_FILE_BYTES = 50 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 _FILE_LOGGER = "cryomae.logfile"
-_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})  # what the settings read as true in CRYOMAE_LOG_JSON
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)  # the settings' own reading of a true or false value
 
 
 def json_asked(flag: bool) -> bool:
-    """Whether JSON log lines were asked for explicitly: the ``--log-json`` flag, or ``CRYOMAE_LOG_JSON`` set true."""
-    return flag or os.environ.get("CRYOMAE_LOG_JSON", "").strip().lower() in _TRUE
+    """Whether JSON log lines were asked for explicitly: the ``--log-json`` flag, or ``CRYOMAE_LOG_JSON`` set true
+    (read as the settings read it; a value that is neither true nor false asks for nothing)."""
+    if flag:
+        return True
+    try:
+        return _BOOL.validate_strings(os.environ.get("CRYOMAE_LOG_JSON", "").strip())
+    except ValidationError:
+        return False
 
 
 def _file_logger(path: Path) -> logging.Logger:

@@ -351,7 +351,7 @@ def training_state(training: dict[str, Any] | None, trainers: list[dict[str, Any
         why = f" ({training['interrupted']})" if training.get("interrupted") else ""
         return f"training queued{why}{in_queue}"
     if state == "training":
-        progress = f" ({training_progress(training)})" if training.get("progress") else ""
+        progress = f" ({shown})" if (shown := training_progress(training)) else ""
         owner = training.get("trainer")
         beats = [t for t in trainers if owner is None or t.get("id") == owner]
         if any(t["alive"] for t in beats):

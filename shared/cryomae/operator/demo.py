@@ -435,7 +435,7 @@ def format_report(r: dict[str, Any]) -> str:
             ),
             *([] if r["complete"] else [f"  what did not finish: {r.get('unfinished')}"]),
             f"  latency (file complete -> rows in the STAR): {headline}",
-            f"  training: {r.get('training') or r['training_s']}{held}",
+            f"  training: {r['training']}{held}",
             f"  latency (file complete -> rows in the STAR), arriving after the model: {lat(r['latency_live'])}",
             f"  latency once the backlog was picked (nothing queued before them): {lat(r['latency_caught_up'])}",
             f"  latency of the micrographs that waited for the model: {lat(r['latency_backlog'])}",
