@@ -112,6 +112,10 @@ def test_a_symlink_loop_is_shown_in_status_and_the_rest_of_the_folder_is_publish
             (row,) = [s for s in ops.status(settings, control)["sessions"] if s["session"] == SESSION]
             return row
 
+        def listed() -> bool:  # the start command is handled by the watcher a moment after it is sent
+            return any(s["session"] == SESSION for s in ops.status(settings, control)["sessions"])
+
+        wait_until(listed, QUICK, "the session listed by status")
         wait_until(lambda: session()["seen"] == 6, QUICK, "the 6 good micrographs published")
         wait_until(lambda: session()["incomplete"] == 2, QUICK, "the loop's entries listed")
         resolved = folder.resolve()
