@@ -77,6 +77,20 @@ class TrainConfig(BaseModel):
     )
     bank_views: Literal[1, 8] = Field(8, description="bank views: 1 view or the 8 dihedral views of each exemplar")
     bank_rotations: int = Field(16, ge=1, le=90, description="bank aligned: in-plane angles of the aligned average")
+    head: bool = Field(
+        False,
+        description="train the particle-probability head on the reference micrograph as a positive-unlabeled "
+        "problem (cryomae.training.pu_head); the picker uses it where PickConfig.scorer allows",
+    )
+    head_shrink: float | None = Field(
+        1.0,
+        ge=0.0,
+        description="penalty on the head's direction moving away from the bank mean (None: it stays there and "
+        "the head only calibrates the cosine score)",
+    )
+    head_prior: float | None = Field(
+        None, gt=0.0, lt=1.0, description="share of the reference's candidates that are particles; None: estimated"
+    )
     seed: int = Field(0, description="seed of every random draw of training (deterministic on one machine)")
     device: str = "auto"
     encoder: str | None = Field(
@@ -111,6 +125,18 @@ class PickConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stride_fraction: float = Field(0.125, gt=0.0, le=1.0, description="stride / window side (paper: 1/8)")
+    scorer: Literal["auto", "head", "cosine"] = Field(
+        "auto",
+        description="what scores a window: the model's particle-probability head (head; auto where the model has "
+        "one) or the cosine similarity to the exemplar bank (cosine, the paper's; auto for models without a head)",
+    )
+    probability_min: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="the cut where windows are scored by the head (threshold auto): the least particle probability "
+        "of a pick",
+    )
     score: Literal["max", "mean", "mean_max"] = Field(
         "mean",
         description="a window's score from its cosines to the bank: their mean, their max, or mean_max: "

@@ -210,6 +210,58 @@ class Row:
         )
 
 
+@dataclass
+class Distractors:
+    """What a simulated dataset says beyond its particles (``micrographs_ctf.star``, ``junk.star``)."""
+
+    carbon: dict[str, bool]  # micrograph stem -> shows a carbon edge
+    junk: dict[str, np.ndarray]  # micrograph stem -> junk centres [J, 2] (fragments, aggregates, empty micelles)
+
+
+def distractors(ds: Dataset) -> Distractors | None:
+    """The dataset's carbon flags and junk positions, or None where it has no ``micrographs_ctf.star``."""
+    import starfile
+
+    ctf = ds.root / "micrographs_ctf.star"
+    if not ctf.is_file():
+        return None
+    table = starfile.read(ctf)
+    carbon = {Path(n).stem: bool(c) for n, c in zip(table["rlnMicrographName"], table["simHasCarbon"], strict=True)}
+    junk: dict[str, np.ndarray] = {stem: np.zeros((0, 2)) for stem in carbon}
+    junk_path = ds.root / "junk.star"
+    if junk_path.is_file():
+        j = starfile.read(junk_path)
+        for name, rows in j.groupby("rlnMicrographName"):
+            junk[Path(str(name)).stem] = rows[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=np.float64)
+    return Distractors(carbon=carbon, junk=junk)
+
+
+def distractor_figures(
+    picks: dict[str, Points], truth: dict[str, np.ndarray], diameter: float, found: Distractors
+) -> dict[str, float | None]:
+    """Precision on the micrographs with and without a carbon edge, and the share of picks within half a
+    diameter of a junk centre that match no particle."""
+    out: dict[str, float | None] = {}
+    for key, flag in (("precision_carbon", True), ("precision_no_carbon", False)):
+        stems = [k for k in picks if found.carbon.get(k) is flag]
+        out[key] = (
+            evaluate({k: picks[k] for k in stems}, {k: truth[k] for k in stems}, diameter).pooled.precision
+            if stems
+            else None
+        )
+    on_junk = total = 0
+    for stem, (xy, scores) in picks.items():
+        total += len(xy)
+        junk = found.junk.get(stem, np.zeros((0, 2)))
+        if len(xy) == 0 or len(junk) == 0:
+            continue
+        false = ~match_picks(xy, scores, truth[stem], diameter)
+        near = np.min(np.linalg.norm(xy[:, None, :] - junk[None], axis=2), axis=1) <= diameter / 2
+        on_junk += int(np.sum(false & near))
+    out["junk_share"] = on_junk / total if total else None
+    return out
+
+
 def oracle_f1(candidates: dict[str, Points], truth: dict[str, np.ndarray], diameter: float) -> dict[str, Any]:
     """Best pooled F1 over one global threshold on the candidate scores, sweeping their unique quantiles.
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 if __package__ in (None, ""):  # run as a script: make the project root importable for ``tests.benchmarks``
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -44,7 +45,15 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.evaluation.metrics import evaluate
 from cryomae.io import read_micrograph
 from cryomae.model.checkpoint import TrainedModel, load_model, save_model
-from cryomae.picking.picker import ScoreMap, _cutoff, compute_score_map, find_candidates, session_cutoff
+from cryomae.picking.picker import (
+    ScoreMap,
+    _cutoff,
+    compute_score_map,
+    find_candidates,
+    session_cutoff,
+    uses_head,
+)
+from cryomae.training.pu_head import train_head
 from cryomae.training.train import train_model
 from tests.benchmarks import accuracy, loso
 from tests.benchmarks.accuracy import (
@@ -70,6 +79,7 @@ class Cached:
     trained: TrainedModel
     maps: dict[str, ScoreMap]  # micrograph stem -> score map
     images: dict[str, np.ndarray]  # stem -> the micrograph (float16), for the edge and padded-border test
+    distractors: accuracy.Distractors | None = None  # carbon flags and junk (simulated data only)
 
 
 def _folder(cache: Path, name: str) -> Path:
@@ -122,6 +132,7 @@ def prepare(
     map_cfg: PickConfig,
     exemplars: int | None = None,
     draw: int | None = None,
+    models_from: Path | None = None,
 ) -> None:
     """Train (unless cached) and score every micrograph of each dataset; ``map_cfg`` holds the options that shape
     the score map itself (``score``, ``feature_norm``, ``stride_fraction``): give ``evaluate`` the same ones.
@@ -134,10 +145,20 @@ def prepare(
             continue
         folder = _folder(cache, ds.name)
         split = _split(ds, cache)
+        if not (folder / "model" / "manifest.json").is_file() and models_from is not None:
+            # the encoder and bank of another cache (same exemplars), the particle head trained anew
+            t0 = time.perf_counter()
+            trained = load_model(_folder(models_from, ds.name) / "model")
+            trained.head = train_head(
+                trained, read_micrograph(split.reference).data, split.exemplars_xy, train_cfg, torch.device("cpu")
+            )
+            info = {k: v for k, v in trained.manifest.items() if k in ("hyperparameters", "provenance", "calibration")}
+            save_model(folder / "model", trained.model, trained.bank, trained.geometry, info, head=trained.head)
+            print(f"{ds.name}: head {trained.head.info} in {time.perf_counter() - t0:.1f} s", flush=True)
         if not (folder / "model" / "manifest.json").is_file():
             t0 = time.perf_counter()
             trained, info = train_model(read_micrograph(split.reference), split.exemplars_xy, split.diameter, train_cfg)
-            save_model(folder / "model", trained.model, trained.bank, trained.geometry, info)
+            save_model(folder / "model", trained.model, trained.bank, trained.geometry, info, head=trained.head)
             print(f"{ds.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         trained = load_model(folder / "model")
         for path in [split.reference, *split.queries]:
@@ -174,7 +195,7 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
                     scores=z["scores"], stride=int(z["stride"]), offset=float(z["offset"]), level=z["level"]
                 )
                 images[path.stem] = z["image"]
-        out.append(Cached(ds.name, split, load_model(folder / "model"), maps, images))
+        out.append(Cached(ds.name, split, load_model(folder / "model"), maps, images, accuracy.distractors(ds)))
     return out
 
 
@@ -185,6 +206,8 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
     """The picker's own cutoff: the queries are one session in file-name order, its ``auto`` cutoff seeded by
     the reference's (as training measures it, here from the cached reference map)."""
     session = session_cutoff(cfg)
+    if uses_head(c.trained, cfg):
+        return {q.stem: _cutoff(cands[q.stem][1], cfg, probabilities=True)[0] for q in c.split.queries}
     if cfg.threshold == "auto":
         cut, rule = session_cutoff(cfg).cut(cands[c.split.reference.stem][1])
         if rule == "gmm":
@@ -207,7 +230,9 @@ def score(c: Cached, cfg: PickConfig, rule: CutoffRule = default_rule) -> dict[s
     at_cut = evaluate(picks, truth, d).pooled
     oracle = oracle_f1(queries, truth, d)
     errors = [abs(len(picks[k][1]) - len(truth[k])) / max(len(truth[k]), 1) for k in queries]
+    extra = {} if c.distractors is None else accuracy.distractor_figures(picks, dict(truth), d, c.distractors)
     return {
+        **extra,
         "recall": everything.pooled.recall,
         "ap": everything.average_precision,
         "oracle": oracle["f1"],
@@ -244,6 +269,19 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     for name, r in [*result["rows"].items(), ("**mean**", result["mean"])]:
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
+    sims = {n: r for n, r in result["rows"].items() if "junk_share" in r}
+    if sims:
+        lines += [
+            "",
+            "| dataset | precision, micrographs with carbon | without carbon | difference | picks on junk |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in sims.items():
+            with_c, without = r["precision_carbon"], r["precision_no_carbon"]
+            diff = "—" if with_c is None or without is None else f"{with_c - without:+.3f}"
+            cells = ["—" if v is None else f"{v:.3f}" for v in (with_c, without)]
+            share = "—" if r["junk_share"] is None else f"{r['junk_share']:.3f}"
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff} | {share} |")
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +368,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
     p.add_argument("--exemplars", type=int, default=None, help="prepare: exemplars per reference (default 15)")
     p.add_argument("--draw", type=int, default=None, help="prepare: exemplars drawn with default_rng(DRAW) (default 0)")
+    p.add_argument(
+        "--models-from",
+        type=Path,
+        default=None,
+        help="prepare: take each dataset's encoder and bank from this cache (same draw) and train only the particle "
+        "head (--train-set head_*) on them",
+    )
     args = p.parse_args(argv)
     names = args.datasets.split(",") if args.datasets else None
     caches: list[Path] = args.cache or [DEFAULT_CACHE]
@@ -371,7 +416,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.action == "prepare":
         train_cfg = TrainConfig(**_pairs(args.train_set, "--train-set"))
         map_cfg = PickConfig(**_pairs(args.pick_set, "--pick-set"))
-        prepare(args.data_root, caches[0], names, train_cfg, map_cfg, args.exemplars, args.draw)
+        prepare(args.data_root, caches[0], names, train_cfg, map_cfg, args.exemplars, args.draw, args.models_from)
         return 0
     cached = load(args.data_root, caches[0], names)
     result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))

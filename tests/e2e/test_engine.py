@@ -88,3 +88,28 @@ def test_training_measures_the_reference_cutoff_that_seeds_every_session(session
     else:
         assert "reference_cutoff" not in calibration and not cut.history
     assert "calibrate" in info["timings_s"]
+
+
+def test_a_particle_head_trained_on_the_reference_picks_by_probability(session, tmp_path):
+    """The head is trained from the same model on the reference's candidates, stored with it, and its one cut
+    (probability 0.5) picks the other micrographs about as well as the cosine ranking with its mixture cut."""
+    from cryomae.model.checkpoint import load_model, save_model
+    from cryomae.training.pu_head import train_head
+
+    mics, trained, info = session
+    ref = mics[0]
+    chosen = np.random.default_rng(0).choice(len(ref.centres), 15, replace=False)
+    cfg = TrainConfig(preset="test", box_factor=1.5, head=True, head_shrink=None)
+    head = train_head(trained, ref.image, ref.centres[chosen], cfg, trained.bank.device)
+    true_share = len(ref.centres) / head.info["candidates"]
+    assert 0.3 * true_share < head.info["prior"] < 3 * true_share, (head.info, true_share)
+    save_model(tmp_path / "m", trained.model, trained.bank, trained.geometry, info, head=head)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.head is not None and loaded.manifest["particle_head"]["prior"] == head.info["prior"]
+    picks, truth = {}, {}
+    for i, m in enumerate(mics[1:]):
+        r = pick_micrograph(loaded, m.image, PickConfig(device="cpu"))
+        assert r.cutoff_rule == "probability" and np.all((r.candidate_scores >= 0) & (r.candidate_scores <= 1))
+        picks[f"m{i}"] = (r.xy, r.scores)
+        truth[f"m{i}"] = m.centres
+    assert evaluate(picks, truth, DIAMETER).pooled.f1 >= 0.30

@@ -1,9 +1,10 @@
 """Model directories: safetensors weights plus a JSON manifest, loaded without pickle and verified.
 
-A model directory holds ``weights.safetensors`` (the MAE's parameters and the exemplar bank under the key
-``exemplar_bank``) and ``manifest.json`` (preset, geometry, training hyperparameters, data provenance and the
-sha256 of the weights file), sealed by a checksum over all of its fields (``cryomae.model.layout``). Loading
-verifies the manifest's checksum, then the weights' sha256, before any tensor is read.
+A model directory holds ``weights.safetensors`` (the MAE's parameters, the exemplar bank under the key
+``exemplar_bank`` and the particle-probability head, if any, under ``pu_head.*``) and ``manifest.json`` (preset,
+geometry, training hyperparameters, data provenance and the sha256 of the weights file), sealed by a checksum
+over all of its fields (``cryomae.model.layout``). Loading verifies the manifest's checksum, then the weights'
+sha256, before any tensor is read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cryomae.errors import CheckpointError
+from cryomae.model.head import ParticleHead
 from cryomae.model.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -43,6 +45,7 @@ class TrainedModel:
     bank: torch.Tensor  # [B, D] encoder features of the exemplars (and their dihedral views)
     geometry: Geometry
     manifest: dict[str, Any]
+    head: ParticleHead | None = None  # the particle-probability head (models trained before it have none)
 
     @property
     def preset(self) -> Preset:
@@ -55,6 +58,7 @@ def save_model(
     bank: torch.Tensor,
     geometry: Geometry,
     info: dict[str, Any],
+    head: ParticleHead | None = None,
 ) -> Path:
     """Write a model directory atomically: a temporary sibling directory renamed into place.
 
@@ -66,6 +70,8 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors[BANK_KEY] = bank.detach().float().cpu().contiguous()
+    if head is not None:
+        tensors.update(head.tensors())
     save_file(tensors, str(tmp / WEIGHTS))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -73,6 +79,7 @@ def save_model(
         "geometry": dataclasses.asdict(geometry),
         "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
         "exemplar_bank": {"size": int(bank.shape[0]), "dim": int(bank.shape[1])},
+        **({"particle_head": head.info} if head is not None else {}),
         **info,
     }
     write_manifest(tmp / MANIFEST, manifest)
@@ -104,10 +111,20 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
     bank = tensors.pop(BANK_KEY, None)
     if bank is None:
         raise CheckpointError(f"{weights}: no exemplar bank in the weights file")
+    try:
+        head = ParticleHead.pop_from(tensors, manifest.get("particle_head"))
+    except KeyError as e:
+        raise CheckpointError(f"{weights}: {e.args[0]}") from None
+    if head is not None and head.direction.shape != bank.shape[1:]:
+        raise CheckpointError(
+            f"{weights}: particle head of {head.direction.shape[0]} dimensions for a bank of {bank.shape[1]}"
+        )
     model = MaskedAutoencoder(preset)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: weights do not fit preset {preset.name!r}: {e}") from None
     model.to(device).eval()
-    return TrainedModel(model=model, bank=bank.to(device), geometry=geometry, manifest=manifest)
+    if head is not None:
+        head.direction = head.direction.to(device)
+    return TrainedModel(model=model, bank=bank.to(device), geometry=geometry, manifest=manifest, head=head)

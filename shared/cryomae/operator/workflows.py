@@ -59,7 +59,7 @@ def train_from_files(
     extra = [read_micrograph(p) for p in unlabeled]
     trained, info = train_model(mic, ex.xy, diameter, cfg, extra)
     info["provenance"]["exemplar_file"] = str(coords)
-    return save_model(out, trained.model, trained.bank, trained.geometry, info)
+    return save_model(out, trained.model, trained.bank, trained.geometry, info, head=trained.head)
 
 
 def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: PickConfig) -> dict[str, Any]:

@@ -88,6 +88,32 @@ def _standardizer(
     return mu, sd
 
 
+def uses_head(trained: TrainedModel, cfg: PickConfig) -> bool:
+    """Whether windows are scored by the model's particle-probability head (``PickConfig.scorer``): ``auto``
+    and ``head`` use it where the model has one; ``cosine`` never."""
+    return cfg.scorer != "cosine" and trained.head is not None
+
+
+def _scoring_vectors(trained: TrainedModel, mu: torch.Tensor, sd: torch.Tensor, cfg: PickConfig) -> torch.Tensor:
+    """The vectors [V, D] a unit-length standardised window feature is compared with, in the dtype of mu:
+    the head's direction (one), or the bank standardised like the windows and made unit length (its mean,
+    one vector, for the ``mean`` score: the mean of the cosines is one dot product with it)."""
+    if uses_head(trained, cfg):
+        assert trained.head is not None
+        return F.normalize(trained.head.direction.to(mu.device, mu.dtype), dim=0)[None]
+    bank = F.normalize((trained.bank.to(mu.device, mu.dtype) - mu) / sd, dim=-1)
+    return bank.mean(dim=0, keepdim=True) if cfg.score == "mean" else bank
+
+
+def _finish(trained: TrainedModel, sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
+    """Similarities to the scoring vectors (along ``dim``) -> one score per window: the head's probability, or
+    the cosine score of ``PickConfig.score``."""
+    if uses_head(trained, cfg):
+        assert trained.head is not None
+        return trained.head.probability(sims.squeeze(dim))
+    return _reduce(sims, cfg, dim)
+
+
 def _reduce(sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
     """Cosine similarities to the bank (along ``dim``) -> one score per window (``PickConfig.score``)."""
     if cfg.score == "max":
@@ -119,7 +145,7 @@ def scoring_flops(
     n_win = ((h - s) // stride + 1) * ((w - s) // stride + 1)
     layer = preset.feature_layer if 0 <= preset.feature_layer <= preset.depth else preset.depth
     per_window = tokens * p * p * d + layer * (tokens + 1) * (12 * d * d + 2 * (tokens + 1) * d)
-    n_bank = 1 if cfg.score == "mean" else int(trained.bank.shape[0])
+    n_bank = _n_vectors(trained, cfg)
     feat_dim = int(trained.bank.shape[1])
     out = {"windows": float(n_win), "windowed": float(n_win * (per_window + feat_dim * n_bank))}
     if preset.feature_layer == 0 and preset.feature in ("flat", "mean"):
@@ -129,6 +155,11 @@ def scoring_flops(
         mean_extra = n_win * d * (tokens + n_bank) if preset.feature == "mean" else 0
         out["shared"] = float(cells * per_cell + mean_extra)
     return out
+
+
+def _n_vectors(trained: TrainedModel, cfg: PickConfig) -> int:
+    """How many vectors each window is compared with (``_scoring_vectors``)."""
+    return 1 if uses_head(trained, cfg) or cfg.score == "mean" else int(trained.bank.shape[0])
 
 
 def memory_budget(device: torch.device) -> int:
@@ -191,7 +222,7 @@ def shared_tokens_apply(
     preset = trained.preset
     g = shared_token_stride(preset.patch_size, stride)
     cells = (image_shape[0] // g + 1) * (image_shape[1] // g + 1)
-    n_bank = 1 if cfg.score == "mean" else int(trained.bank.shape[0])
+    n_bank = _n_vectors(trained, cfg)
     # bytes: the token map, its centred copy and square, two float64 integral images, the per-token maps
     need = cells * (preset.embed_dim * 7 + preset.tokens * (n_bank + 3)) * 4
     return need <= memory_budget(device)
@@ -226,7 +257,6 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
         """The cells of map mp [..., Ty, Tx] that token offset o takes for every window: [..., Gy, Gx]."""
         return mp[..., o[0] : o[0] + (gy - 1) * m + 1 : m, o[1] : o[1] + (gx - 1) * m + 1 : m]
 
-    bank = trained.bank.to(img.device).float()
     if preset.feature == "mean":
         pos = model.pos_embed[0, 1:].float()  # [L, D]
         feat = torch.zeros(d, gy, gx, device=img.device)
@@ -234,8 +264,8 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
             feat += window_view(tok, o) + pos[idx][:, None, None]
         feats = (feat / len(offsets)).reshape(d, n).T  # [N, D]
         mu, sd = _standardizer(feats.mean(dim=0, keepdim=True), feats.std(dim=0, keepdim=True), cfg)
-        bank = F.normalize((bank - mu) / sd, dim=-1)
-        return _reduce(F.normalize((feats - mu) / sd, dim=-1) @ bank.T, cfg).reshape(gy, gx)
+        vectors = _scoring_vectors(trained, mu, sd, cfg)
+        return _finish(trained, F.normalize((feats - mu) / sd, dim=-1) @ vectors.T, cfg).reshape(gy, gx)
 
     # flat: the feature is the window's L tokens in turn, standardised per (token, channel). Write token l of
     # window w as x_l(w) = t(w + o_l) + e_l with t the mean-centred token map, o_l the token's offset in the
@@ -268,12 +298,9 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
     pos = model.pos_embed[0, 1:].double()  # [L, D]
     win_mean = torch.stack(mean_l) + centre.reshape(1, d).double() + pos  # [L, D] mean of x_l over windows
     mu, sd = _standardizer(win_mean.reshape(1, -1), torch.stack(std_l).reshape(1, -1), cfg)
+    bank_n = _scoring_vectors(trained, mu, sd, cfg).reshape(-1, len(offsets), d)  # [B or 1, L, D]
     mu, sd = mu.reshape(len(offsets), d), sd.reshape(len(offsets), d)
     e = centre.reshape(1, d).double() + pos - mu  # [L, D]
-    bank_z = (bank.double().reshape(bank.shape[0], len(offsets), d) - mu) / sd
-    bank_n = F.normalize(bank_z.reshape(bank.shape[0], -1), dim=-1).reshape(bank_z.shape)  # [B, L, D]
-    if cfg.score == "mean":
-        bank_n = bank_n.mean(dim=0, keepdim=True)  # the mean cosine is the cosine's numerator with the mean
     nb = bank_n.shape[0]
     inv = 1.0 / sd  # [L, D]
     w_dot = (bank_n * inv).permute(2, 0, 1).reshape(d, nb * len(offsets))  # [D, B*L]
@@ -294,7 +321,7 @@ def _shared_token_scores(trained: TrainedModel, img: torch.Tensor, stride: int, 
         dots += window_view(dot_maps[:, idx], o)
         sq += window_view(lin_maps[idx], o) + window_view(quad_maps[idx], o)
     scores = dots / sq.clamp_min(0).sqrt().clamp_min(1e-12)  # [B or 1, Gy, Gx]
-    return _reduce(scores, cfg, dim=0)  # (for mean, the one bank vector was the mean: the same)
+    return _finish(trained, scores, cfg, dim=0)
 
 
 def check_fits(shape: tuple[int, ...], geometry: Geometry) -> None:
@@ -339,6 +366,40 @@ def compute_score_map(
     )
 
 
+@torch.no_grad()
+def unit_features(
+    trained: TrainedModel, image: np.ndarray, xy: np.ndarray, cfg: PickConfig, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features the head reads: of the windows nearest to xy [N, 2] (original pixels) on a micrograph
+    [H, W], and of the exemplar bank, each standardised by all windows of the micrograph at the picking stride
+    (as ``compute_score_map`` standardises them) and made unit length. Returns (windows [N, D], bank [B, D])."""
+    dev = device or resolve_device(cfg.device)
+    model = trained.model.to(dev).eval()
+    s = model.preset.img_size
+    stride = max(1, round(s * cfg.stride_fraction))
+    pad = s // 2
+    prepared, _ = prepare_with_background(image, trained.geometry, dev)
+    windows = F.pad(prepared, (pad, pad, pad, pad)).unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s]
+    gy, gx = windows.shape[:2]
+    every = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
+    d = int(trained.bank.shape[1])
+    s1 = torch.zeros(d, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(d, dtype=torch.float64, device=dev)
+    for f in _iter_window_features(trained, windows, every, cfg):
+        s1 += f.sum(dim=0, dtype=torch.float64)
+        s2 += f.double().square().sum(dim=0)
+    n = len(every)
+    mean = s1 / n
+    std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+    mu, sd = _standardizer(mean.float().reshape(1, -1), std.float().reshape(1, -1), cfg)
+    offset = (s - 1) / 2 - pad
+    cells = np.rint((trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2)) - offset) / stride)
+    rc = torch.as_tensor(np.stack([cells[:, 1].clip(0, gy - 1), cells[:, 0].clip(0, gx - 1)], axis=1), device=dev)
+    feats = torch.cat([torch.zeros(0, d, device=dev), *_iter_window_features(trained, windows, rc.long(), cfg)])
+    bank = trained.bank.to(dev).float()
+    return F.normalize((feats - mu) / sd, dim=-1), F.normalize((bank - mu) / sd, dim=-1)
+
+
 def _iter_window_features(
     trained: TrainedModel, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
 ) -> Iterator[torch.Tensor]:
@@ -359,9 +420,7 @@ def _window_scores(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The score function of window features [n, D] -> [n], standardising by the windows' mean and spread."""
     mu, sd = _standardizer(mean.reshape(1, -1).float(), std.reshape(1, -1).float(), cfg)
-    bank = F.normalize((trained.bank.to(mu.device).float() - mu) / sd, dim=-1)  # [B, D]
-    if cfg.score == "mean":
-        bank = bank.mean(dim=0, keepdim=True)  # the mean of the cosines is one dot product with the mean
+    bank = _scoring_vectors(trained, mu, sd, cfg)  # [B or 1, D]
     # in chunks of at most 8 encoder batches and the memory budget: no second copy of all window features
     budget_rows = memory_budget(mu.device) // (4 * bank.shape[1])
     step = max(64, min(window_batch_size(trained, cfg, mu.device) * 8, budget_rows))
@@ -369,7 +428,7 @@ def _window_scores(
     def score(f: torch.Tensor) -> torch.Tensor:
         out = torch.empty(f.shape[0], device=f.device)
         for i in range(0, f.shape[0], step):
-            out[i : i + step] = _reduce(F.normalize((f[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
+            out[i : i + step] = _finish(trained, F.normalize((f[i : i + step] - mu) / sd, dim=-1) @ bank.T, cfg)
         return out
 
     return score
@@ -430,10 +489,15 @@ def _coarse_to_fine(
     return fine, evaluated
 
 
-def _cutoff(scores: np.ndarray, cfg: PickConfig, session: SessionCutoff | None = None) -> tuple[float, str]:
-    """The cutoff of one micrograph's candidate scores and the rule that set it."""
+def _cutoff(
+    scores: np.ndarray, cfg: PickConfig, session: SessionCutoff | None = None, probabilities: bool = False
+) -> tuple[float, str]:
+    """The cutoff of one micrograph's candidate scores and the rule that set it. Where the scores are the
+    head's ``probabilities``, ``auto`` is the one cut ``cfg.probability_min`` (the same on every micrograph)."""
     if isinstance(cfg.threshold, float):
         return cfg.threshold, "fixed"
+    if probabilities and cfg.threshold == "auto":
+        return cfg.probability_min, "probability"
     if len(scores) == 0:
         return math.inf, cfg.threshold
     return _CUTOFF_RULES[cfg.threshold](scores, cfg, session)
@@ -519,7 +583,7 @@ def pick_micrograph(
     smap = compute_score_map(trained, image, cfg, device)
     t1 = time.perf_counter()
     xy, scores = find_candidates(smap, trained.geometry, image, cfg)
-    threshold, rule = _cutoff(scores, cfg, session)
+    threshold, rule = _cutoff(scores, cfg, session, probabilities=uses_head(trained, cfg))
     t2 = time.perf_counter()
     return PickResult(
         candidates_xy=xy,

@@ -115,7 +115,7 @@ class Trainer:
                 )
                 info["exemplar_set"] = exemplars.to_json()
                 with self.store.staged_version(msg.project) as (version, folder):
-                    save_model(folder, trained.model, trained.bank, trained.geometry, info)
+                    save_model(folder, trained.model, trained.bank, trained.geometry, info, head=trained.head)
             except TrainingInterruptedError as exc:
                 metrics.TRAININGS.labels("interrupted").inc()
                 self._interrupted(msg.project, status, exc)

@@ -34,6 +34,7 @@ from cryomae.preprocess import Geometry, prepare
 from cryomae.training.bank import exemplar_bank
 from cryomae.training.encoder import load_encoder, start_from_encoder
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
+from cryomae.training.pu_head import train_head
 from cryomae.training.regions import crop_regions, random_augmentation, random_centres
 from cryomae.training.steps import ProgressHook, TrainingInterruptedError, TrainingLoop
 
@@ -184,12 +185,13 @@ def train_model(
     )
     model.eval()
     t4 = time.perf_counter()
+    trained = TrainedModel(model=model, bank=bank, geometry=geometry, manifest={})
+    if cfg.head:
+        trained.head = train_head(trained, reference.data, exemplars_xy, cfg, device)
+        log.info("particle_head", **trained.head.info)
+    t5 = time.perf_counter()
     # the reference's own cutoff, with the default picking options: it seeds each session's auto cutoff
-    calibration = reference_cutoff(
-        TrainedModel(model=model, bank=bank, geometry=geometry, manifest={}),
-        reference.data,
-        PickConfig(device=str(device)),
-    )
+    calibration = reference_cutoff(trained, reference.data, PickConfig(device=str(device)))
     info: dict[str, Any] = {
         "cryomae_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -215,7 +217,8 @@ def train_model(
             "prepare": round(t1 - t0, 3),
             "pretrain": round(t2 - t1, 3),
             "scs_train": round(t3 - t2, 3),
-            "calibrate": round(time.perf_counter() - t4, 3),
+            "head": round(t5 - t4, 3),
+            "calibrate": round(time.perf_counter() - t5, 3),
             "total": round(time.perf_counter() - t0, 3),
         },
         "calibration": calibration,
@@ -225,4 +228,5 @@ def train_model(
         },
     }
     log.info("train_done", **info["timings_s"])
-    return TrainedModel(model=model, bank=bank, geometry=geometry, manifest=info), info
+    trained.manifest = info
+    return trained, info
