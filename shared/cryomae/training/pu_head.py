@@ -93,58 +93,81 @@ def fit_head(
     fit: HeadFit = HeadFit(),
     negative: torch.Tensor | None = None,
 ) -> ParticleHead:
-    """Fit p = sigmoid(a <x, u> + b) with the non-negative PU risk (logistic loss).
+    """Fit p = sigmoid(a <x, u> + b) by the PU risk with the logistic loss.
 
     unlabeled [N, D], positive [M, D], negative [K, D] (optional labelled negatives): unit-length standardised
-    features; start [D]: the starting direction (the bank mean). Returns the head with its fit figures.
+    features; start [D]: the starting direction (the bank mean). With ``fit.shrink`` the direction first moves
+    from ``start`` under that penalty, by the non-negative risk (the unbiased one is unbounded below once the
+    direction can set the 15 positives apart); then scale and bias are fitted on the similarities to the
+    direction by the convex unbiased risk, whose optimum is calibrated. Returns the head with its fit figures.
     """
     torch.manual_seed(0)
     x_u, x_p = unlabeled.float(), positive.float()
     x_n = None if negative is None or len(negative) == 0 else negative.float()
-    u0 = F.normalize(start.float(), dim=0)
-    delta = torch.zeros_like(u0, requires_grad=fit.shrink is not None)
-    # similarities are measured from their centre in units of their spread, so that the scale and the bias
-    # start near their answers (the spread spans a few logits, the bias at the prior's logit)
-    sims = torch.cat([x_u @ u0, x_p @ u0])
-    centre, spread = float(sims.mean()), float(sims.std().clamp_min(1e-3))
-    log_a = torch.tensor(math.log(2.0), requires_grad=True)
-    b = torch.tensor(math.log(prior / (1 - prior)), requires_grad=True)
-    params = [log_a, b] + ([delta] if fit.shrink is not None else [])
-    opt = torch.optim.Adam(params, lr=fit.lr)
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        return log_a.exp() * ((x @ F.normalize(u0 + delta, dim=0)) - centre) / spread + b
-
-    def risk() -> torch.Tensor:
-        """The PN risk (logistic loss) estimated from positives and unlabeled: pi E_P[l(f, +1)] + E_U[l(f, -1)]
-        - pi E_P[l(f, -1)], which for the logistic loss is pi E_P[-f] + E_U[softplus(f)] (convex, du Plessis
-        et al. 2015), plus labelled negatives' own term."""
-        out = prior * (-logits(x_p)).mean() + F.softplus(logits(x_u)).mean()
-        if x_n is not None:
-            out = out + F.softplus(logits(x_n)).mean()
-        return out
-
-    for _ in range(fit.steps):
-        opt.zero_grad()
-        loss = risk() + SCALE_PENALTY * log_a.exp().square()
-        if fit.shrink is not None:
-            loss = loss + fit.shrink * delta.square().sum()
-        loss.backward()
-        opt.step()
+    direction = F.normalize(start.float(), dim=0)
+    if fit.shrink is not None:
+        direction = _optimise(x_u, x_p, x_n, direction, prior, fit, non_negative=True)[0]
+    s_u, s_p = (x_u @ direction)[:, None], (x_p @ direction)[:, None]
+    s_n = None if x_n is None else (x_n @ direction)[:, None]
+    calibration = HeadFit(shrink=None, steps=fit.steps, lr=fit.lr)
+    _, scale, bias = _optimise(s_u, s_p, s_n, torch.ones(1), prior, calibration, non_negative=False)
     with torch.no_grad():
-        direction = F.normalize(u0 + delta, dim=0).detach()
-        p_u = torch.sigmoid(logits(x_u))
+        p_u = torch.sigmoid(scale * s_u + bias)
         info = {
             "prior": round(prior, 4),
-            "risk": round(float(risk()), 5),
-            "moved": round(float(1 - direction @ u0), 5),  # 1 - cosine between the final and the starting direction
+            "moved": round(float(1 - direction @ F.normalize(start.float(), dim=0)), 5),  # 1 - cosine to the start
             "expected_positives": round(float(p_u.sum()), 1),  # among the reference's candidates
             "candidates": len(x_u),
             "positives": len(x_p),
             "negatives": 0 if x_n is None else len(x_n),
         }
+    return ParticleHead(direction=direction.detach(), scale=scale, bias=bias, info=info)
+
+
+def _optimise(
+    x_u: torch.Tensor,
+    x_p: torch.Tensor,
+    x_n: torch.Tensor | None,
+    start: torch.Tensor,
+    prior: float,
+    fit: HeadFit,
+    non_negative: bool,
+) -> tuple[torch.Tensor, float, float]:
+    """(unit direction, scale, bias) minimising the PU risk of f(x) = a <x, u> + b, u = normalise(start + delta).
+
+    The PN risk pi E_P[l(f, +1)] + (1 - pi) E_N[l(f, -1)] is estimated from the positives and the unlabeled:
+    (1 - pi) E_N[l(f, -1)] = E_U[l(f, -1)] - pi E_P[l(f, -1)]. For the logistic loss l(f, +1) - l(f, -1) = -f, so
+    the risk is pi E_P[-f] + E_U[softplus(f)]: convex (du Plessis et al. 2015). ``non_negative`` keeps the
+    negatives' part from falling below 0 by stepping back along it (Kiryo et al. 2017, beta = 0, gamma = 1).
+    Labelled negatives add their own term. Similarities are measured from their centre in units of their
+    spread, so that scale and bias start near their answers.
+    """
+    sims = torch.cat([x_u @ start, x_p @ start])
+    centre, spread = float(sims.mean()), float(sims.std().clamp_min(1e-3))
+    delta = torch.zeros_like(start, requires_grad=fit.shrink is not None)
+    log_a = torch.tensor(math.log(2.0), requires_grad=True)
+    b = torch.tensor(math.log(prior / (1 - prior)), requires_grad=True)
+    opt = torch.optim.Adam([log_a, b] + ([delta] if fit.shrink is not None else []), lr=fit.lr)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return log_a.exp() * ((x @ F.normalize(start + delta, dim=0)) - centre) / spread + b
+
+    for _ in range(fit.steps):
+        opt.zero_grad()
+        f_p, f_u = logits(x_p), logits(x_u)
+        labelled = prior * F.softplus(-f_p).mean() + (F.softplus(logits(x_n)).mean() if x_n is not None else 0.0)
+        negatives = F.softplus(f_u).mean() - prior * F.softplus(f_p).mean()
+        if non_negative and negatives.item() < 0:
+            loss = -negatives
+        else:
+            loss = labelled + negatives + SCALE_PENALTY * log_a.exp().square()
+        if fit.shrink is not None:
+            loss = loss + fit.shrink * delta.square().sum()
+        loss.backward()
+        opt.step()
     scale = float(log_a.detach().exp()) / spread
-    return ParticleHead(direction=direction, scale=scale, bias=float(b.detach()) - scale * centre, info=info)
+    direction = F.normalize(start + delta.detach(), dim=0)
+    return direction, scale, float(b.detach()) - scale * centre
 
 
 def bank_owners(n_exemplars: int, n_rows: int, kind: str) -> np.ndarray | None:
