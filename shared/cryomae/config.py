@@ -125,10 +125,10 @@ class PickConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stride_fraction: float = Field(0.125, gt=0.0, le=1.0, description="stride / window side (paper: 1/8)")
-    scorer: Literal["auto", "head", "cosine"] = Field(
+    scorer: Literal["auto", "cosine"] = Field(
         "auto",
-        description="what scores a window: the model's particle-probability head (head; auto where the model has "
-        "one) or the cosine similarity to the exemplar bank (cosine, the paper's; auto for models without a head)",
+        description="what scores a window: the model's particle-probability head where the model has one (auto; "
+        "TrainConfig.head), else the cosine similarity to the exemplar bank (cosine: always, the paper's)",
     )
     probability_min: float = Field(
         0.5,

@@ -27,6 +27,7 @@ from cryomae.messaging import open_broker, topology
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER
 from cryomae.operator.control import BrokerControl, Control, SpoolControl
+from cryomae.service.diskspace import disk_space
 from cryomae.service.heartbeats import trainer_liveness
 from cryomae.service.inbox import DLQ_LISTED
 from cryomae.service.watcher import WATCHER_STATE
@@ -133,6 +134,7 @@ class Status(TypedDict):
     trainers: list[dict[str, Any]]
     projects: list[ProjectStatus]
     sessions: list[SessionStatus]
+    disks: list[dict[str, Any]]
 
 
 class DeadLetter(TypedDict, total=False):
@@ -441,6 +443,8 @@ def status(settings: Settings, control: Control) -> Status:
         "trainers": trainers,
         "projects": projects,
         "sessions": sessions,
+        # the outputs' and the state's filesystems: a full one stops the writer (it waits, and resumes by itself)
+        "disks": [disk_space(settings.outputs), disk_space(settings.state)],
     }
 
 
@@ -519,6 +523,12 @@ def format_status(data: Status) -> str:
         lines.append(f"trainer: not running (last heartbeat {last:.0f} s ago)")
     else:
         lines.append("trainer: not running")
+    lines.extend(
+        f"disk FULL: {escaped(d['path'])} has {d['free_bytes'] / 2**20:.1f} MiB free; the writer waits for space "
+        "and resumes by itself once some is freed (nothing is lost)"
+        for d in data.get("disks", [])
+        if d["full"]
+    )
     lines.append("")
     lines.append("projects:" if data["projects"] else f"projects: none in the store {data['store']}")
     for p in data["projects"]:

@@ -90,7 +90,7 @@ def _standardizer(
 
 def uses_head(trained: TrainedModel, cfg: PickConfig) -> bool:
     """Whether windows are scored by the model's particle-probability head (``PickConfig.scorer``): ``auto``
-    and ``head`` use it where the model has one; ``cosine`` never."""
+    uses it where the model has one; ``cosine`` never."""
     return cfg.scorer != "cosine" and trained.head is not None
 
 

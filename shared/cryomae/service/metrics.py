@@ -111,6 +111,11 @@ TRAINING_LOSS = Gauge(
 TRAINING_SECONDS = Histogram(
     "cryomae_training_duration_seconds", "Wall time of a successful training", buckets=(10, 30, 60, 120, 300, 600, 1800)
 )
+DISK_FULL = Gauge(
+    "cryomae_disk_full",
+    "1 while the service waits for space on its output disk (a write failed: no space left, or quota exceeded)",
+    ["service"],
+)
 SESSIONS_WATCHED = Gauge("cryomae_sessions_watched", "Session folders the watcher watches")
 
 # Label values known in advance start at 0 in every process, so that the first event after a start is an

@@ -9,6 +9,9 @@ that the picks come from one of the project's published model versions, and that
 symlink is followed) is an existing regular file inside the data roots (the names were checked at decoding); a
 re-threshold needs the session's outputs to exist. What fails is dead-lettered (InputError) with the reason.
 
+Out of space on the output disk, the writer keeps the message and writes it when space returns
+(``cryomae.service.diskspace``): nothing is dead-lettered or counted, and ``/readyz`` says the disk is full.
+
 With a ``GalleryWorker`` each session's page (``<session>/gallery/index.html``) follows its STAR files, drawn in
 the worker's thread after the STAR files are written (``cryomae.service.gallery``).
 """
@@ -26,9 +29,10 @@ from cryomae.messages import PickFailed, PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.service import metrics
+from cryomae.service.diskspace import SpaceWait, StillNoSpaceError
 from cryomae.service.gallery import GalleryWorker
 from cryomae.service.handling import get_logger, handling
-from cryomae.store.outputs import SessionOutputs
+from cryomae.store.outputs import ApplyResult, SessionOutputs, ThresholdResult
 from cryomae.store.projects import ProjectStore
 
 log = get_logger("writer")
@@ -54,6 +58,9 @@ class Writer:
         self._sessions: dict[tuple[str, str], SessionOutputs] = {}
         self._lock = threading.Lock()
         self._consumer: Consumer | None = None
+        self._stopping = threading.Event()
+        self.space = SpaceWait("writer", self._stopping)  # a full output disk: wait, don't fail (diskspace)
+        self.deferred = 0  # messages published again after waiting ``space.hold_s`` for disk space
 
     def session(self, project: str, session: str) -> SessionOutputs:
         with self._lock:
@@ -102,18 +109,27 @@ class Writer:
                 if self.gallery is not None:
                     self.gallery.failed(self.session(msg.project, msg.session), msg)
                 return
+            folder = self.outputs / msg.project / msg.session
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
-                outputs = self.session(msg.project, msg.session)
-                changed = outputs.apply_rethreshold(msg.project, msg.session, msg.threshold)
+                try:
+                    outputs, changed = self.space.run(
+                        lambda: self._rethreshold(msg.project, msg.session, msg.threshold), folder
+                    )
+                except StillNoSpaceError:
+                    self._defer(msg, out)
+                    return
                 out.update(micrographs_changed=changed.micrographs_changed, particles=changed.particles)
                 if self.gallery is not None:
                     self.gallery.rethresholded(outputs)
                 return
             assert isinstance(msg, PicksReady)
             out.update(micrograph=msg.micrograph, model_version=msg.model_version)
-            outputs = self.session(msg.project, msg.session)
-            result = outputs.apply(msg)
+            try:
+                outputs, result = self.space.run(lambda: self._apply(msg), folder)
+            except StillNoSpaceError:
+                self._defer(msg, out)
+                return
             out.update(result=result.outcome, rows=result.rows, latency_s=round(result.latency_s, 3))
             if self.gallery is not None and result.outcome in ("new", "replaced"):
                 self.gallery.picked(outputs, msg.micrograph)
@@ -122,6 +138,23 @@ class Writer:
                 metrics.PARTICLES_WRITTEN.labels(msg.project).inc(result.rows)
                 metrics.LATENCY.observe(result.latency_s)
 
+    def _apply(self, msg: PicksReady) -> tuple[SessionOutputs, ApplyResult]:
+        outputs = self.session(msg.project, msg.session)
+        return outputs, outputs.apply(msg)
+
+    def _rethreshold(
+        self, project: str, session: str, threshold: float | None
+    ) -> tuple[SessionOutputs, ThresholdResult]:
+        outputs = self.session(project, session)
+        return outputs, outputs.apply_rethreshold(project, session, threshold)
+
+    def _defer(self, msg: PicksReady | Rethreshold, out: dict[str, Any]) -> None:
+        """The disk stayed full for as long as a delivery may be held: publish the message again (it comes back
+        after those ahead of it) and acknowledge this delivery, so that waiting counts no delivery."""
+        self.broker.publish(topology.PICKS, msg)
+        self.deferred += 1
+        out["result"] = "deferred_disk_full"
+
     def start(self) -> None:
         if self.gallery is not None:
             self.gallery.start()
@@ -129,10 +162,15 @@ class Writer:
         log.info("writer_started", outputs=str(self.outputs))
 
     def stop(self, timeout: float | None = None) -> None:
+        self._stopping.set()  # a wait for disk space ends (the message is requeued)
         if self._consumer is not None:
             self._consumer.stop(timeout)
         if self.gallery is not None:
             self.gallery.stop(timeout)  # finishes the pictures of what was written
 
     def ready(self) -> dict[str, Any]:
-        return {"broker": self.broker.connected, "consumer": self._consumer is not None and self._consumer.running}
+        return {
+            "broker": self.broker.connected,
+            "consumer": self._consumer is not None and self._consumer.running,
+            **self.space.state(),
+        }

@@ -44,6 +44,7 @@ time (the picks queue has a single active consumer); an object may be shared by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -325,20 +326,26 @@ class SessionOutputs:
                 return self._result(old, name, outcome, rows, rows, msg.complete_at, False)
             record = self._record(msg, old)
             self._begin([record.key])
-            self._own(msg.project, msg.session)
-            self._save_record(record)
-            old_block = None if old is None else self._block(old)
-            self._records[record.micrograph] = record
-            self._blocks.pop(record.micrograph, None)
             previous = self._rows.get(record.micrograph, 0)
-            rows = self._write_coordinates(record)
-            rewritten = False
-            if old is None:
-                self._write_index()
-                self._append_particles(record)
-            elif self._block(record) != old_block:
-                self._write_particles()
-                rewritten = True
+            try:
+                self._own(msg.project, msg.session)
+                self._save_record(record)
+                old_block = None if old is None else self._block(old)
+                self._records[record.micrograph] = record
+                self._blocks.pop(record.micrograph, None)
+                rows = self._write_coordinates(record)
+                rewritten = False
+                if old is None:
+                    self._write_index()
+                    self._append_particles(record)
+                elif self._block(record) != old_block:
+                    self._write_particles()
+                    rewritten = True
+            except OSError:
+                # a write failed (a full disk): forget the change in memory, so that the same message applied
+                # again (when there is space) is new, not a duplicate; the files are repaired first (_recover)
+                self._forget(record, old)
+                raise
             self._end()
             outcome = "new" if old is None else "replaced"
             return self._result(record, name, outcome, rows, previous, msg.complete_at, rewritten)
@@ -568,6 +575,19 @@ class SessionOutputs:
             return bool(data["all"]), set(data["keys"] or [])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return True, set()  # unreadable marker: treat everything as changed
+
+    def _forget(self, record: _Record, old: _Record | None) -> None:
+        """Undo an unfinished ``apply`` in memory and, as far as the disk allows, its record file."""
+        self._blocks.pop(record.micrograph, None)
+        if old is None:
+            self._records.pop(record.micrograph, None)
+            self._rows.pop(record.micrograph, None)
+            (self._records_dir / f"{record.key}.json").unlink(missing_ok=True)
+        else:
+            self._records[record.micrograph] = old
+            # if this fails too, the newer record stays on disk: after a restart the message counts as applied
+            with contextlib.suppress(OSError):
+                self._save_record(old)
 
     def _recover(self) -> None:
         """After a call that failed half-way in this process, bring every STAR file in line first."""
