@@ -174,6 +174,7 @@ def prepare(
                 level=smap.level if smap.level is not None else np.zeros(0),
                 stride=smap.stride,
                 offset=smap.offset,
+                logits=smap.logits,
                 image=np.asarray(image, dtype=np.float16),
             )
         print(f"{ds.name}: {len(split.queries) + 1} score maps cached", flush=True)
@@ -192,7 +193,11 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
         for path in [split.reference, *split.queries]:
             with np.load(folder / "maps" / f"{path.stem}.npz") as z:
                 maps[path.stem] = ScoreMap(
-                    scores=z["scores"], stride=int(z["stride"]), offset=float(z["offset"]), level=z["level"]
+                    scores=z["scores"],
+                    stride=int(z["stride"]),
+                    offset=float(z["offset"]),
+                    level=z["level"],
+                    logits=bool(z["logits"]) if "logits" in z else False,
                 )
                 images[path.stem] = z["image"]
         out.append(Cached(ds.name, split, load_model(folder / "model"), maps, images, accuracy.distractors(ds)))

@@ -45,14 +45,14 @@ def tmpfs(folder: Path, size_kib: int = 1024) -> Iterator[Path]:
 def fill(folder: Path) -> Path:
     """Write zeros into ``folder``'s filesystem until it has no byte left; the filler file."""
     filler = folder / "filler.bin"
+    error: OSError | None = None
     with open(filler, "wb", buffering=0) as f:
-        chunk = b"\0" * 4096
-        while True:
+        while error is None:
             try:
-                f.write(chunk)
+                f.write(b"\0" * 4096)
             except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
+                error = exc
+    assert error.errno == errno.ENOSPC
     while True:  # the last partial block
         try:
             with open(filler, "ab", buffering=0) as f:

@@ -16,7 +16,7 @@ from cryomae.config import PickConfig
 from cryomae.errors import CheckpointError
 from cryomae.model.checkpoint import WEIGHTS, TrainedModel, load_model, save_model
 from cryomae.model.head import ParticleHead
-from cryomae.picking.picker import _cutoff, compute_score_map, pick_micrograph, uses_head
+from cryomae.picking.picker import _cutoff, compute_score_map, find_candidates, pick_micrograph, uses_head
 from cryomae.training.pu_head import (
     HeadFit,
     bank_owners,
@@ -167,7 +167,10 @@ def test_head_scores_are_the_same_by_both_evaluations_and_are_probabilities(feat
     a = compute_score_map(trained, image, fast)
     b = compute_score_map(trained, image, fast.model_copy(update={"shared_tokens": False}))
     np.testing.assert_allclose(a.scores, b.scores, atol=2e-5)
-    assert a.scores.min() >= 0.0 and a.scores.max() <= 1.0 and a.scores.std() > 0.01
+    assert a.logits and b.logits and a.scores.std() > 0.01  # logits: no saturation at the peaks
+    _, p = find_candidates(a, trained.geometry, image, fast)
+    assert len(p) > 0 and p.min() > 0.0 and p.max() < 1.0 and np.all(np.diff(p) <= 0)
+    assert p.max() <= 1 / (1 + np.exp(-float(a.scores.max()))) + 1e-6  # each candidate's probability is its peak's
     cosine = compute_score_map(trained, image, fast.model_copy(update={"scorer": "cosine"}))
     assert not np.allclose(cosine.scores, a.scores, atol=1e-3)  # the cosine scorer ignores the head
     assert uses_head(trained, fast) and not uses_head(trained, fast.model_copy(update={"scorer": "cosine"}))

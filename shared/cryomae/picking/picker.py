@@ -47,6 +47,7 @@ class ScoreMap:
     offset: float  # resampled-image coordinate of the centre of cell 0
     level: np.ndarray | None = None  # [H', W'] local mean level of the resampled micrograph (carbon, ice)
     evaluated: int | None = None  # windows the encoder saw (coarse-to-fine search: fewer than the cells)
+    logits: bool = False  # the scores are the particle head's logits: candidates get their probabilities
 
     def centres(self, rows_cols: np.ndarray) -> np.ndarray:
         """Grid positions [P, 2] (row, col), possibly fractional -> resampled-image (x, y) [P, 2]."""
@@ -106,11 +107,12 @@ def _scoring_vectors(trained: TrainedModel, mu: torch.Tensor, sd: torch.Tensor, 
 
 
 def _finish(trained: TrainedModel, sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
-    """Similarities to the scoring vectors (along ``dim``) -> one score per window: the head's probability, or
-    the cosine score of ``PickConfig.score``."""
+    """Similarities to the scoring vectors (along ``dim``) -> one score per window: the head's logit (the map
+    keeps logits, which do not saturate where peaks are found; candidates get probabilities), or the cosine
+    score of ``PickConfig.score``."""
     if uses_head(trained, cfg):
         assert trained.head is not None
-        return trained.head.probability(sims.squeeze(dim))
+        return trained.head.logit(sims.squeeze(dim))
     return _reduce(sims, cfg, dim)
 
 
@@ -352,7 +354,13 @@ def compute_score_map(
     offset = (s - 1) / 2 - pad
     if shared_tokens_apply(trained, (img.shape[0], img.shape[1]), stride, cfg, dev):
         out = _shared_token_scores(trained, img, stride, cfg)
-        return ScoreMap(scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy())
+        return ScoreMap(
+            scores=out.cpu().numpy(),
+            stride=stride,
+            offset=offset,
+            level=level.cpu().numpy(),
+            logits=uses_head(trained, cfg),
+        )
     windows = img.unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s], a view
     gy, gx = windows.shape[:2]
     evaluated = None
@@ -362,7 +370,12 @@ def compute_score_map(
         rows_cols = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
         out = _score_windows(trained, windows, rows_cols, cfg).reshape(gy, gx)
     return ScoreMap(
-        scores=out.cpu().numpy(), stride=stride, offset=offset, level=level.cpu().numpy(), evaluated=evaluated
+        scores=out.cpu().numpy(),
+        stride=stride,
+        offset=offset,
+        level=level.cpu().numpy(),
+        evaluated=evaluated,
+        logits=uses_head(trained, cfg),
     )
 
 
@@ -546,7 +559,7 @@ def reference_cutoff(trained: TrainedModel, reference: np.ndarray, cfg: PickConf
 def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickConfig) -> tuple[np.ndarray, np.ndarray]:
     """The candidates of a score map: its peaks (or every window with ``nms`` off), placed between cells,
     without those too near the image's edges or on carbon and contamination. Returns (xy [C, 2] original
-    pixels, scores [C]) in descending score order."""
+    pixels, scores [C]) in descending score order; the scores of a map of logits are probabilities."""
     if cfg.nms:
         cells = cfg.nms_distance * geo.diameter * geo.scale / smap.stride
         rc, scores = peak_nms(smap.scores, cells)
@@ -564,7 +577,8 @@ def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickC
         mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
         my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)
         inside &= ~bad[my, mx]
-    return xy[inside], np.asarray(scores, dtype=np.float64)[inside]
+    kept = np.asarray(scores, dtype=np.float64)[inside]
+    return xy[inside], 1.0 / (1.0 + np.exp(-kept)) if smap.logits else kept
 
 
 def pick_micrograph(
