@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cryomae.errors import ConfigError, InputError
+from cryomae.messages import MicrographReady, decode
 from cryomae.messaging import topology as t
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.delivery import DELIVERY_LIMIT, REASON_HEADER
@@ -33,6 +34,12 @@ def _holding(event: threading.Event) -> Callable[[Envelope], None]:
         event.wait(30)
 
     return handle
+
+
+def micrograph_of(envelope: Envelope) -> str:
+    message = decode(envelope.body)
+    assert isinstance(message, MicrographReady)
+    return message.path
 
 
 def _paths(envelopes: list[Envelope]) -> list[str]:
@@ -154,4 +161,43 @@ def test_an_unreadable_journal_file_is_set_aside_not_fatal(tmp_path: Path) -> No
     assert again.restored == {t.MICROGRAPHS: 1}
     assert first.with_name(first.name + ".bad").is_file()
     assert _paths(again.peek(t.MICROGRAPHS)) == [micrograph(1).path]
+    # not silently: a dead letter of its queue says which file and why, with what was left of it
+    (letter,) = again.peek(t.dead_letters(t.MICROGRAPHS))
+    reason = str(letter.headers[REASON_HEADER])
+    assert str(first) in reason and "could not be read" in reason and first.name + ".bad" in reason, reason
+    assert letter.body == b"{ torn"
+    again.close()
+    third = _broker(tmp_path)  # set aside once: not dead-lettered again at the next start
+    assert third.depth(t.dead_letters(t.MICROGRAPHS)) == 1
+    third.close()
+
+
+@pytest.mark.parametrize(
+    ("folder", "dlq"),
+    [
+        (t.MICROGRAPHS, t.dead_letters(t.MICROGRAPHS)),
+        (t.waiting("proj"), t.dead_letters(t.MICROGRAPHS)),  # micrographs waiting for a first model
+        (t.dead_letters(t.PICKS), t.dead_letters(t.PICKS)),  # a dead letter stays one
+    ],
+)
+def test_a_torn_journal_file_gives_back_its_message_as_a_dead_letter_that_replays(
+    tmp_path: Path, folder: str, dlq: str
+) -> None:
+    """Torn after its body (the headers lost): the message is recovered whole, dead-lettered with the reason, and
+    `dlq replay` sends it back to be handled."""
+    broker = _broker(tmp_path)
+    sent = micrograph(3)
+    broker.publish(folder, sent)
+    broker.close()
+    (path,) = (tmp_path / folder).glob("*.msg")
+    text = path.read_text()
+    path.write_text(text[: text.index('"headers"') + 12])
+    again = _broker(tmp_path)
+    if folder != dlq:
+        assert again.depth(folder) == 0
+    (letter,) = again.peek(dlq)
+    assert micrograph_of(letter) == sent.path  # the message itself, recovered from the torn file
+    assert str(path) in str(letter.headers[REASON_HEADER])
+    assert again.move(dlq, t.source_of(dlq)) == 1
+    assert _paths(again.peek(t.source_of(dlq))) == [sent.path]
     again.close()

@@ -79,6 +79,37 @@ def _decode(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A journal file that could not be read: its queue, why, and the message body (recovered where the file's
+    base64 body survived, else the start of the file as it is)."""
+
+    queue: str
+    reason: str
+    body: bytes
+
+
+MAX_FILE_BYTES = 6 * 1024 * 1024  # a message of MAX_MESSAGE_BYTES (4 MiB) as base64 in JSON, with its headers
+RAW_KEPT_BYTES = 4096  # of a file whose message cannot be recovered, the start kept in its dead letter
+_BODY = re.compile(rb'"body"\s*:\s*"([A-Za-z0-9+/]*=*)')
+
+
+def _recover_body(raw: bytes) -> bytes | None:
+    """The message body of a damaged journal file, where its base64 ``body`` field survived whole enough to decode
+    to a JSON object (a file torn after the body, or with its headers damaged); None otherwise."""
+    m = _BODY.search(raw)
+    if m is None:
+        return None
+    text = m.group(1)
+    text = text[: len(text) - len(text) % 4]  # whole base64 quanta only
+    try:
+        body = base64.b64decode(text, validate=True)
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return body if isinstance(value, dict) else None
+
+
 class Journal:
     """A folder of queued messages; see the module docstring. Not thread-safe: the broker's lock guards it."""
 
@@ -99,6 +130,7 @@ class Journal:
                 "locked); stop that one first, or give this one another state folder (CRYOMAE_STATE)"
             ) from None
         self._next = 1 + max((s for _, s, _ in self._files()), default=0)
+        self.unreadable: list[Unreadable] = []  # what the last ``load`` set aside
 
     def _files(self) -> list[tuple[Path, int, int]]:
         """Every journaled message file: (path, sequence, deliveries)."""
@@ -145,20 +177,43 @@ class Journal:
             path.unlink(missing_ok=True)
 
     def load(self) -> dict[str, list[tuple[Path, Stored]]]:
-        """Every queue's journaled messages, oldest first; unreadable files are set aside as ``*.bad``."""
+        """Every queue's journaled messages, oldest first. An unreadable file (torn, edited, not ours) is set
+        aside as ``*.bad`` for a person to look at and listed in ``self.unreadable``, with the message it held
+        where its body can still be recovered, so that the broker dead-letters it with the reason."""
         queues: dict[str, list[tuple[Path, Stored]]] = {}
+        self.unreadable = []
         for path, sequence, deliveries in sorted(self._files(), key=lambda f: f[1]):
             try:
+                if path.stat().st_size > MAX_FILE_BYTES:
+                    raise ValueError(f"{path.stat().st_size} bytes, more than a journaled message can take")
                 record = json.loads(path.read_text(encoding="utf-8"))
                 stored = Stored(sequence, base64.b64decode(record["body"]), _decode(record["headers"]), deliveries)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                os.replace(path, path.with_name(path.name + ".bad"))  # kept for a person to look at
-                log.error("journal_file_unreadable", file=str(path), error=str(exc), kept_as=path.name + ".bad")
+                self.unreadable.append(self._set_aside(path, exc))
                 continue
             queues.setdefault(path.parent.name, []).append((path, stored))
         for leftover in self.folder.glob("*/.*.tmp"):  # a write a crash interrupted: never renamed, never sent
             leftover.unlink(missing_ok=True)
         return queues
+
+    def _set_aside(self, path: Path, exc: BaseException) -> Unreadable:
+        """Rename an unreadable journal file to ``*.bad`` and say what it held, as far as can be told."""
+        bad = path.with_name(path.name + ".bad")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_BYTES)
+        except OSError:
+            raw = b""
+        body = _recover_body(raw)
+        why = f"journal file {path} could not be read ({str(exc) or type(exc).__name__}); kept as {bad.name}"
+        try:
+            os.replace(path, bad)
+        except OSError as move:
+            why += f" (could not be renamed: {move})"
+        log.error(
+            "journal_file_unreadable", file=str(path), error=str(exc), kept_as=bad.name, recovered=body is not None
+        )
+        return Unreadable(queue=path.parent.name, reason=why, body=body if body is not None else raw[:RAW_KEPT_BYTES])
 
     def close(self) -> None:
         if self._lock_fd is not None:

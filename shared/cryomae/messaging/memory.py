@@ -87,6 +87,8 @@ class MemoryBroker(Broker):
                         else:
                             queue.ready.append(item)
                     self.restored[name] = len(stored)
+                for bad in journal.unreadable:
+                    self._dead_letter_unreadable(bad.queue, bad.reason, bad.body)
             if self.restored:
                 log.info("journal_restored", folder=str(journal.folder), messages=self.restored)
 
@@ -118,6 +120,22 @@ class MemoryBroker(Broker):
             except OSError as exc:  # it is delivered once more after a restart: at least once, never lost
                 log.warning("journal_remove_failed", file=str(item.file), error=str(exc))
             item.file = None
+
+    def _dead_letter_unreadable(self, folder: str, reason: str, body: bytes) -> None:
+        """A journal file that could not be read, as a dead letter: of its queue (a work queue), of the queue whose
+        dead letters it was among, or, from a project's waiting queue (micrographs waiting for a first model),
+        of the micrographs queue. ``dlq list`` shows it with the reason; replay sends it back where it can."""
+        if folder.endswith(".dlq"):
+            source = topology.source_of(folder)
+        else:
+            source = folder if folder in topology.WORK_QUEUES else topology.MICROGRAPHS
+        dlq = topology.dead_letters(source)
+        try:
+            letter = self._store(dlq, _Item(body, {REASON_HEADER: reason, QUEUE_HEADER: source}))
+        except TransientError as exc:
+            log.error("dead_letter_not_journaled", queue=source, error=str(exc))
+            return
+        self._queue(dlq).ready.append(letter)
 
     def _dead_letter(self, source: str, item: _Item, reason: str, home: _Queue) -> None:
         """Move ``item`` (taken from ``home``, the queue named ``source``) to the dead letters of ``source``."""

@@ -399,7 +399,8 @@ def status(settings: Settings, control: Control) -> Status:
     watched, summaries = read_ledger(settings.state / WATCHER_STATE)
     folders = {(r.project, r.session): str(r.folder) for r in watched}
     incomplete = read_incomplete(settings.state / WATCHER_STATE)  # files waiting, may still grow (or give up)
-    keys = set(folders) | set(summaries) | set(incomplete)
+    failed = _failed_by_session(control)
+    keys = set(folders) | set(summaries) | set(incomplete) | set(failed)  # a session with failures only, too
     if settings.outputs.is_dir():
         keys |= {
             (p.name, s.name)
@@ -408,7 +409,6 @@ def status(settings: Settings, control: Control) -> Status:
             for s in p.iterdir()
             if s.is_dir() and valid_name(s.name)
         }
-    failed = _failed_by_session(control)
     sessions: list[SessionStatus] = []
     for project, session in sorted(keys):
         outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
