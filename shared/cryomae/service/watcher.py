@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from cryomae.messages import MicrographReady, SessionCommand
+from cryomae.errors import InputError
+from cryomae.messages import REASON_CHARS, MicrographReady, PickFailed, SessionCommand
 from cryomae.messaging import Broker, Consumer, Envelope, topology
+from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER, shorten
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger, handling
 from cryomae.settings import Settings
+from cryomae.store.outputs import check_micrograph_name
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import Watcher
 
+log = get_logger("watcher")
 WATCHER_STATE = "watcher"  # the watcher's folder inside the state folder (its ledger; ``cryomae status`` reads it)
 
 
@@ -30,11 +34,39 @@ class WatcherService:
         self._consumer: Consumer | None = None
 
     def publish(self, message: MicrographReady) -> None:
+        """A micrograph found complete: to the pickers; one whose picks could never be written (its name, see
+        ``check_micrograph_name``) straight to the micrographs' dead letters with the reason, and to the writer for
+        the session page, so that it is counted as failed and not picked first."""
+        try:
+            check_micrograph_name(message.path)
+        except InputError as exc:
+            self.refuse(message, str(exc))
+            return
         self.broker.publish(topology.MICROGRAPHS, message)
         metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
 
+    def refuse(self, message: MicrographReady, reason: str) -> None:
+        """Dead-letter a micrograph at the door, as the picker would (reason and queue headers), and tell the writer."""
+        why = shorten(reason, REASON_CHARS)
+        self.broker.publish(
+            topology.dead_letters(topology.MICROGRAPHS),
+            message,
+            {REASON_HEADER: why, QUEUE_HEADER: topology.MICROGRAPHS},
+        )
+        note = PickFailed(
+            project=message.project,
+            session=message.session,
+            micrograph=message.path,
+            micrograph_id=message.id,
+            reason=why,
+        )
+        self.broker.publish(topology.PICKS, note)
+        metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
+        metrics.MICROGRAPHS_FAILED.labels("unreadable_input").inc()
+        log.warning("micrograph_refused", project=message.project, session=message.session, reason=why)
+
     def handle(self, env: Envelope) -> None:
-        with handling(get_logger("watcher"), env, (SessionCommand,)) as h:
+        with handling(log, env, (SessionCommand,)) as h:
             h.fields.update(action=h.message.action, folder=h.message.folder)
             if h.message.action == "start":
                 # InputError "no project '...' in <store> (create it with ...)": as at the CLI, before watching

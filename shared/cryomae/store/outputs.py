@@ -256,6 +256,20 @@ class _Record:
         return record
 
 
+def check_micrograph_name(micrograph: str) -> None:
+    """InputError naming the problem when picks of this micrograph path could never be written: it names no file,
+    its file name is longer than ``_MAX_STEM_BYTES`` bytes (the coordinate file's name is made from it), or it holds
+    what a STAR file cannot (quotes, newlines, tabs, control characters). The one rule for the writer and for the
+    watcher, which refuses such a file where it first sees it."""
+    where = Path(micrograph)
+    file_name = where.name
+    if file_name in ("", ".", "..") or not Path(file_name).stem:
+        raise InputError(where, "the micrograph path does not name a file")
+    if len(Path(file_name).stem.encode()) > _MAX_STEM_BYTES:
+        raise InputError(where, f"file name longer than {_MAX_STEM_BYTES} bytes, too long for its coordinate file")
+    star_string(where, micrograph, "micrograph name")
+
+
 class SessionOutputs:
     """The STAR outputs of one session folder, e.g. ``<outputs>/<project>/<session>/``.
 
@@ -453,11 +467,7 @@ class SessionOutputs:
     def _check_picks(self, msg: Picks) -> str:
         """Validate a PicksReady before anything is written; returns its rlnMicrographName."""
         where = Path(msg.micrograph)
-        file_name = where.name
-        if file_name in ("", ".", "..") or not Path(file_name).stem:
-            raise InputError(where, f"PicksReady {msg.id}: the micrograph path does not name a file")
-        if len(Path(file_name).stem.encode()) > _MAX_STEM_BYTES:
-            raise InputError(where, f"PicksReady {msg.id}: file name longer than {_MAX_STEM_BYTES} bytes")
+        check_micrograph_name(msg.micrograph)
         name = self._name(msg.micrograph)
         star_string(where, name, "micrograph name")
         star_string(where, msg.model_version, "model version")
