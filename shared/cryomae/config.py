@@ -296,6 +296,12 @@ class WatchSettings(WatchTuning):
     data_roots: list[Path] = Field(
         min_length=1, description="absolute folders; a session folder must lie under one of them"
     )
+    max_pixels: int | None = Field(
+        None,
+        gt=0,
+        description="the picker's pixel limit (CRYOMAE_MAX_MICROGRAPH_PIXELS): an MRC whose header declares more is "
+        "published at once, to be refused, instead of waiting to become complete",
+    )
 
     @field_validator("data_roots")
     @classmethod

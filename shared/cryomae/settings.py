@@ -139,7 +139,7 @@ class Settings(BaseSettings):
 
     def watch_settings(self) -> WatchSettings:
         """The watcher's settings: the ``watch`` section with the data roots."""
-        return WatchSettings(data_roots=self.roots(), **self.watch.model_dump())
+        return WatchSettings(data_roots=self.roots(), max_pixels=self.max_micrograph_pixels, **self.watch.model_dump())
 
     def broker_url(self) -> str:
         """The broker URL with the password from the settings put in (never log this)."""

@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 import pytest
 
 from cryomae.errors import InputError
+from cryomae.io import read_micrograph
 from cryomae.watching.candidates import check_pattern, is_candidate, is_temporary, list_candidates
 from cryomae.watching.completeness import PendingFile, Verdict, incompleteness, looks_complete
 
@@ -196,3 +197,42 @@ def test_symlink_resolving_outside_the_data_roots_is_rejected_once_settled(tmp_p
         verdict, problem = verdicts[name]
         assert verdict is Verdict.REJECT, name
         assert str(target) in problem and "outside the data roots" in problem and str(root) in problem
+
+
+def _header_only(nx: int, ny: int, nz: int, mode: int = 2, nsymbt: int = 0) -> bytes:
+    """A valid 1024-byte MRC header (little-endian, 'MAP ') and nothing after it: a copy that has just begun."""
+    raw = bytearray(1024)
+    raw[0:16] = struct.pack("<4i", nx, ny, nz, mode)
+    raw[92:96] = struct.pack("<i", nsymbt)
+    raw[208:212] = b"MAP "
+    raw[212:216] = b"\x44\x44\x00\x00"
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    ("kind", "header", "problem"),
+    [
+        ("over_the_pixel_limit", _header_only(100_000, 100_000, 1), "exceeds the limit of"),
+        ("extended_header_of_1_GB", _header_only(1024, 1024, 1, nsymbt=1 << 30), "extended header of 1073741824 bytes"),
+        ("stack", _header_only(512, 512, 40), "a stack of 40 images"),
+        ("no_pixels", _header_only(0, 512, 1), "image is empty"),
+    ],
+)
+def test_headers_the_picker_refuses_are_rejected_at_once_not_after_the_give_up_time(
+    tmp_path: Path, kind: str, header: bytes, problem: str
+) -> None:
+    """Issue 25, item 9: however complete such a file became it could never be picked, so it is not kept waiting
+    600 s as a copy in progress: the watcher publishes it once settled, for the picker to dead-letter."""
+    path = tmp_path / f"{kind}.mrc"
+    path.write_bytes(header)
+    pending = PendingFile(path, None, since=0.0)
+    pending.check(0.0, SETTLE, GIVE_UP, (), 134_217_728)
+    assert pending.check(SETTLE, SETTLE, GIVE_UP, (), 134_217_728) is Verdict.REJECT
+    assert problem in pending.problem, pending.problem
+    with pytest.raises(InputError, match=problem):
+        read_micrograph(path)
+    # a raised pixel limit lets the large one wait as a copy in progress again
+    if kind == "over_the_pixel_limit":
+        again = PendingFile(path, None, since=0.0)
+        again.check(0.0, SETTLE, GIVE_UP, (), 10**11)
+        assert again.check(SETTLE, SETTLE, GIVE_UP, (), 10**11) is Verdict.INCOMPLETE

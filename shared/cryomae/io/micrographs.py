@@ -93,6 +93,9 @@ class _MrcHeader:
     byte_order: str | None  # None when the machine stamp is not recognised
 
 
+MAX_EXTENDED_HEADER_BYTES = 64 << 20  # an extended header above this is refused (FEI/EPU ones take kilobytes)
+
+
 def _parse_header(raw: bytes) -> _MrcHeader:
     """Decode the first 1024 bytes of an MRC file (byte order from the machine stamp, else guessed)."""
     stamp = raw[212:216]
@@ -157,17 +160,23 @@ def validate_mrc_complete(path: str | Path) -> bool:
     return _HEADER_BYTES + h.nsymbt + data == size
 
 
-def mrc_can_never_complete(path: str | Path) -> bool:
-    """True when an MRC file can never become a readable micrograph by growing: a whole 1024-byte header that is
-    invalid (no 'MAP' identifier, unknown byte order, a negative size, a mode this reader cannot read) or a file
-    longer than its header declares. False while it may still be being written (shorter than a header, or than
-    its header declares), when it is complete, or when it cannot be read now; never raises."""
+def mrc_can_never_complete(path: str | Path, max_pixels: int | None = None) -> bool:
+    """True when an MRC file can never become a pickable micrograph by growing: a whole 1024-byte header that is
+    invalid (no 'MAP' identifier, unknown byte order, a negative size, a mode this reader cannot read), that
+    declares what ``read_micrograph`` refuses however complete the file (a stack, no pixels, more than
+    ``max_pixels``, an extended header over ``MAX_EXTENDED_HEADER_BYTES``), or a file longer than its header
+    declares. False while it may still be being written (shorter than a header, or than its header declares),
+    when it is complete, or when it cannot be read now; never raises."""
     found = _whole_header(path)
     if found is None:
         return False
     h, size = found
     data = _data_bytes(h)
     if not h.has_map_id or h.byte_order is None or data is None or h.nsymbt < 0 or h.mode not in _READ_MODES:
+        return True
+    if h.nz != 1 or h.nx == 0 or h.ny == 0 or h.nsymbt > MAX_EXTENDED_HEADER_BYTES:
+        return True
+    if max_pixels is not None and h.nx * h.ny > max_pixels:
         return True
     return size > _HEADER_BYTES + h.nsymbt + data
 
@@ -231,6 +240,12 @@ def _check_mrc_header(path: Path, raw: bytes, size: int, max_pixels: int | None 
     if h.nx == 0 or h.ny == 0:
         raise InputError(path, f"image is empty ({h.nx}x{h.ny} pixels, width x height)")
     _check_pixels(path, h.nx, h.ny, max_pixels)
+    if h.nsymbt > MAX_EXTENDED_HEADER_BYTES:
+        raise InputError(
+            path,
+            f"extended header of {h.nsymbt} bytes exceeds the limit of {MAX_EXTENDED_HEADER_BYTES >> 20} MiB "
+            "(a micrograph's metadata takes far less: a corrupt header?)",
+        )
     data = _data_bytes(h)
     assert data is not None  # mode and sizes were checked above
     expected = _HEADER_BYTES + h.nsymbt + data

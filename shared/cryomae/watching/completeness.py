@@ -60,10 +60,12 @@ def looks_complete(path: Path, size: int) -> bool:
     return path.suffix.lower() not in MRC_SUFFIXES or validate_mrc_complete(path)
 
 
-def never_complete(path: Path) -> bool:
-    """Whether a settled file that fails the check can never pass it however long it waits: an MRC file with a
-    whole header that is invalid (also: no MRC at all) or longer than its header declares."""
-    return path.suffix.lower() in MRC_SUFFIXES and mrc_can_never_complete(path)
+def never_complete(path: Path, max_pixels: int | None = None) -> bool:
+    """Whether a settled file that fails the check can never pass it however long it waits, or could never be
+    picked once it did: an MRC file with a whole header that is invalid (also: no MRC at all), that declares what
+    the picker refuses (more than ``max_pixels``, an extended header over the limit, a stack, no pixels), or that
+    is longer than its header declares."""
+    return path.suffix.lower() in MRC_SUFFIXES and mrc_can_never_complete(path, max_pixels)
 
 
 def outside_roots(path: Path, roots: Sequence[Path]) -> str:
@@ -84,12 +86,12 @@ def outside_roots(path: Path, roots: Sequence[Path]) -> str:
     return f"resolves to {resolved}, outside the data roots ({shown})"
 
 
-def incompleteness(path: Path) -> str:
+def incompleteness(path: Path, max_pixels: int | None = None) -> str:
     """Why a settled file fails the check, in the reader's words (for the give-up warning)."""
     try:
         if os.stat(path).st_size == 0:
             return "file is empty (0 bytes)"
-        read_micrograph(path)  # an incomplete MRC fails on its header, before any data is read
+        read_micrograph(path, max_pixels)  # an incomplete MRC fails on its header, before any data is read
     except InputError as exc:
         return exc.problem
     except OSError as exc:
@@ -113,9 +115,12 @@ class PendingFile:
     def __post_init__(self) -> None:
         self.first_seen = self.since
 
-    def check(self, now: float, settle: float, give_up: float, roots: Sequence[Path] = ()) -> Verdict:
+    def check(
+        self, now: float, settle: float, give_up: float, roots: Sequence[Path] = (), max_pixels: int | None = None
+    ) -> Verdict:
         """Look at the file again and decide; a changed signature restarts the settle time. ``roots``: the data
-        roots, for a symlink that resolves outside them (REJECT)."""
+        roots, for a symlink that resolves outside them (REJECT); ``max_pixels``: the picker's pixel limit, for an
+        MRC header that declares more (REJECT)."""
         signature = signature_of(self.path)
         self.problem = ""
         if signature is None:
@@ -127,8 +132,8 @@ class PendingFile:
             self.verdict = Verdict.SETTLING
         elif outside := outside_roots(self.path, roots):
             self.verdict, self.problem = Verdict.REJECT, outside
-        elif never_complete(self.path):  # also when its size agrees with a header that is invalid
-            self.verdict, self.problem = Verdict.REJECT, incompleteness(self.path)
+        elif never_complete(self.path, max_pixels):  # also when its size agrees with a header that is invalid
+            self.verdict, self.problem = Verdict.REJECT, incompleteness(self.path, max_pixels)
         elif looks_complete(self.path, signature.size):
             self.verdict = Verdict.COMPLETE
         else:

@@ -515,7 +515,7 @@ class Watcher:
             if pending.retry_at > now:
                 continue
             before = pending.verdict
-            verdict = pending.check(now, s.settle_seconds, s.give_up_seconds, s.data_roots)
+            verdict = pending.check(now, s.settle_seconds, s.give_up_seconds, s.data_roots, s.max_pixels)
             if verdict is Verdict.GONE:
                 with self._lock:
                     watched.pending.pop(str(pending.path), None)
