@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from cryomae.errors import InputError
-from cryomae.messages import PicksReady, Rethreshold, TrainRequest
+from cryomae.messages import PickFailed, PicksReady, Rethreshold, TrainRequest
 from cryomae.messaging import topology
 from cryomae.model.checkpoint import MANIFEST, save_model
 from cryomae.model.mae import MaskedAutoencoder
@@ -200,21 +200,27 @@ def _published_version(live: Live) -> str:
     return version
 
 
-def _picks(micrograph: str, version: str, project: str = PROJECT, session: str = SESSION) -> PicksReady:
-    return PicksReady(
-        project=project,
-        session=session,
-        micrograph=micrograph,
-        micrograph_id=uuid.uuid4().hex,
-        model_version=version,
-        diameter=DIAMETER,
-        threshold=0.5,
-        x=[40.0, 120.0],
-        y=[50.0, 130.0],
-        scores=[0.9, 0.7],
-        shape=(256, 256),
-        complete_at=time.time(),
-    )
+def _picks(
+    micrograph: str, version: str, project: str = PROJECT, session: str = SESSION, **changes: object
+) -> PicksReady:
+    fields: dict[str, object] = {
+        "project": project,
+        "session": session,
+        "micrograph": micrograph,
+        "micrograph_id": uuid.uuid4().hex,
+        "model_version": version,
+        "diameter": DIAMETER,
+        "threshold": 0.5,
+        "x": [40.0, 120.0],
+        "y": [50.0, 130.0],
+        "scores": [0.9, 0.7],
+        "shape": (256, 256),
+        "complete_at": time.time(),
+    }
+    fields.update(changes)
+    if "x" in changes:
+        fields["scores"] = [0.9] * len(changes["x"])  # type: ignore[arg-type]
+    return PicksReady(**fields)
 
 
 def _raw_picks(micrograph: str, version: str, project: str) -> bytes:
@@ -245,6 +251,19 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
         "link": (_picks(str(link), version), "outside the configured data roots"),
         "rethreshold": (Rethreshold(project=PROJECT, session="nosuch", threshold=0.3), "no outputs for session"),
         "rethreshold-ghost": (Rethreshold(project="ghost", session=SESSION, threshold=0.3), "no project 'ghost'"),
+        # issue 25, item 7: the micrograph's real size, not the message's, bounds the coordinates
+        "huge shape": (
+            _picks(str(good), version, shape=(10**12, 10**12), x=[9e11], y=[9e11]),
+            "the file is 256x256 px",
+        ),
+        "coordinates outside": (
+            _picks(str(good), version, session="other", x=[300.0], y=[10.0]),
+            "outside",
+        ),
+        "failure of /etc/shadow": (
+            PickFailed(project=PROJECT, session="other", micrograph="/etc/shadow", micrograph_id="x", reason="forged"),
+            "outside the configured data roots",
+        ),
     }
     with running(live, settings, ["writer"]) as (app, control):
         for message, _ in poison.values():
@@ -267,7 +286,7 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
             (row,) = [r for r in rows if r.get("id") == message.id]
             reason = str(row["reason"])
             assert words in reason, (name, row)
-            if isinstance(message, PicksReady):
+            if isinstance(message, PicksReady | PickFailed):
                 assert message.micrograph in reason or message.project in reason, (name, row)
             assert "gave up" not in reason, (name, row)  # at the first delivery: an input error
         if live.transport == "rabbitmq":
@@ -282,3 +301,23 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
         text = index.read_text()
         assert "/etc/shadow" not in text and str(link) not in text and str(good) in text
         assert app.ready()["writer"]["consumer"] is True
+
+
+def test_one_micrograph_written_two_ways_is_one_row(live: Live) -> None:
+    """Issue 25, item 7: ``sess//mic.mrc`` and ``sess/./mic.mrc`` are the same micrograph: one row in the index and
+    one coordinate file, the second message replacing the first."""
+    live.create_project()
+    version = _published_version(live)
+    good = live.drop(1).resolve()
+    doubled = str(good.parent) + "//" + good.name
+    dotted = str(good.parent) + "/./" + good.name
+    with running(live, live.settings(), ["writer"]) as (app, control):
+        control.send(topology.PICKS, _picks(doubled, version, picked_at=time.time() - 5))
+        control.send(topology.PICKS, _picks(dotted, version, x=[60.0], y=[60.0]))
+        wait_until(
+            lambda: [(e.micrograph, e.particles) for e in live.outputs().micrographs()] == [(str(good), 1)],
+            what="one row for the micrograph, with the second message's one pick",
+        )
+        coordinates = list((live.root / "outputs" / PROJECT / SESSION).rglob("*_autopick.star"))
+        assert len(coordinates) == 1, coordinates
+        assert app.broker.depth(PICKS_DLQ) == 0

@@ -397,6 +397,30 @@ def _checked_image(path: Path, pixels: np.ndarray) -> np.ndarray:
     return data
 
 
+def micrograph_shape(path: str | Path) -> tuple[int, int] | None:
+    """A micrograph file's (rows, columns) from its header alone (MRC header, Pillow's or tifffile's), without
+    reading its pixels; None when it cannot be told (not a micrograph type, unreadable, no 2-D plane)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix in MRC_SUFFIXES:
+            found = _whole_header(p)
+            return None if found is None else (found[0].ny, found[0].nx)
+        if suffix in (".tif", ".tiff"):
+            with tifffile.TiffFile(p) as tif:
+                series = tif.series[0]
+                axes, shape = str(series.axes), tuple(series.shape)
+                return (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
+        if suffix in MICROGRAPH_SUFFIXES:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(p) as img:
+                    return (img.height, img.width)
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError):
+        return None
+    return None
+
+
 def read_micrograph(path: str | Path, max_pixels: int | None = MAX_MICROGRAPH_PIXELS) -> Micrograph:
     """Read one micrograph as float32 ``[H, W]`` (``data[y, x]``); pixel size from MRC headers only.
 

@@ -91,7 +91,13 @@ class Picker:
                 raise
 
     def _tell_writer(self, msg: MicrographReady, exc: BaseException) -> None:
-        """The micrograph is about to be dead-lettered: tell the writer, for the session page (best effort)."""
+        """The micrograph is about to be dead-lettered: tell the writer, for the session page (best effort). Not
+        for a path outside the data roots (a forged or misrouted message): no session page shows it, and the writer
+        would refuse the note."""
+        try:
+            inside_roots(msg.path, self.roots)
+        except InputError:
+            return
         note = PickFailed(
             project=msg.project,
             session=msg.session,

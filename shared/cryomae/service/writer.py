@@ -18,24 +18,35 @@ the worker's thread after the STAR files are written (``cryomae.service.gallery`
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryomae.errors import InputError
+from cryomae.io.micrographs import micrograph_shape
 from cryomae.io.roots import inside_roots
-from cryomae.messages import PickFailed, PicksReady, Rethreshold
+from cryomae.messages import Message, PickFailed, PicksReady, Rethreshold
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.service import metrics
 from cryomae.service.diskspace import SpaceWait, StillNoSpaceError
 from cryomae.service.gallery import GalleryWorker
 from cryomae.service.handling import get_logger, handling
-from cryomae.store.outputs import ApplyResult, SessionOutputs, ThresholdResult
+from cryomae.store.outputs import ApplyResult, SessionOutputs, ThresholdResult, check_picks
 from cryomae.store.projects import ProjectStore
 
 log = get_logger("writer")
+
+
+def normalised(msg: Message) -> Message:
+    """The message with its micrograph path written one way (``os.path.normpath``: ``s2//m04.mrc`` and
+    ``s2/./m04.mrc`` are ``s2/m04.mrc``), so that one micrograph has one row and one coordinate file."""
+    micrograph = getattr(msg, "micrograph", None)
+    if isinstance(micrograph, str) and micrograph and os.path.normpath(micrograph) != micrograph:
+        return msg.model_copy(update={"micrograph": os.path.normpath(micrograph)})
+    return msg
 
 
 class Writer:
@@ -75,6 +86,9 @@ class Writer:
         # project and session names were checked when the message was decoded (``messages.Name``)
         if isinstance(msg, PickFailed):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
+            # a failure is about a micrograph the picker was asked for: under the data roots, as picks are (it may
+            # be gone or unreadable: that may be why it failed)
+            inside_roots(msg.micrograph, self.roots, "; failures are shown only for micrographs under them")
             return
         if isinstance(msg, Rethreshold):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
@@ -98,10 +112,20 @@ class Writer:
             raise InputError(msg.micrograph, "the micrograph does not exist (nothing to write picks for)")
         if not path.is_file():
             raise InputError(msg.micrograph, f"not a regular file ({path}); picks are written for micrograph files")
+        actual = micrograph_shape(path)
+        if actual is None:
+            raise InputError(msg.micrograph, "its size cannot be read from its header; picks are not written for it")
+        if tuple(msg.shape) != actual:
+            raise InputError(
+                msg.micrograph,
+                f"{source}: the message says the micrograph is {msg.shape[1]}x{msg.shape[0]} px, the file is "
+                f"{actual[1]}x{actual[0]} px (width x height)",
+            )
+        check_picks(msg)  # numbers, names, coordinates inside the micrograph: before anything is created
 
     def handle(self, env: Envelope) -> None:
         with handling(log, env, (PicksReady, Rethreshold, PickFailed)) as h:
-            msg, out = h.message, h.fields
+            msg, out = normalised(h.message), h.fields
             assert isinstance(msg, (PicksReady, Rethreshold, PickFailed))
             self.check(msg)  # before anything is created for it
             if isinstance(msg, PickFailed):  # for the session page only: the STAR files do not change

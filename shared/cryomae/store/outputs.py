@@ -270,6 +270,30 @@ def check_micrograph_name(micrograph: str) -> None:
     star_string(where, micrograph, "micrograph name")
 
 
+def check_picks(msg: Picks, name: str | None = None) -> None:
+    """InputError naming the problem when a picks message could not be written as it is: its micrograph name (or
+    ``name``, its rlnMicrographName), model version, numbers (NaN, infinite), shape or coordinates (outside the
+    shape). The writer calls it before it creates anything for the message; ``apply`` again before writing."""
+    where = Path(msg.micrograph)
+    check_micrograph_name(msg.micrograph)
+    star_string(where, msg.micrograph if name is None else name, "micrograph name")
+    star_string(where, msg.model_version, "model version")
+    for label in ("threshold", "diameter", "complete_at", "picked_at"):
+        if not math.isfinite(getattr(msg, label)):
+            raise InputError(where, f"PicksReady {msg.id}: {label} is {getattr(msg, label)}")
+    rows, cols = msg.shape
+    if rows <= 0 or cols <= 0:
+        raise InputError(where, f"PicksReady {msg.id}: micrograph shape {msg.shape} is not positive")
+    for label, values in (("x", msg.x), ("y", msg.y), ("scores", msg.scores)):
+        arr = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            i = int(np.argmax(bad))
+            kind = "NaN" if np.isnan(arr[i]) else "infinite"
+            raise InputError(where, f"PicksReady {msg.id}: {label}[{i}] is {kind} ({bad.sum()} bad values)")
+    check_inside(Coordinates(np.stack([msg.x, msg.y], axis=1).reshape(-1, 2)), msg.shape, where)
+
+
 class SessionOutputs:
     """The STAR outputs of one session folder, e.g. ``<outputs>/<project>/<session>/``.
 
@@ -466,25 +490,8 @@ class SessionOutputs:
 
     def _check_picks(self, msg: Picks) -> str:
         """Validate a PicksReady before anything is written; returns its rlnMicrographName."""
-        where = Path(msg.micrograph)
-        check_micrograph_name(msg.micrograph)
         name = self._name(msg.micrograph)
-        star_string(where, name, "micrograph name")
-        star_string(where, msg.model_version, "model version")
-        for label in ("threshold", "diameter", "complete_at", "picked_at"):
-            if not math.isfinite(getattr(msg, label)):
-                raise InputError(where, f"PicksReady {msg.id}: {label} is {getattr(msg, label)}")
-        rows, cols = msg.shape
-        if rows <= 0 or cols <= 0:
-            raise InputError(where, f"PicksReady {msg.id}: micrograph shape {msg.shape} is not positive")
-        for label, values in (("x", msg.x), ("y", msg.y), ("scores", msg.scores)):
-            arr = np.asarray(values, dtype=np.float64)
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                i = int(np.argmax(bad))
-                kind = "NaN" if np.isnan(arr[i]) else "infinite"
-                raise InputError(where, f"PicksReady {msg.id}: {label}[{i}] is {kind} ({bad.sum()} bad values)")
-        check_inside(Coordinates(np.stack([msg.x, msg.y], axis=1).reshape(-1, 2)), msg.shape, where)
+        check_picks(msg, name)
         return name
 
     def _name(self, micrograph: str) -> str:
