@@ -321,3 +321,23 @@ def test_one_micrograph_written_two_ways_is_one_row(live: Live) -> None:
         coordinates = list((live.root / "outputs" / PROJECT / SESSION).rglob("*_autopick.star"))
         assert len(coordinates) == 1, coordinates
         assert app.broker.depth(PICKS_DLQ) == 0
+
+
+def test_a_repick_by_a_newer_model_replaces_the_rows_whatever_the_pickers_clock(live: Live) -> None:
+    """Issue 25, item 8, through the writer: v0002's picks with an older ``picked_at`` than v0001's replace them,
+    v0001's arriving later are stale, and a ``picked_at`` a year ahead is dead-lettered, never pinning the rows."""
+    live.create_project()
+    first, second = _published_version(live), _published_version(live)
+    good = str(live.drop(1).resolve())
+    now = time.time()
+    with running(live, live.settings(), ["writer"]) as (app, control):
+        control.send(topology.PICKS, _picks(good, first, picked_at=now))
+        control.send(topology.PICKS, _picks(good, second, picked_at=now - 600, x=[60.0], y=[60.0]))
+        control.send(topology.PICKS, _picks(good, first, picked_at=now + 60))
+        future = _picks(good, second, picked_at=now + 365 * 86400, x=[70.0, 80.0, 90.0], y=[70.0, 80.0, 90.0])
+        control.send(topology.PICKS, future)
+        wait_until(lambda: app.broker.depth(PICKS_DLQ) == 1, what="the future picks dead-lettered")
+        (entry,) = live.outputs().micrographs()
+        assert (entry.model_version, entry.particles) == (second, 1)
+        (row,) = _reasons(control, topology.PICKS)
+        assert row.get("id") == future.id and "in the future" in str(row["reason"]), row

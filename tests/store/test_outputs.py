@@ -181,6 +181,32 @@ def test_repick_with_a_new_model_replaces_rows_and_version(tmp_path: Path) -> No
     assert star_files(out) == before
 
 
+V1, V2 = "v0001-20261201T000000Z", "v0002-20261202T000000Z"
+
+
+def test_repicks_are_ordered_by_model_version_not_by_the_pickers_clocks(tmp_path: Path) -> None:
+    """Issue 25, item 8: a re-pick by model v0002 on a picker whose clock is behind (an older picked_at than v0001's)
+    replaces v0001's rows; v0001's picks arriving after it do not undo it, whatever their time."""
+    out = SessionOutputs(tmp_path)
+    out.apply(picks(MIC_A, [0.9, 0.8, 0.1], version=V1, picked_at=990.0))
+    behind = out.apply(picks(MIC_A, [0.95], version=V2, picked_at=500.0))
+    assert behind.outcome == "replaced" and out.entry(MIC_A).model_version == V2
+    late = out.apply(picks(MIC_A, [0.9, 0.8, 0.7], version=V1, picked_at=2000.0))
+    assert late.outcome == "stale" and out.entry(MIC_A).model_version == V2 and late.rows == 1
+
+
+def test_a_time_far_in_the_future_is_refused_and_cannot_pin_the_rows(tmp_path: Path) -> None:
+    import time
+
+    out = SessionOutputs(tmp_path)
+    future = time.time() + 10 * 365 * 86400
+    with pytest.raises(InputError, match=r"picked_at is \d+\.\d h in the future"):
+        out.apply(picks(MIC_A, [0.9], version=V1, picked_at=future))
+    assert out.counts().micrographs == 0
+    out.apply(picks(MIC_A, [0.9], version=V1, picked_at=time.time() + 60))  # a clock a minute ahead: fine
+    assert out.apply(picks(MIC_A, [0.8, 0.7], version=V1, picked_at=time.time() + 120)).outcome == "replaced"
+
+
 def test_appends_leave_particles_star_in_place_and_replacements_rewrite_it(tmp_path: Path) -> None:
     out = SessionOutputs(tmp_path)
     out.apply(picks("/data/m000.mrc", [0.9]))
@@ -320,21 +346,27 @@ def test_crash_after_state_before_star_files_is_repaired_on_open(tmp_path: Path,
         np.testing.assert_allclose(fom, [0.95])
 
 
-def test_failed_apply_is_repaired_by_the_next_apply(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_apply_leaves_nothing_and_the_same_message_is_new_when_retried(tmp_path: Path, monkeypatch) -> None:
+    """A write that fails half-way (a full disk) is undone: the next call repairs the files without it, and the
+    message, retried by the broker (it was not acknowledged), is then written as new, once (issue 25, item 3)."""
     out = SessionOutputs(tmp_path)
     out.apply(picks(MIC_A, [0.9]))
 
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
+    failed = picks(MIC_B, [0.7, 0.6])
     monkeypatch.setattr(outputs, "write_autopick_star", crash)
     with pytest.raises(OSError, match="No space left"):
-        out.apply(picks(MIC_B, [0.7, 0.6]))
+        out.apply(failed)
     monkeypatch.undo()
 
-    out.apply(picks("/data/grid1/third.mrc", [0.8]))  # same object: repairs MIC_B first
-    assert per_micrograph(read_particles(out)) == {MIC_A: 1, MIC_B: 2, "/data/grid1/third.mrc": 1}
-    assert list(read_index(out)["rlnMicrographName"]) == [MIC_A, MIC_B, "/data/grid1/third.mrc"]
+    out.apply(picks("/data/grid1/third.mrc", [0.8]))  # same object: repairs the files first
+    assert per_micrograph(read_particles(out)) == {MIC_A: 1, "/data/grid1/third.mrc": 1}
+    assert list(read_index(out)["rlnMicrographName"]) == [MIC_A, "/data/grid1/third.mrc"]
+    assert out.apply(failed).outcome == "new"
+    assert per_micrograph(read_particles(out)) == {MIC_A: 1, "/data/grid1/third.mrc": 1, MIC_B: 2}
+    assert SessionOutputs(tmp_path).counts().micrographs == 3  # and so after a restart
 
 
 def test_deleted_or_edited_outputs_are_restored_on_open_and_by_rebuild(tmp_path: Path) -> None:

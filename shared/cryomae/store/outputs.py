@@ -71,6 +71,7 @@ from cryomae.io.writers import (
     write_autopick_star,
     write_coordinate_index,
 )
+from cryomae.store.projects import version_number
 
 INDEX_NAME = "autopick.star"
 PARTICLES_NAME = "particles.star"
@@ -270,6 +271,20 @@ def check_micrograph_name(micrograph: str) -> None:
     star_string(where, micrograph, "micrograph name")
 
 
+FUTURE_SLACK_S = 3600.0  # a picks message may be this far ahead of the writer's clock (clocks of other machines)
+
+
+def older(msg: Picks, old: _Record) -> bool:
+    """Whether ``msg`` is older than the micrograph's current picks and must not replace them: picks of an older
+    model version are; of a newer one are not, whatever the pickers' clocks say. Of the same version, one picked
+    before the current picks is (a redelivery overtaken by a re-pick); times far in the future are refused before
+    this (``check_picks``), so that none can pin a micrograph's rows."""
+    new_n, old_n = version_number(msg.model_version), version_number(old.model_version)
+    if new_n is not None and old_n is not None and new_n != old_n:
+        return new_n < old_n
+    return msg.picked_at < old.picked_at
+
+
 def check_picks(msg: Picks, name: str | None = None) -> None:
     """InputError naming the problem when a picks message could not be written as it is: its micrograph name (or
     ``name``, its rlnMicrographName), model version, numbers (NaN, infinite), shape or coordinates (outside the
@@ -292,6 +307,14 @@ def check_picks(msg: Picks, name: str | None = None) -> None:
             kind = "NaN" if np.isnan(arr[i]) else "infinite"
             raise InputError(where, f"PicksReady {msg.id}: {label}[{i}] is {kind} ({bad.sum()} bad values)")
     check_inside(Coordinates(np.stack([msg.x, msg.y], axis=1).reshape(-1, 2)), msg.shape, where)
+    for label in ("picked_at", "complete_at"):
+        ahead = getattr(msg, label) - time.time()
+        if ahead > FUTURE_SLACK_S:
+            raise InputError(
+                where,
+                f"PicksReady {msg.id}: {label} is {ahead / 3600:.1f} h in the future (a wrong clock, or a forged "
+                "message: it would pin the micrograph's rows)",
+            )
 
 
 class SessionOutputs:
@@ -358,7 +381,7 @@ class SessionOutputs:
             self._check_owner(msg.project, msg.session)
             name = self._check_picks(msg)
             old = self._records.get(msg.micrograph)
-            if old is not None and (old.message_id == msg.id or msg.picked_at < old.picked_at):
+            if old is not None and (old.message_id == msg.id or older(msg, old)):
                 rows = self._rows[msg.micrograph]
                 outcome: Outcome = "duplicate" if old.message_id == msg.id else "stale"
                 return self._result(old, name, outcome, rows, rows, msg.complete_at, False)

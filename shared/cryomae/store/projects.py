@@ -101,6 +101,11 @@ def _number(version: str) -> int:
     return int(version[1 : version.index("-")])
 
 
+def version_number(version: str) -> int | None:
+    """The number of a model version name (``v0002-20261124T120000Z`` -> 2); None for a name of another form."""
+    return _number(version) if _VERSION.match(version) else None
+
+
 def _check_diameter(diameter: float | None, what: str) -> None:
     if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
         raise InputError(None, f"{what} must be a positive number of pixels, got {diameter}")
