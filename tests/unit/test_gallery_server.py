@@ -202,3 +202,45 @@ def test_the_command_starts_before_the_session_has_a_page_and_ctrl_c_exits_130(t
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip() == "interrupted", err
     assert rest == ""
+
+
+def test_idle_half_sent_connections_cannot_hold_the_server(tmp_path: Path) -> None:
+    """Issue 25, item 10: connections that send half a request and wait hold at most ``max_connections`` threads;
+    one more is answered 503 at once; each idle one is closed after the timeout, and the server answers again."""
+    import socket
+    import threading
+
+    (tmp_path / "index.html").write_text("<html>ok</html>")
+    server = make_server(tmp_path, port=0, max_connections=4, timeout_s=5.0)  # > the 12 connects on a busy CPU
+    serve_in_thread(server)
+    port = int(server.server_address[1])
+    threads_before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+            s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n")  # no blank line: the request never ends
+            idle.append(s)
+        # the first 4 hold the slots (served threads); the other 8 were answered 503 and closed at once (a client
+        # whose request bytes arrive after the answer may see the close as a reset instead)
+        answers = []
+        for s in idle[4:]:
+            try:
+                answers.append(s.recv(4096))
+            except ConnectionResetError:
+                answers.append(b"reset")
+        assert all(a.startswith(b"HTTP/1.0 503") or a in (b"", b"reset") for a in answers), answers
+        assert any(a.startswith(b"HTTP/1.0 503") and b"too many connections" in a for a in answers), answers
+        assert threading.active_count() <= threads_before + 4
+        # the idle ones are closed by the server after its timeout: each read ends (b"" or a 408)
+        for s in idle[:4]:
+            data = s.recv(4096)
+            assert data == b"" or data.startswith(b"HTTP/1.0 408"), data
+        status, body = _get(port, "/index.html")
+        assert (status, body) == (200, b"<html>ok</html>")
+        assert server.refused == 8
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()

@@ -9,7 +9,10 @@ It serves the files under one folder (the outputs folder, or one session's folde
 - folders are not listed; ``/`` is a page that links every session's gallery under the folder, reloading itself
   every ``INDEX_REFRESH_S`` seconds: it may start before the first pick (the folder empty, or not made yet) and
   lists each session's page as the writer writes it;
-- ``/healthz`` answers ``ok`` (for Kubernetes probes).
+- ``/healthz`` answers ``ok`` (for Kubernetes probes);
+- at most ``MAX_CONNECTIONS`` connections are served at once (more are answered 503 and closed at once), and a
+  connection that makes no progress for ``REQUEST_TIMEOUT_S`` (a request sent half, a client that stopped
+  reading) is closed: idle or slow clients cannot hold the server's threads.
 
 It binds 127.0.0.1 by default: the page shows micrograph paths and project names, and has no authentication.
 """
@@ -128,17 +131,79 @@ class GalleryHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class GalleryServer(http.server.ThreadingHTTPServer):
+    """One thread a connection, at most ``max_connections`` at once; a connection beyond them is answered 503 at
+    once and closed. Each connection's socket times out after ``timeout_s`` without progress (a request sent
+    half, a client that stops reading), which ends it and frees its thread."""
+
     daemon_threads = True
 
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int, timeout_s: float) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections answered 503 because all slots were taken
 
-def make_server(root: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> GalleryServer:
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            try:
+                request.setblocking(False)
+                _drain(request)  # unread bytes would make the close a reset that loses the answer
+                request.settimeout(1.0)
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # a thread that serves it and then frees the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.timeout_s)
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _drain(sock: Any) -> None:
+    """Read what a non-blocking socket has received so far (at most 64 KiB)."""
+    for _ in range(16):
+        try:
+            if not sock.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+
+
+BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 5\r\n"
+    b"Connection: close\r\n\r\ntoo many connections: retry"
+)
+MAX_CONNECTIONS = 64  # connections served at once (a facility's operators, with room for their browsers' extra)
+REQUEST_TIMEOUT_S = 15.0  # a connection that makes no progress this long is closed
+
+
+def make_server(
+    root: Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> GalleryServer:
     """A server of ``root`` (not started: ``serve_forever``); ``port`` 0 takes a free one (``server_port``).
 
     ``root`` may not exist yet (a session not picked yet, outputs not written yet): ``/`` says so until it does.
     """
     if root.exists() and not root.is_dir():
         raise InputError(root, "not a folder (serve the outputs folder, or a session's folder in it)")
-    return GalleryServer((host, port), partial(GalleryHandler, directory=str(root)))
+    handler = partial(GalleryHandler, directory=str(root))
+    return GalleryServer((host, port), handler, max_connections, timeout_s)
 
 
 def serve_in_thread(server: GalleryServer) -> threading.Thread:
