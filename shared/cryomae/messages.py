@@ -124,10 +124,11 @@ class PicksReady(Message):
 
 
 class PickFailed(Message):
-    """A micrograph the picker gave up on: its MicrographReady was dead-lettered with ``reason`` (picker -> writer).
+    """A micrograph the picker gave up on: its MicrographReady was dead-lettered with ``reason`` (picker -> writer);
+    also one the watcher refused by its name, or saw replaced on disk after it was picked (watcher -> writer).
 
-    Only for the session page (its "failed" count and list); the STAR files do not change. Sent once, when the
-    message is dead-lettered; a later successful pick of the same micrograph (a replay) takes it off the list.
+    Only for the session page (its "failed" count and list); the STAR files do not change. Sent once; a later
+    successful pick of the same micrograph (a replay, a re-pick) takes it off the list.
     """
 
     kind: Literal["pick_failed"] = "pick_failed"

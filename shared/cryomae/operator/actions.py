@@ -8,7 +8,9 @@ Every function takes the ``Settings`` and, where it sends or reports on messages
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
@@ -35,7 +37,7 @@ from cryomae.settings import Settings
 from cryomae.store.outputs import SessionOutputs
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
-from cryomae.watching.ledger import read_incomplete, read_ledger
+from cryomae.watching.ledger import read_incomplete, read_ledger, read_replaced
 from cryomae.words import escaped, plural, training_progress
 
 # ------------------------------------------------------------------------------------------------ results
@@ -122,6 +124,7 @@ class SessionStatus(TypedDict):
     last_seen_at: float | None
     incomplete: int
     incomplete_files: list[IncompleteFile]
+    replaced_files: list[IncompleteFile]
 
 
 class Status(TypedDict):
@@ -286,16 +289,30 @@ def session_rethreshold(
     return {"project": project, "session": session, "threshold": threshold, "delivery": _delivery(control)}
 
 
-def session_repick(settings: Settings, control: Control, project: str, session: str, every: bool) -> Repicked:
+def session_repick(
+    settings: Settings,
+    control: Control,
+    project: str,
+    session: str,
+    every: bool,
+    micrographs: Sequence[str] = (),
+) -> Repicked:
     """Re-pick a session's micrographs picked with an older model version than the current one (``every``:
-    all of them)."""
+    all of them; ``micrographs``: these, e.g. one replaced on disk after its pick, whatever their model)."""
     current = ProjectStore(settings.store).current_version(project)
     if current is None:
         raise InputError(None, f"project {project!r} has no model yet; its micrographs are picked when it has one")
     outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
+    entries = outputs.micrographs()
+    wanted = {os.path.normpath(m) for m in micrographs}
+    unknown = sorted(wanted - {e.micrograph for e in entries})
+    if unknown:
+        raise InputError(None, f"not a picked micrograph of {project}/{session}: {', '.join(unknown)}")
     sent, missing = 0, list[str]()
-    for entry in outputs.micrographs():
-        if not every and entry.model_version == current:
+    for entry in entries:
+        if wanted and entry.micrograph not in wanted:
+            continue
+        if not wanted and not every and entry.model_version == current:
             continue
         try:
             stat = os.stat(entry.micrograph)
@@ -399,8 +416,9 @@ def status(settings: Settings, control: Control) -> Status:
     watched, summaries = read_ledger(settings.state / WATCHER_STATE)
     folders = {(r.project, r.session): str(r.folder) for r in watched}
     incomplete = read_incomplete(settings.state / WATCHER_STATE)  # files waiting, may still grow (or give up)
+    replaced = read_replaced(settings.state / WATCHER_STATE)  # picked files changed on disk since
     failed = _failed_by_session(control)
-    keys = set(folders) | set(summaries) | set(incomplete) | set(failed)  # a session with failures only, too
+    keys = set(folders) | set(summaries) | set(incomplete) | set(failed) | set(replaced)  # failures only, too
     if settings.outputs.is_dir():
         keys |= {
             (p.name, s.name)
@@ -414,6 +432,9 @@ def status(settings: Settings, control: Control) -> Status:
         outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
         counts = outputs.counts()
         summary = summaries.get((project, session))
+        picked_at = (
+            {e.micrograph: e.picked_at for e in outputs.micrographs()} if replaced.get((project, session)) else {}
+        )
         sessions.append(
             {
                 "project": project,
@@ -430,6 +451,12 @@ def status(settings: Settings, control: Control) -> Status:
                 "incomplete_files": [
                     {"path": f.path, "since": f.since, "problem": f.problem}
                     for f in incomplete.get((project, session), [])
+                ],
+                # replaced after their pick, and not re-picked since
+                "replaced_files": [
+                    {"path": f.path, "since": f.since, "problem": f.problem}
+                    for f in replaced.get((project, session), [])
+                    if picked_at.get(f.path, -math.inf) < f.since
                 ],
             }
         )
@@ -566,6 +593,12 @@ def format_status(data: Status) -> str:
             for f in s["incomplete_files"]:
                 since = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
                 lines.append(f"  {escaped(f['path'])}: incomplete since {since} ({escaped(f['problem'])})")
+        if s.get("replaced_files"):
+            lines.append("")
+            lines.append(f"{s['project']}/{s['session']}: {plural(len(s['replaced_files']), 'micrograph')} replaced")
+            for f in s["replaced_files"]:
+                at = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                lines.append(f"  {escaped(f['path'])}: seen {at}, {escaped(f['problem'])}")
     return "\n".join(lines)
 
 

@@ -401,7 +401,9 @@ def cmd_session_repick(args: argparse.Namespace) -> int:
     from cryomae.operator import actions as ops
 
     settings = _settings(args)
-    out = _with_control(args, lambda c: ops.session_repick(settings, c, args.project, args.session, args.all))
+    out = _with_control(
+        args, lambda c: ops.session_repick(settings, c, args.project, args.session, args.all, args.micrograph)
+    )
     text = (
         f"{plural(out['micrographs'], 'micrograph')} of {out['project']}/{out['session']} to re-pick with model "
         f"{out['model_version']} ({out['delivery']})"
@@ -673,7 +675,15 @@ def _add_live_parsers(sub: Any) -> None:
     )
     sr.set_defaults(func=cmd_session_rethreshold)
     sp = se.add_parser("repick", parents=[common, js, session], help="re-pick a session with the current model")
-    sp.add_argument("--all", action="store_true", help="every micrograph, not only those of older models")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every micrograph, not only those of older models")
+    which.add_argument(
+        "--micrograph",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="this picked micrograph (repeat the option), whatever its model: e.g. one replaced on disk since",
+    )
     sp.set_defaults(func=cmd_session_repick)
 
     stt = sub.add_parser("status", parents=[common, js], help="queues, models and per-session counts")

@@ -30,7 +30,9 @@ class WatcherService:
     def __init__(self, broker: Broker, settings: Settings, store: ProjectStore | None = None) -> None:
         self.broker = broker
         self.store = store or ProjectStore(settings.store)
-        self.watcher = Watcher(settings.state / WATCHER_STATE, self.publish, settings.watch_settings())
+        self.watcher = Watcher(
+            settings.state / WATCHER_STATE, self.publish, settings.watch_settings(), on_replaced=self.replaced
+        )
         self._consumer: Consumer | None = None
 
     def publish(self, message: MicrographReady) -> None:
@@ -64,6 +66,14 @@ class WatcherService:
         metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
         metrics.MICROGRAPHS_FAILED.labels("unreadable_input").inc()
         log.warning("micrograph_refused", project=message.project, session=message.session, reason=why)
+
+    def replaced(self, project: str, session: str, path: str, reason: str) -> None:
+        """A published micrograph was replaced on disk: a note for the session page (its list of micrographs to
+        look at, with the command that re-picks it; a later pick of it takes it off)."""
+        note = PickFailed(
+            project=project, session=session, micrograph=path, micrograph_id="", reason=shorten(reason, REASON_CHARS)
+        )
+        self.broker.publish(topology.PICKS, note)
 
     def handle(self, env: Envelope) -> None:
         with handling(log, env, (SessionCommand,)) as h:

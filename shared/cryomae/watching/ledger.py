@@ -37,7 +37,7 @@ from cryomae.errors import ConfigError, InputError
 
 DATABASE = "watcher.sqlite3"
 LOCK = "watcher.lock"
-SCHEMA_VERSION = 2  # 2: the incomplete table
+SCHEMA_VERSION = 3  # 2: the incomplete table; 3: the replaced table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS published (
@@ -61,6 +61,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     PRIMARY KEY (project, session)
 );
 CREATE TABLE IF NOT EXISTS incomplete (
+    project TEXT NOT NULL,
+    session TEXT NOT NULL,
+    path TEXT NOT NULL,
+    since REAL NOT NULL,
+    problem TEXT NOT NULL,
+    PRIMARY KEY (project, session, path)
+);
+CREATE TABLE IF NOT EXISTS replaced (
     project TEXT NOT NULL,
     session TEXT NOT NULL,
     path TEXT NOT NULL,
@@ -202,6 +210,13 @@ class Ledger:
                 "INSERT OR REPLACE INTO incomplete VALUES (?, ?, ?, ?, ?)", (project, session, path, since, problem)
             )
 
+    def note_replaced(self, project: str, session: str, path: str, since: float, problem: str) -> None:
+        """List a published file that was replaced on disk afterwards (``since``: when the watcher saw it)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO replaced VALUES (?, ?, ?, ?, ?)", (project, session, path, since, problem)
+            )
+
     def clear_incomplete(self, project: str | None = None, session: str | None = None, path: str | None = None) -> None:
         """Unlist one file (all three given), or every file (none given)."""
         with self._lock:
@@ -306,6 +321,21 @@ def read_incomplete(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFil
             return {}
         rows = db.execute(
             "SELECT project, session, path, since, problem FROM incomplete ORDER BY project, session, path"
+        ).fetchall()
+    listed: dict[tuple[str, str], list[IncompleteFile]] = {}
+    for project, session, file, since, problem in rows:
+        listed.setdefault((project, session), []).append(IncompleteFile(file, since, problem))
+    return listed
+
+
+def read_replaced(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFile]]:
+    """The published files each session's watcher saw replaced on disk afterwards (not picked again), by
+    (project, session); read without the lock, like ``read_ledger``. Empty before schema 3."""
+    with _reading(state_dir) as (db, version):
+        if db is None or version < 3:
+            return {}
+        rows = db.execute(
+            "SELECT project, session, path, since, problem FROM replaced ORDER BY project, session, path"
         ).fetchall()
     listed: dict[tuple[str, str], list[IncompleteFile]] = {}
     for project, session, file, since, problem in rows:

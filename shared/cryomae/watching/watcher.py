@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ import structlog
 from watchdog.observers import Observer
 
 from cryomae.config import WatchSettings
-from cryomae.errors import InputError, TransientError
+from cryomae.errors import CryomaeError, InputError, TransientError
 from cryomae.messages import MicrographReady, SessionCommand, check_name
 from cryomae.watching.candidates import check_pattern, examine, is_candidate, list_candidates
 from cryomae.watching.completeness import PendingFile, Signature, Verdict, incompleteness, signature_of
@@ -73,9 +74,12 @@ class Watcher:
         clock: Callable[[], float] = time.monotonic,
         mounts: Callable[[], Sequence[Mount]] = read_mounts,
         observer_factory: ObserverFactory = Observer,
+        on_replaced: Callable[[str, str, str, str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._publish = publish
+        # told (project, session, path, reason) when a published file is replaced on disk (the session page)
+        self._on_replaced = on_replaced
         self._clock = clock
         self._mounts = mounts
         self._observer_factory = observer_factory
@@ -495,6 +499,18 @@ class Watcher:
             changed = watched.consider(path, signature, now)
         if changed is not None:
             done = watched.published[str(path)]
+            r = watched.record
+            reason = (
+                f"replaced after it was picked ({done.size} -> {changed.size} bytes): not picked again; re-pick it "
+                f"with `cryomae session repick --project {r.project} --session {r.session} --micrograph "
+                f"{shlex.quote(str(path))}`"
+            )
+            self._ledger.note_replaced(r.project, r.session, str(path), time.time(), reason)
+            if self._on_replaced is not None:
+                try:
+                    self._on_replaced(r.project, r.session, str(path), reason)
+                except CryomaeError as exc:  # the ledger keeps it for status; only the page misses it
+                    log.warning("replaced_note_not_sent", path=str(path), error=str(exc))
             log.warning(
                 "published_file_replaced",
                 project=watched.record.project,
