@@ -18,6 +18,7 @@ from cryomae.errors import InputError
 from cryomae.messages import SessionCommand
 from cryomae.messaging import topology
 from cryomae.operator import actions as ops
+from cryomae.operator.actions import IncompleteFile
 from tests.live.conftest import PROJECT, SESSION, Live, running, train_first_model, wait_until
 
 
@@ -39,9 +40,9 @@ def test_a_replaced_micrograph_is_shown_with_its_repick_command_until_repicked(l
         shutil.copyfile(live.dataset.micrographs[2], tmp)
         os.replace(tmp, target)
 
-        def listed() -> list[dict[str, object]]:
+        def listed() -> list[IncompleteFile]:
             (row,) = [s for s in ops.status(settings, control)["sessions"] if s["session"] == SESSION]
-            return list(row["replaced_files"])
+            return row["replaced_files"]
 
         wait_until(lambda: len(listed()) == 1, what="status listing the replaced micrograph")
         (replaced,) = listed()
