@@ -25,6 +25,7 @@ from cryomae.gallery.page import SessionGallery, read_pixels
 from cryomae.messages import PickFailed
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger
+from cryomae.service.lru import OpenSessions
 from cryomae.service.watcher import WATCHER_STATE
 from cryomae.store.outputs import SessionOutputs
 from cryomae.watching.ledger import read_ledger
@@ -60,7 +61,7 @@ class GalleryWorker:
         self.roots = [Path(r).resolve() for r in roots]
         self.seen = seen
         self._work: dict[Path, _Work] = {}
-        self._galleries: dict[Path, SessionGallery] = {}
+        self._galleries: OpenSessions[Path, SessionGallery] = OpenSessions()  # idle ones closed (service.lru)
         self._busy = False
         self._stopping = False
         self._changed = threading.Condition()
@@ -72,6 +73,7 @@ class GalleryWorker:
         work = self._work.get(outputs.root)
         if work is None:
             work = self._work[outputs.root] = _Work(outputs)
+        work.outputs = outputs  # the writer's latest (it reopens a session it had closed for being idle)
         return work
 
     def picked(self, outputs: SessionOutputs, micrograph: str) -> None:
@@ -130,9 +132,15 @@ class GalleryWorker:
     def _update(self, root: Path, work: _Work) -> None:
         started = time.monotonic()
         try:
-            gallery = self._galleries.get(root)
-            if gallery is None:  # first seen by this process: also what a crash left undrawn
-                gallery = self._galleries[root] = SessionGallery(work.outputs, self.size)
+            opened = []
+
+            def open_gallery() -> SessionGallery:
+                opened.append(True)
+                return SessionGallery(work.outputs, self.size)
+
+            gallery = self._galleries.get(root, open_gallery)
+            gallery.outputs = work.outputs  # the writer's open outputs (it reopens a session it had closed)
+            if opened:  # first seen by this process, or again after it was idle: also what a crash left undrawn
                 gallery.remove_temp_files()
                 work.micrographs.update(dict.fromkeys(gallery.missing()))
             for note in work.failures:
@@ -143,7 +151,7 @@ class GalleryWorker:
                 gallery.redraw_picks()
             gallery.write_index(self._seen(gallery))
         except Exception as exc:  # noqa: BLE001 (the gallery never stops the writer; the STAR files are written)
-            self._galleries.pop(root, None)  # the next batch of this session draws what this one left undrawn
+            self._galleries.discard(root)  # the next batch of this session draws what this one left undrawn
             metrics.GALLERY_FAILURES.inc()
             log.error("gallery_failed", session=str(root), error=f"{type(exc).__name__}: {exc}")
             return

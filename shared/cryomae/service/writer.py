@@ -34,6 +34,7 @@ from cryomae.service import metrics
 from cryomae.service.diskspace import SpaceWait, StillNoSpaceError
 from cryomae.service.gallery import GalleryWorker
 from cryomae.service.handling import get_logger, handling
+from cryomae.service.lru import OpenSessions
 from cryomae.store.outputs import ApplyResult, SessionOutputs, ThresholdResult, check_picks
 from cryomae.store.projects import ProjectStore
 
@@ -66,19 +67,15 @@ class Writer:
         self.outputs = outputs
         self.store = store  # read only: which projects and model versions exist
         self.roots = [Path(r).resolve() for r in roots]  # the data roots the micrographs must lie in
-        self._sessions: dict[tuple[str, str], SessionOutputs] = {}
-        self._lock = threading.Lock()
+        # sessions written recently; an idle one is closed and read back when it is busy again (service.lru)
+        self._sessions: OpenSessions[tuple[str, str], SessionOutputs] = OpenSessions()
         self._consumer: Consumer | None = None
         self._stopping = threading.Event()
         self.space = SpaceWait("writer", self._stopping)  # a full output disk: wait, don't fail (diskspace)
         self.deferred = 0  # messages published again after waiting ``space.hold_s`` for disk space
 
     def session(self, project: str, session: str) -> SessionOutputs:
-        with self._lock:
-            key = (project, session)
-            if key not in self._sessions:
-                self._sessions[key] = SessionOutputs(self.outputs / project / session)
-            return self._sessions[key]
+        return self._sessions.get((project, session), lambda: SessionOutputs(self.outputs / project / session))
 
     def check(self, msg: PicksReady | Rethreshold | PickFailed) -> None:
         """Refuse a message that names what does not exist or lies outside the data roots (InputError, so the
