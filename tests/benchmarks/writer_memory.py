@@ -74,7 +74,9 @@ def _published_version(store: ProjectStore) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def run(micrographs: int, sessions: int, candidates: int, every: int, root: Path, idle_s: float) -> dict[str, object]:
+def run(
+    micrographs: int, sessions: int, candidates: int, every: int, root: Path, idle_s: float, keep_all: bool = False
+) -> dict[str, object]:
     data, outputs = root / "data", root / "outputs"
     store = ProjectStore(root / "store")
     store.create_project(PROJECT, DIAMETER, {})
