@@ -24,7 +24,7 @@ from PIL import Image
 
 from cryomae.errors import CryomaeError
 from cryomae.io import read_micrograph, write_mrc
-from cryomae.messages import Message, PicksReady, Rethreshold, SessionCommand, TrainRequest
+from cryomae.messages import Message, PickFailed, PicksReady, Rethreshold, SessionCommand, TrainRequest
 from cryomae.messaging import topology
 from cryomae.messaging.delivery import REASON_HEADER
 from cryomae.operator import actions as ops
@@ -171,9 +171,38 @@ def _refused(action: Callable[[Ctx], object]) -> Callable[[Ctx], bytes | None]:
     return send
 
 
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height (its pixels never follow): a decompression bomb's shape."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+def _raw_picks(c: Ctx, **changes: object) -> bytes:
+    """A picks body with fields set after validation (what a foreign producer could send)."""
+    body = json.loads(_picks(c).body())
+    body.update(changes)
+    return publish_raw(c.live, P, json.dumps(body).encode())
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _raw(c: Ctx, queue: str, body: bytes) -> bytes:
+    return publish_raw(c.live, queue, body)
+
+
 M, P, T, W = topology.MICROGRAPHS, topology.PICKS, topology.TRAINING, topology.WATCHER
 
-CASES = [
+FILE_CASES = [
     # ---------------------------------------------------------------------------------------- bad files
     Case(
         "truncated MRC",
@@ -304,6 +333,138 @@ CASES = [
         "outside the configured data roots",
         lambda c: _publish(c, M, ready("/etc/shadow")),
     ),
+    # issue 25: more kinds of file
+    Case(
+        "an extended header of 1 GB",
+        "dead",
+        M,
+        "extended header of 1073741824 bytes",
+        lambda c: _file(
+            c,
+            "ext.mrc",
+            lambda p: p.write_bytes(
+                _header(64, 64, 1, 2)[:92] + struct.pack("<i", 1 << 30) + _header(64, 64, 1, 2)[96:]
+            ),
+        ),
+    ),
+    Case(
+        "a header of 0 sections",
+        "dead",
+        M,
+        "0 sections",
+        lambda c: _file(c, "nz0.mrc", lambda p: p.write_bytes(_header(64, 64, 0, 2))),
+    ),
+    Case(
+        "a header 0 pixels wide",
+        "dead",
+        M,
+        "image is empty",
+        lambda c: _file(c, "nx0.mrc", lambda p: p.write_bytes(_header(0, 64, 1, 2))),
+    ),
+    Case(
+        "a negative size",
+        "dead",
+        M,
+        "negative size",
+        lambda c: _file(c, "negative.mrc", lambda p: p.write_bytes(_header(-64, 64, 1, 2) + bytes(4096))),
+    ),
+    Case(
+        "complex int16 MRC mode",
+        "dead",
+        M,
+        "unsupported MRC mode 3",
+        lambda c: _file(c, "mode3.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 3) + bytes(64 * 64 * 4))),
+    ),
+    Case(
+        "4-bit packed MRC mode",
+        "dead",
+        M,
+        "unsupported MRC mode 101",
+        lambda c: _file(c, "mode101.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 101) + bytes(64 * 32))),
+    ),
+    Case(
+        "shorter than an MRC header",
+        "dead",
+        M,
+        "shorter than the 1024-byte MRC header",
+        lambda c: _file(c, "short.mrc", lambda p: p.write_bytes(_mrc_bytes(c)[:600])),
+    ),
+    Case(
+        "no MAP tag, right length",
+        "dead",
+        M,
+        "no 'MAP' identifier",
+        lambda c: _file(
+            c, "nomap.mrc", lambda p: p.write_bytes(_header(64, 64, 1, 2, tag=b"XXXX") + bytes(64 * 64 * 4))
+        ),
+    ),
+    Case(
+        "a constant 16-bit PNG",
+        "dead",
+        M,
+        "constant",
+        lambda c: _file(c, "flat.png", lambda p: Image.fromarray(np.full((128, 128), 7, np.uint16)).save(p)),
+    ),
+    Case(
+        "a TIFF stack of 3 images",
+        "dead",
+        M,
+        "stack of 3 images",
+        lambda c: _file(
+            c, "stack.tif", lambda p: tifffile.imwrite(p, np.ones((3, 64, 64), np.float32), photometric="minisblack")
+        ),
+    ),
+    Case(
+        "a TIFF with NaN pixels",
+        "dead",
+        M,
+        "NaN",
+        lambda c: _file(c, "nan.tif", lambda p: tifffile.imwrite(p, np.full((64, 64), np.nan, np.float32))),
+    ),
+    Case(
+        "a PNG header of 100000 x 100000 px",
+        "dead",
+        M,
+        "exceeds the limit",
+        lambda c: _file(c, "bomb.png", lambda p: _png_header_only(p, 100_000, 100_000)),
+    ),
+    Case(
+        "one row of pixels",
+        "dead",
+        M,
+        "smaller than one picking window",
+        lambda c: _file(
+            c,
+            "row.mrc",
+            lambda p: write_mrc(
+                p, np.random.default_rng(1).normal(size=(1, 4096)).astype(np.float32), dtype=np.float32
+            ),
+        ),
+    ),
+    Case(
+        "a named pipe named .mrc",
+        "dead",
+        M,
+        "not a regular file",
+        lambda c: _file(c, "fifo.mrc", lambda p: os.mkfifo(p)),
+    ),
+    Case(
+        "a dangling symlink",
+        "dead",
+        M,
+        "file not found",
+        lambda c: _file(c, "dangling.mrc", lambda p: p.symlink_to(c.folder / "never_there.mrc")),
+    ),
+    Case(
+        "a symlink to /dev/zero",
+        "dead",
+        M,
+        "outside the configured data roots",
+        lambda c: _file(c, "zero.mrc", lambda p: p.symlink_to("/dev/zero")),
+    ),
+]
+
+MESSAGE_CASES = [
     # ---------------------------------------------------------------------------------------- bad messages
     Case("not JSON", "dead", M, "not JSON", lambda c: publish_raw(c.live, M, b"\x00\x01 not json {")),
     Case("a JSON array", "dead", M, "expected a JSON object", lambda c: publish_raw(c.live, M, b"[1, 2, 3]")),
@@ -401,6 +562,147 @@ CASES = [
         "no outputs",
         lambda c: _publish(c, P, Rethreshold(project=PROJECT, session="never", threshold=0.5)),
     ),
+    # issue 25: more kinds of message
+    Case("an empty body", "dead", M, "not JSON", lambda c: _raw(c, M, b"")),
+    Case("a JSON string", "dead", M, "expected a JSON object", lambda c: _raw(c, M, b'"hello"')),
+    Case(
+        "nested 40 levels deep",
+        "dead",
+        M,
+        "nested deeper than",
+        lambda c: _raw(c, M, json.dumps(_fields(path=_nested(40))).encode()),
+    ),
+    Case(
+        "a NUL byte in the path",
+        "dead",
+        M,
+        "NUL byte",
+        lambda c: _raw(c, M, json.dumps(_fields(path="/data/sess/a\u0000b.mrc")).encode()),
+    ),
+    Case(
+        "a NaN literal",
+        "dead",
+        M,
+        "finite number",
+        lambda c: _raw(c, M, json.dumps(_fields()).replace('"size": 1', '"size": NaN').encode()),
+    ),
+    Case(
+        "a negative file size in the message",
+        "dead",
+        M,
+        "size",
+        lambda c: _raw(c, M, json.dumps(_fields(size=-5)).encode()),
+    ),
+    Case(
+        "a missing field",
+        "dead",
+        M,
+        "Field required",
+        lambda c: _raw(c, M, json.dumps({k: v for k, v in _fields().items() if k != "path"}).encode()),
+    ),
+    Case(
+        "a 300-character project name",
+        "dead",
+        M,
+        "project",
+        lambda c: _raw(c, M, json.dumps(_fields(project="p" * 300)).encode()),
+    ),
+    Case(
+        "picks with a negative shape",
+        "dead",
+        P,
+        "the message says the micrograph is 256x-256 px",
+        lambda c: _raw_picks(c, shape=[-256, 256]),
+    ),
+    Case(
+        "picks outside the micrograph",
+        "dead",
+        P,
+        "outside",
+        lambda c: _publish(c, P, _picks(c, x=[5000.0], y=[10.0])),
+    ),
+    Case(
+        "picks claiming a 1e12 px micrograph",
+        "dead",
+        P,
+        "the file is 256x256 px",
+        lambda c: _publish(c, P, _picks(c, shape=(10**12, 10**12), x=[9e11], y=[9e11])),
+    ),
+    Case(
+        "picks picked a year ahead",
+        "dead",
+        P,
+        "in the future",
+        lambda c: _publish(c, P, _picks(c, picked_at=_now() + 365 * 86400)),
+    ),
+    Case(
+        "picks with a quote in the model version",
+        "dead",
+        P,
+        "not a published version",
+        lambda c: _publish(c, P, _picks(c, model_version='v0001"x')),
+    ),
+    Case(
+        "a failure note naming /etc/shadow",
+        "dead",
+        P,
+        "outside the configured data roots",
+        lambda c: _publish(
+            c, P, PickFailed(project=PROJECT, session=SESSION, micrograph="/etc/shadow", micrograph_id="x", reason="x")
+        ),
+    ),
+    Case(
+        "a session command that is neither start nor stop",
+        "dead",
+        W,
+        "action",
+        lambda c: _raw(
+            c,
+            W,
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "id": uuid.uuid4().hex,
+                    "created": _now(),
+                    "kind": "session_command",
+                    "action": "explode",
+                    "project": PROJECT,
+                    "session": "s",
+                    "folder": str(c.folder),
+                }
+            ).encode(),
+        ),
+    ),
+    Case(
+        "a session start for no project",
+        "dead",
+        W,
+        "no project 'ghost'",
+        lambda c: _publish(c, W, SessionCommand(action="start", project="ghost", session="s", folder=str(c.folder))),
+    ),
+    Case(
+        "a training request naming ../../etc",
+        "dead",
+        T,
+        "invalid exemplar set id '../../etc'",
+        lambda c: _raw(
+            c,
+            T,
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "id": uuid.uuid4().hex,
+                    "created": _now(),
+                    "kind": "train_request",
+                    "project": PROJECT,
+                    "exemplar_set": "../../etc",
+                }
+            ).encode(),
+        ),
+    ),
+]
+
+PICKED_AND_REFUSED = [
     # ---------------------------------------------------------------------------------------- picked
     Case(
         "an int16 MRC",
@@ -463,10 +765,14 @@ CASES = [
         _refused(lambda c: ops.session_rethreshold(c.live.settings(), c.control, PROJECT, "../x", 0.5)),
     ),
 ]
+CASES = FILE_CASES + MESSAGE_CASES + PICKED_AND_REFUSED
+# the picked ones are files in unusual forms; the refused ones, a file and two requests
+FILES = len(FILE_CASES) + sum(c.outcome == "picked" for c in PICKED_AND_REFUSED) + 1
+MESSAGES = len(MESSAGE_CASES) + 2
 
 
-def test_the_corpus_has_at_least_25_kinds() -> None:
-    assert len(CASES) >= 25
+def test_the_corpus_has_at_least_40_kinds_of_file_and_35_of_message() -> None:
+    assert FILES >= 40 and MESSAGES >= 35, (FILES, MESSAGES)
     assert {c.outcome for c in CASES} == {"dead", "picked", "refused"}
     assert len({c.name for c in CASES}) == len(CASES)
 

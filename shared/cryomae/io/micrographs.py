@@ -416,7 +416,7 @@ def micrograph_shape(path: str | Path) -> tuple[int, int] | None:
                 warnings.simplefilter("ignore")
                 with Image.open(p) as img:
                     return (img.height, img.width)
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError):
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError, Image.DecompressionBombError):
         return None
     return None
 
