@@ -587,18 +587,25 @@ def format_status(data: Status) -> str:
         cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
         lines.append("  ".join(cells))
     for s in data["sessions"]:
-        if s.get("incomplete_files"):
-            lines.append("")
-            lines.append(f"{s['project']}/{s['session']}: {len(s['incomplete_files'])} incomplete")
-            for f in s["incomplete_files"]:
-                since = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-                lines.append(f"  {escaped(f['path'])}: incomplete since {since} ({escaped(f['problem'])})")
-        if s.get("replaced_files"):
-            lines.append("")
-            lines.append(f"{s['project']}/{s['session']}: {plural(len(s['replaced_files']), 'micrograph')} replaced")
-            for f in s["replaced_files"]:
-                at = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-                lines.append(f"  {escaped(f['path'])}: seen {at}, {escaped(f['problem'])}")
+        where = f"{s['project']}/{s['session']}"
+        listed = (
+            (
+                s.get("incomplete_files", []),
+                f"{len(s.get('incomplete_files', []))} incomplete",
+                "incomplete since {} ({})",
+            ),
+            (
+                s.get("replaced_files", []),
+                f"{plural(len(s.get('replaced_files', [])), 'micrograph')} replaced",
+                "seen {}, {}",
+            ),
+        )
+        for files, title, template in listed:
+            if files:
+                lines += ["", f"{where}: {title}"]
+                for f in files:
+                    at = datetime.fromtimestamp(f["since"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                    lines.append(f"  {escaped(f['path'])}: " + template.format(at, escaped(f["problem"])))
     return "\n".join(lines)
 
 

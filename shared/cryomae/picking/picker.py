@@ -337,6 +337,21 @@ def check_fits(shape: tuple[int, ...], geometry: Geometry) -> None:
         )
 
 
+def _padded(
+    trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """The prepared micrograph padded by half a window with zeros (its windows' centres cover every pixel), on the
+    device, with the model on it: (padded image [H' + 2p, W' + 2p], local level [H', W'], window stride, the
+    resampled-image coordinate of window cell 0's centre)."""
+    dev = device or resolve_device(cfg.device)
+    trained.model.to(dev).eval()
+    s = trained.preset.img_size
+    stride = max(1, round(s * cfg.stride_fraction))
+    pad = s // 2
+    prepared, level = prepare_with_background(image, trained.geometry, dev)
+    return F.pad(prepared, (pad, pad, pad, pad)), level, stride, (s - 1) / 2 - pad
+
+
 @torch.no_grad()
 def compute_score_map(
     trained: TrainedModel, image: np.ndarray, cfg: PickConfig, device: torch.device | None = None
@@ -344,14 +359,8 @@ def compute_score_map(
     """Score every window of a micrograph [H, W] against the exemplar bank; InputError when it is smaller than
     one window (``check_fits``)."""
     check_fits(image.shape, trained.geometry)
-    dev = device or resolve_device(cfg.device)
-    model = trained.model.to(dev).eval()
-    s = model.preset.img_size
-    stride = max(1, round(s * cfg.stride_fraction))
-    pad = s // 2
-    prepared, level = prepare_with_background(image, trained.geometry, dev)
-    img = F.pad(prepared, (pad, pad, pad, pad))  # [Hs + 2p, Ws + 2p]
-    offset = (s - 1) / 2 - pad
+    img, level, stride, offset = _padded(trained, image, cfg, device)
+    dev, s = img.device, trained.preset.img_size
     if shared_tokens_apply(trained, (img.shape[0], img.shape[1]), stride, cfg, dev):
         out = _shared_token_scores(trained, img, stride, cfg)
         return ScoreMap(
@@ -386,13 +395,9 @@ def unit_features(
     """The features the head reads: of the windows nearest to xy [N, 2] (original pixels) on a micrograph
     [H, W], and of the exemplar bank, each standardised by all windows of the micrograph at the picking stride
     (as ``compute_score_map`` standardises them) and made unit length. Returns (windows [N, D], bank [B, D])."""
-    dev = device or resolve_device(cfg.device)
-    model = trained.model.to(dev).eval()
-    s = model.preset.img_size
-    stride = max(1, round(s * cfg.stride_fraction))
-    pad = s // 2
-    prepared, _ = prepare_with_background(image, trained.geometry, dev)
-    windows = F.pad(prepared, (pad, pad, pad, pad)).unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s]
+    img, _, stride, offset = _padded(trained, image, cfg, device)
+    dev, s = img.device, trained.preset.img_size
+    windows = img.unfold(0, s, stride).unfold(1, s, stride)  # [Gy, Gx, s, s]
     gy, gx = windows.shape[:2]
     every = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
     d = int(trained.bank.shape[1])
@@ -405,7 +410,6 @@ def unit_features(
     mean = s1 / n
     std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
     mu, sd = _standardizer(mean.float().reshape(1, -1), std.float().reshape(1, -1), cfg)
-    offset = (s - 1) / 2 - pad
     cells = np.rint((trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2)) - offset) / stride)
     rc = torch.as_tensor(np.stack([cells[:, 1].clip(0, gy - 1), cells[:, 0].clip(0, gx - 1)], axis=1), device=dev)
     feats = torch.cat([torch.zeros(0, d, device=dev), *_iter_window_features(trained, windows, rc.long(), cfg)])

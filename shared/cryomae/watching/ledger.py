@@ -316,26 +316,24 @@ def read_incomplete(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFil
     """The files each session's watcher keeps waiting as incomplete, by (project, session), each list by path;
     read without the lock, like ``read_ledger``. Empty when there is no ledger, its schema is not yet written, or
     it predates the list (schema 1: a watcher of an older version is running)."""
-    with _reading(state_dir) as (db, version):
-        if db is None or version < 2:
-            return {}
-        rows = db.execute(
-            "SELECT project, session, path, since, problem FROM incomplete ORDER BY project, session, path"
-        ).fetchall()
-    listed: dict[tuple[str, str], list[IncompleteFile]] = {}
-    for project, session, file, since, problem in rows:
-        listed.setdefault((project, session), []).append(IncompleteFile(file, since, problem))
-    return listed
+    return _read_files(state_dir, "incomplete", 2)
 
 
 def read_replaced(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFile]]:
     """The published files each session's watcher saw replaced on disk afterwards (not picked again), by
     (project, session); read without the lock, like ``read_ledger``. Empty before schema 3."""
+    return _read_files(state_dir, "replaced", 3)
+
+
+def _read_files(state_dir: Path, table: str, since_version: int) -> dict[tuple[str, str], list[IncompleteFile]]:
+    """The rows of ``incomplete`` or ``replaced`` by (project, session), each list by path."""
+    if table not in ("incomplete", "replaced"):
+        raise ValueError(f"no file list {table!r}")
     with _reading(state_dir) as (db, version):
-        if db is None or version < 3:
+        if db is None or version < since_version:
             return {}
         rows = db.execute(
-            "SELECT project, session, path, since, problem FROM replaced ORDER BY project, session, path"
+            f"SELECT project, session, path, since, problem FROM {table} ORDER BY project, session, path"
         ).fetchall()
     listed: dict[tuple[str, str], list[IncompleteFile]] = {}
     for project, session, file, since, problem in rows:
