@@ -179,8 +179,26 @@ class Rethreshold(Message):
     threshold: float | None = Field(description="a fixed score cutoff, or None to go back to the picker's own")
 
 
+class SessionStarted(Message):
+    """A session is being watched (watcher -> writer, ahead of its picks on the same queue): the writer makes its
+    outputs folder and from then on accepts picks, failures and re-thresholds of it, and of no session it was not
+    told of."""
+
+    kind: Literal["session_started"] = "session_started"
+    project: Name
+    session: Name
+    folder: PathText = Field(min_length=1, max_length=PATH_CHARS, description="absolute path of the session folder")
+
+
 AnyMessage = Annotated[
-    MicrographReady | PicksReady | PickFailed | TrainRequest | ModelPublished | SessionCommand | Rethreshold,
+    MicrographReady
+    | PicksReady
+    | PickFailed
+    | TrainRequest
+    | ModelPublished
+    | SessionCommand
+    | Rethreshold
+    | SessionStarted,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)

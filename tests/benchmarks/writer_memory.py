@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cryomae.io import write_mrc
-from cryomae.messages import PicksReady
+from cryomae.messages import PicksReady, SessionStarted
 from cryomae.messaging.base import Envelope
 from cryomae.messaging.memory import MemoryBroker
 from cryomae.service.writer import Writer
@@ -96,6 +96,8 @@ def run(
     for s in range(sessions):
         folder = data / f"session_{s:03d}"
         folder.mkdir()
+        started = SessionStarted(project=PROJECT, session=f"session_{s:03d}", folder=str(folder))
+        writer.handle(Envelope("picks", started.body()))  # as the watcher tells the writer
         for i in range(per_session):
             path = folder / f"mic_{i:05d}.mrc"
             os.link(source, path)

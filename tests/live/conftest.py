@@ -215,6 +215,15 @@ def running(live: Live, settings: Settings, services: list[str] | None = None) -
         app.stop()
 
 
+def start_session(live: Live, control: Control, session: str = SESSION) -> None:
+    """Tell the writer of the test session, as the watcher does when it starts watching one (``SessionStarted``):
+    for tests that send picks or micrographs themselves, without a watcher."""
+    from cryomae.messages import SessionStarted
+
+    live.session_folder.mkdir(parents=True, exist_ok=True)
+    control.send(topology.PICKS, SessionStarted(project=PROJECT, session=session, folder=str(live.session_folder)))
+
+
 def train_first_model(live: Live, control: Control) -> str:
     """Register exemplars and let the running trainer make the project's first model; its version."""
     settings = live.settings()

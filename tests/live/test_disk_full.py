@@ -23,7 +23,7 @@ from cryomae.messaging import topology
 from cryomae.operator import actions as ops
 from cryomae.service import metrics
 from cryomae.service.writer import Writer
-from tests.live.conftest import PICKS_DLQ, PROJECT, SESSION, Live, running, wait_until
+from tests.live.conftest import PICKS_DLQ, PROJECT, SESSION, Live, running, start_session, wait_until
 from tests.live.test_trust import _picks, _published_version
 
 
@@ -74,6 +74,7 @@ def test_a_full_output_disk_waits_and_resumes_by_itself(live: Live) -> None:
     with tmpfs(live.root / "outputs") as outputs, running(live, settings, ["writer"]) as (app, control):
         writer = app.services["writer"]
         assert isinstance(writer, Writer)
+        start_session(live, control)
         control.send(topology.PICKS, _picks(first, version))
         wait_until(lambda: _written(live) == [first], what="the first picks written")
 

@@ -44,6 +44,7 @@ from tests.live.conftest import (
     raw_micrograph_ready,
     ready,
     running,
+    start_session,
     train_first_model,
     wait_until,
 )
@@ -74,6 +75,7 @@ def test_micrograph_smaller_than_a_window_is_the_pickers_input_error(live: Live)
     write_mrc(tiny, np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32), pixel_size=2.0)
     good = live.drop(2).resolve()
     with running(live, live.settings(), PIPELINE) as (app, control):
+        start_session(live, control)
         train_first_model(live, control)
         control.send(topology.MICROGRAPHS, ready(tiny.resolve()))
         control.send(topology.MICROGRAPHS, ready(good))
@@ -120,6 +122,7 @@ def test_oversized_messages_are_dead_lettered_with_a_short_reason(live: Live) ->
     long_path = raw_micrograph_ready(str(live.session_folder / ("b" * 5000)) + ".mrc")  # small body, long path
     assert len(huge) > MAX_MESSAGE_BYTES > len(long_path)
     with running(live, live.settings(), PIPELINE) as (app, control):
+        start_session(live, control)
         train_first_model(live, control)
         publish_raw(live, topology.MICROGRAPHS, huge)
         publish_raw(live, topology.MICROGRAPHS, long_path)
@@ -223,6 +226,7 @@ def test_micrographs_above_the_pixel_limit_are_refused_before_reading(live: Live
     huge = sparse_mrc(live.session_folder / "huge.mrc", 16384, 16384)  # 268 Mpx, 256 MB of hole
     good = live.drop(4).resolve()
     with running(live, live.settings(max_micrograph_pixels=300_000), PIPELINE) as (app, control):
+        start_session(live, control)
         train_first_model(live, control)
         control.send(topology.MICROGRAPHS, ready(good))
         control.send(topology.MICROGRAPHS, ready(large.resolve()))

@@ -39,6 +39,7 @@ from tests.live.conftest import (
     publish_raw,
     ready,
     running,
+    start_session,
     train_first_model,
     wait_until,
 )
@@ -643,6 +644,13 @@ MESSAGE_CASES = [
         lambda c: _publish(c, P, _picks(c, model_version='v0001"x')),
     ),
     Case(
+        "picks of a session never started",
+        "dead",
+        P,
+        "session proj/nosuch was never started",
+        lambda c: _publish(c, P, _picks(c, session="nosuch")),
+    ),
+    Case(
         "a failure note naming /etc/shadow",
         "dead",
         P,
@@ -814,6 +822,7 @@ def test_every_kind_of_bad_input_ends_dead_lettered_picked_or_refused(live: Live
     folder = live.data / "poison"
     folder.mkdir(parents=True)
     with running(live, live.settings()) as (app, control):
+        start_session(live, control)
         version = train_first_model(live, control)
         ctx = Ctx(live, app, control, folder, outside, version)
         outcomes: dict[str, str] = {}

@@ -28,6 +28,7 @@ import pytest
 import starfile
 
 from cryomae.io import write_mrc
+from cryomae.messages import SessionStarted
 from cryomae.messaging import Broker, topology
 from cryomae.messaging.rabbit import RabbitBroker
 from cryomae.operator import actions as ops
@@ -42,6 +43,7 @@ from tests.live.conftest import (
     publish_raw,
     ready,
     running,
+    start_session,
     train_first_model,
     wait_until,
 )
@@ -192,6 +194,10 @@ def test_picker_and_writer_killed_mid_stream_lose_and_duplicate_nothing(live: Li
     broker = RabbitBroker(AMQP_URL, live.namespace)
     try:
         broker.declare()
+        broker.publish(  # as the watcher tells the writer of a session it watches
+            topology.PICKS,
+            SessionStarted(project=PROJECT, session=SESSION, folder=str(live.session_folder)),
+        )
         for path in micrographs:
             broker.publish(topology.MICROGRAPHS, ready(path))
         with _reaped() as started:
@@ -255,6 +261,7 @@ def test_poison_micrographs_are_dead_lettered_with_reasons_and_the_pipeline_goes
     good = _stage(live, [2, 3])
 
     with running(live, settings) as (app, control):
+        start_session(live, control)
         train_first_model(live, control)
         dlq = topology.dead_letters(topology.MICROGRAPHS)
         # the one to be fixed goes first, alone: it stays the first dead letter whatever the order of the others

@@ -49,6 +49,7 @@ from tests.live.conftest import (
     publish_raw,
     ready,
     running,
+    start_session,
     wait_until,
 )
 
@@ -96,6 +97,7 @@ def test_a_changed_manifest_is_refused_by_the_picker_with_a_clear_reason(live: L
     manifest.write_text(json.dumps(edited, indent=2) + "\n")
 
     with running(live, settings, ["writer", "picker"]) as (app, control):
+        start_session(live, control)
         assert app.ready()["picker"]["models_loaded"] is False, "a picker whose model is refused is not ready"
         control.send(topology.MICROGRAPHS, ready(micrograph))
         wait_until(lambda: app.broker.depth(MICS_DLQ) == 1, what="the micrograph dead-lettered")
@@ -260,12 +262,14 @@ def test_the_writer_refuses_picks_it_cannot_trust_before_creating_anything(live:
             _picks(str(good), version, session="other", x=[300.0], y=[10.0]),
             "outside",
         ),
+        "a session never started": (_picks(str(good), version, session="unknown"), "was never started"),
         "failure of /etc/shadow": (
             PickFailed(project=PROJECT, session="other", micrograph="/etc/shadow", micrograph_id="x", reason="forged"),
             "outside the configured data roots",
         ),
     }
     with running(live, settings, ["writer"]) as (app, control):
+        start_session(live, control)
         for message, _ in poison.values():
             control.send(topology.PICKS, message)
         expected = len(poison)
@@ -312,6 +316,7 @@ def test_one_micrograph_written_two_ways_is_one_row(live: Live) -> None:
     doubled = str(good.parent) + "//" + good.name
     dotted = str(good.parent) + "/./" + good.name
     with running(live, live.settings(), ["writer"]) as (app, control):
+        start_session(live, control)
         control.send(topology.PICKS, _picks(doubled, version, picked_at=time.time() - 5))
         control.send(topology.PICKS, _picks(dotted, version, x=[60.0], y=[60.0]))
         wait_until(
@@ -331,6 +336,7 @@ def test_a_repick_by_a_newer_model_replaces_the_rows_whatever_the_pickers_clock(
     good = str(live.drop(1).resolve())
     now = time.time()
     with running(live, live.settings(), ["writer"]) as (app, control):
+        start_session(live, control)
         control.send(topology.PICKS, _picks(good, first, picked_at=now))
         control.send(topology.PICKS, _picks(good, second, picked_at=now - 600, x=[60.0], y=[60.0]))
         control.send(topology.PICKS, _picks(good, first, picked_at=now + 60))

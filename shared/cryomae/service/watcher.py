@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cryomae.errors import InputError
-from cryomae.messages import REASON_CHARS, MicrographReady, PickFailed, SessionCommand
+from cryomae.messages import REASON_CHARS, MicrographReady, PickFailed, SessionCommand, SessionStarted
 from cryomae.messaging import Broker, Consumer, Envelope, topology
 from cryomae.messaging.delivery import QUEUE_HEADER, REASON_HEADER, shorten
 from cryomae.service import metrics
@@ -81,11 +81,19 @@ class WatcherService:
             if h.message.action == "start":
                 # InputError "no project '...' in <store> (create it with ...)": as at the CLI, before watching
                 self.store.get_project(h.message.project)
+                # the writer hears of the session before any of its picks (the same queue, in order)
+                self.announce(h.message.project, h.message.session, h.message.folder)
             self.watcher.handle(h.message)
             metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
 
+    def announce(self, project: str, session: str, folder: str) -> None:
+        """Tell the writer of a watched session (``SessionStarted``): it writes picks of started sessions only."""
+        self.broker.publish(topology.PICKS, SessionStarted(project=project, session=session, folder=folder))
+
     def start(self) -> None:
         self.watcher.start()
+        for info in self.watcher.sessions():  # watched before a restart: the writer may not know them yet
+            self.announce(info.project, info.session, str(info.folder))
         metrics.SESSIONS_WATCHED.set(len(self.watcher.sessions()))
         self._consumer = self.broker.consume(topology.WATCHER, self.handle, prefetch=1)
 

@@ -5,9 +5,11 @@ The picks queue has a single active consumer, so one writer writes a session at 
 replicas. One ``SessionOutputs`` per session stays open (opening one checks its particles STAR in full).
 
 The writer trusts no message: before it creates anything it checks that the project exists in the project store,
-that the picks come from one of the project's published model versions, and that the micrograph (resolved, so a
-symlink is followed) is an existing regular file inside the data roots (the names were checked at decoding); a
-re-threshold needs the session's outputs to exist. What fails is dead-lettered (InputError) with the reason.
+that the session was started (the watcher's ``SessionStarted``, ahead of its picks on this queue, makes the
+session's folder; no other message can), that the picks come from one of the project's published model versions,
+and that the micrograph (resolved, so a symlink is followed) is an existing regular file inside the data roots whose
+header gives the size the message claims (the names were checked at decoding; the path is normalised). What fails
+is dead-lettered (InputError) with the reason.
 
 Out of space on the output disk, the writer keeps the message and writes it when space returns
 (``cryomae.service.diskspace``): nothing is dead-lettered or counted, and ``/readyz`` says the disk is full.
@@ -27,7 +29,7 @@ from typing import Any
 from cryomae.errors import InputError
 from cryomae.io.micrographs import micrograph_shape
 from cryomae.io.roots import inside_roots
-from cryomae.messages import Message, PickFailed, PicksReady, Rethreshold
+from cryomae.messages import Message, PickFailed, PicksReady, Rethreshold, SessionStarted
 from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.service import metrics
@@ -77,15 +79,22 @@ class Writer:
     def session(self, project: str, session: str) -> SessionOutputs:
         return self._sessions.get((project, session), lambda: SessionOutputs(self.outputs / project / session))
 
-    def check(self, msg: PicksReady | Rethreshold | PickFailed) -> None:
+    def check(self, msg: PicksReady | Rethreshold | PickFailed | SessionStarted) -> None:
         """Refuse a message that names what does not exist or lies outside the data roots (InputError, so the
         broker dead-letters it with the reason), before any folder or file is created for it."""
         # project and session names were checked when the message was decoded (``messages.Name``)
+        if isinstance(msg, SessionStarted):
+            self.store.get_project(msg.project)  # InputError: no project '...' in <store>
+            folder = inside_roots(msg.folder, self.roots, "; sessions are watched only under them")
+            if not folder.is_dir():
+                raise InputError(msg.folder, "the session folder is not a folder")
+            return
         if isinstance(msg, PickFailed):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
             # a failure is about a micrograph the picker was asked for: under the data roots, as picks are (it may
             # be gone or unreadable: that may be why it failed)
             inside_roots(msg.micrograph, self.roots, "; failures are shown only for micrographs under them")
+            self._check_started(msg.project, msg.session)
             return
         if isinstance(msg, Rethreshold):
             self.store.get_project(msg.project)  # InputError: no project '...' in <store>
@@ -119,12 +128,30 @@ class Writer:
                 f"{actual[1]}x{actual[0]} px (width x height)",
             )
         check_picks(msg)  # numbers, names, coordinates inside the micrograph: before anything is created
+        self._check_started(msg.project, msg.session)
+
+    def _check_started(self, project: str, session: str) -> None:
+        """InputError unless the session was started (``SessionStarted``, or outputs written before it existed):
+        a picks message cannot make a session folder of its own."""
+        if not (self.outputs / project / session).is_dir():
+            raise InputError(
+                None,
+                f"session {project}/{session} was never started (`cryomae session start`); outputs are written only "
+                "for started sessions",
+            )
 
     def handle(self, env: Envelope) -> None:
-        with handling(log, env, (PicksReady, Rethreshold, PickFailed)) as h:
+        with handling(log, env, (PicksReady, Rethreshold, PickFailed, SessionStarted)) as h:
             msg, out = normalised(h.message), h.fields
-            assert isinstance(msg, (PicksReady, Rethreshold, PickFailed))
+            assert isinstance(msg, (PicksReady, Rethreshold, PickFailed, SessionStarted))
             self.check(msg)  # before anything is created for it
+            if isinstance(msg, SessionStarted):  # its folder and empty STAR files: picks of it are written from now
+                out["folder"] = msg.folder
+                self.space.run(
+                    lambda: self.session(msg.project, msg.session).start(msg.project, msg.session),
+                    self.outputs / msg.project / msg.session,
+                )
+                return
             if isinstance(msg, PickFailed):  # for the session page only: the STAR files do not change
                 out["micrograph"] = msg.micrograph
                 if self.gallery is not None:

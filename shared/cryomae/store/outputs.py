@@ -411,6 +411,12 @@ class SessionOutputs:
             outcome = "new" if old is None else "replaced"
             return self._result(record, name, outcome, rows, previous, msg.complete_at, rewritten)
 
+    def start(self, project: str, session: str) -> None:
+        """Bind a new session folder to its project and session (``session.json``); an owned one must match."""
+        with self._lock:
+            self._check_owner(project, session)
+            self._own(project, session)
+
     def apply_rethreshold(self, project: str, session: str, threshold: float | None) -> ThresholdResult:
         """Apply an operator's re-threshold; it must be for this folder's project and session."""
         with self._lock:
