@@ -147,10 +147,13 @@ class Writer:
             self.check(msg)  # before anything is created for it
             if isinstance(msg, SessionStarted):  # its folder and empty STAR files: picks of it are written from now
                 out["folder"] = msg.folder
-                self.space.run(
-                    lambda: self.session(msg.project, msg.session).start(msg.project, msg.session),
-                    self.outputs / msg.project / msg.session,
-                )
+                try:
+                    self.space.run(
+                        lambda: self.session(msg.project, msg.session).start(msg.project, msg.session),
+                        self.outputs / msg.project / msg.session,
+                    )
+                except StillNoSpaceError:
+                    self._defer(msg, out)
                 return
             if isinstance(msg, PickFailed):  # for the session page only: the STAR files do not change
                 out["micrograph"] = msg.micrograph
@@ -196,7 +199,7 @@ class Writer:
         outputs = self.session(project, session)
         return outputs, outputs.apply_rethreshold(project, session, threshold)
 
-    def _defer(self, msg: PicksReady | Rethreshold, out: dict[str, Any]) -> None:
+    def _defer(self, msg: PicksReady | Rethreshold | SessionStarted, out: dict[str, Any]) -> None:
         """The disk stayed full for as long as a delivery may be held: publish the message again (it comes back
         after those ahead of it) and acknowledge this delivery, so that waiting counts no delivery."""
         self.broker.publish(topology.PICKS, msg)
