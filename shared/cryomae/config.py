@@ -191,6 +191,14 @@ class PickConfig(BaseModel):
         description="no picks where the local mean level lies more than this many robust standard "
         "deviations from the micrograph's typical ice (carbon, contamination); None keeps them",
     )
+    outlier_margin: float = Field(
+        0.5,
+        ge=0.0,
+        le=2.0,
+        description="also no picks within this many particle diameters of those regions (the edge of a carbon film "
+        "or of contamination, where the flattened image still rings; chosen leaving one sample out, "
+        "docs/accuracy-study.md)",
+    )
     search: Literal["full", "coarse_to_fine"] = Field(
         "full",
         description="window-by-window scoring: every window at the stride (full), or every coarse_factor-th "

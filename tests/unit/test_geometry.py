@@ -273,3 +273,30 @@ def test_picker_finds_a_planted_pattern_with_resampling(diameter, box_factor, x,
     result = pick_micrograph(trained, image, PickConfig(device="cpu", edge_margin=margin, outlier_z=None))
     top = result.candidates_xy[0]
     assert np.hypot(*(top - [x, y])) <= 2.0, f"top candidate {top} vs planted ({x}, {y})"
+
+
+def test_picks_keep_outlier_margin_diameters_away_from_carbon_and_contamination() -> None:
+    """A score map whose local level shows a bright square (carbon): candidates on it are dropped by the level mask,
+    and with ``outlier_margin`` also those within that many diameters of its edge (issue 24, item 4)."""
+    from cryomae.config import PickConfig
+    from cryomae.picking.picker import find_candidates
+
+    geo = Geometry(diameter=10.0, box_factor=1.0, img_size=10)  # scale 1: model pixels are original pixels
+    level = np.zeros((200, 200), np.float32)
+    level += np.random.default_rng(0).normal(scale=0.01, size=level.shape).astype(np.float32)
+    level[:, 120:] = 5.0  # carbon from column 120 on
+    scores = np.zeros((100, 100))
+    cells = {"far": (50, 40), "near": (50, 57), "on": (50, 70)}  # row, column of the map; x = 2 * column
+    for k, (r, c) in enumerate(cells.values()):
+        scores[r, c] = 1.0 + k
+    smap = ScoreMap(scores=scores, stride=2, offset=0.0, level=level)
+    image = np.random.default_rng(1).normal(size=(200, 200)).astype(np.float32)  # no padded border
+
+    def kept(margin: float) -> set[float]:
+        cfg = PickConfig(outlier_margin=margin, edge_margin=0.0, refine=False, nms_distance=0.4)
+        xy, s = find_candidates(smap, geo, image, cfg)
+        return {float(x) for x in xy[s >= 1.0][:, 0]}
+
+    assert kept(0.0) == {80.0, 114.0}  # "on" (x 140) is on the carbon; "near" (x 114) is 6 px from its edge
+    assert kept(0.5) == {80.0, 114.0}  # half a diameter, 5 px: "near" is outside the band
+    assert kept(1.0) == {80.0}  # a diameter, 10 px: "near" is dropped, "far" (40 px off) kept

@@ -577,6 +577,10 @@ def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickC
     inside = away_from_edges(xy, image, cfg.edge_margin * geo.diameter)
     if cfg.outlier_z is not None and smap.level is not None:
         bad = outlier_regions(smap.level, cfg.outlier_z)  # [H', W']
+        if cfg.outlier_margin > 0 and bad.any():  # and a band around them: distance in model pixels
+            from scipy.ndimage import distance_transform_edt
+
+            bad = distance_transform_edt(~bad) <= cfg.outlier_margin * geo.diameter * geo.scale
         m_xy = np.rint(geo.to_model(xy)).astype(int)
         mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
         my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)
