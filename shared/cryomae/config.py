@@ -173,11 +173,11 @@ class PickConfig(BaseModel):
         description="auto: most share of candidates in the particle mode to trust it (particles are a minority "
         "of the candidates; a larger upper mode is background split in two, e.g. by carbon or thick ice)",
     )
-    robust_z: float = Field(1.25, description="robust cut: robust standard deviations above the median candidate score")
+    robust_z: float = Field(1.0, description="robust cut: robust standard deviations above the median candidate score")
     knn_k: int = Field(5, ge=1, description="knn cutoff: neighbours in score space (the paper's k)")
     knn_smooth: int = Field(0, ge=0, description="knn cutoff: moving-average width over the ranked distances (0: off)")
     nms: bool = Field(True, description="keep only local maxima of the score map (nms_distance apart)")
-    nms_distance: float = Field(0.4, gt=0.0, description="minimum distance between picks / particle diameter")
+    nms_distance: float = Field(0.5, gt=0.0, description="minimum distance between picks / particle diameter")
     refine: bool = Field(True, description="refine peaks to sub-window precision with a parabola fit")
     edge_margin: float = Field(
         0.5,
