@@ -472,6 +472,9 @@ def _score_windows(
     return torch.cat([score(f) for f in _iter_window_features(trained, windows, rows_cols, cfg)])
 
 
+COARSE_PEAK_SPACING = 0.4  # diameters between the coarse peaks whose neighbourhoods are scored finely
+
+
 def _coarse_to_fine(
     trained: TrainedModel, windows: torch.Tensor, stride: int, cfg: PickConfig
 ) -> tuple[torch.Tensor, int]:
@@ -489,7 +492,9 @@ def _coarse_to_fine(
     coarse = score(coarse_feats).reshape(cy, cx)
     del coarse_feats
     geo = trained.geometry
-    cells = cfg.nms_distance * geo.diameter * geo.scale / (stride * f)
+    # coarse peaks at most COARSE_PEAK_SPACING diameters apart, closer than the picks may be: every peak of the
+    # fine map then lies within one coarse step of a coarse peak, whatever ``nms_distance`` keeps at the end
+    cells = min(cfg.nms_distance, COARSE_PEAK_SPACING) * geo.diameter * geo.scale / (stride * f)
     peaks, _ = peak_nms(coarse.cpu().numpy(), cells)
     fine = torch.repeat_interleave(torch.repeat_interleave(coarse, f, dim=0), f, dim=1)[:gy, :gx].clone()
     evaluated = len(coarse_rc)
