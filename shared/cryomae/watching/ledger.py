@@ -60,15 +60,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     started_at REAL NOT NULL,
     PRIMARY KEY (project, session)
 );
-CREATE TABLE IF NOT EXISTS incomplete (
-    project TEXT NOT NULL,
-    session TEXT NOT NULL,
-    path TEXT NOT NULL,
-    since REAL NOT NULL,
-    problem TEXT NOT NULL,
-    PRIMARY KEY (project, session, path)
-);
-CREATE TABLE IF NOT EXISTS replaced (
+"""
+# the lists of files ``cryomae status`` shows under a session: waiting incomplete (2), replaced after a pick (3)
+FILE_LISTS = ("incomplete", "replaced")
+_SCHEMA += "".join(
+    f"""CREATE TABLE IF NOT EXISTS {table} (
     project TEXT NOT NULL,
     session TEXT NOT NULL,
     path TEXT NOT NULL,
@@ -77,6 +73,8 @@ CREATE TABLE IF NOT EXISTS replaced (
     PRIMARY KEY (project, session, path)
 );
 """
+    for table in FILE_LISTS
+)
 
 
 @dataclass(frozen=True)
@@ -327,7 +325,7 @@ def read_replaced(state_dir: Path) -> dict[tuple[str, str], list[IncompleteFile]
 
 def _read_files(state_dir: Path, table: str, since_version: int) -> dict[tuple[str, str], list[IncompleteFile]]:
     """The rows of ``incomplete`` or ``replaced`` by (project, session), each list by path."""
-    if table not in ("incomplete", "replaced"):
+    if table not in FILE_LISTS:
         raise ValueError(f"no file list {table!r}")
     with _reading(state_dir) as (db, version):
         if db is None or version < since_version:
