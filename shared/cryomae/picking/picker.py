@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from scipy.special import expit
 
 from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
@@ -401,14 +403,7 @@ def unit_features(
     gy, gx = windows.shape[:2]
     every = torch.cartesian_prod(torch.arange(gy, device=dev), torch.arange(gx, device=dev))
     d = int(trained.bank.shape[1])
-    s1 = torch.zeros(d, dtype=torch.float64, device=dev)
-    s2 = torch.zeros(d, dtype=torch.float64, device=dev)
-    for f in _iter_window_features(trained, windows, every, cfg):
-        s1 += f.sum(dim=0, dtype=torch.float64)
-        s2 += f.double().square().sum(dim=0)
-    n = len(every)
-    mean = s1 / n
-    std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+    mean, std = _window_statistics(trained, windows, every, cfg)
     mu, sd = _standardizer(mean.float().reshape(1, -1), std.float().reshape(1, -1), cfg)
     cells = np.rint((trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2)) - offset) / stride)
     rc = torch.as_tensor(np.stack([cells[:, 1].clip(0, gy - 1), cells[:, 0].clip(0, gx - 1)], axis=1), device=dev)
@@ -461,15 +456,23 @@ def _score_windows(
     if n * d * 4 <= memory_budget(windows.device):
         feats = torch.cat(list(_iter_window_features(trained, windows, rows_cols, cfg)))  # [n, D]
         return _window_scores(trained, feats.mean(dim=0), feats.std(dim=0), cfg)(feats)
+    score = _window_scores(trained, *_window_statistics(trained, windows, rows_cols, cfg), cfg)
+    return torch.cat([score(f) for f in _iter_window_features(trained, windows, rows_cols, cfg)])
+
+
+def _window_statistics(
+    trained: TrainedModel, windows: torch.Tensor, rows_cols: torch.Tensor, cfg: PickConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread [D] (float64) of the features of the windows at rows_cols [n, 2], batch by batch: no
+    window's feature is kept."""
+    n, d = len(rows_cols), int(trained.bank.shape[1])
     s1 = torch.zeros(d, dtype=torch.float64, device=windows.device)
     s2 = torch.zeros(d, dtype=torch.float64, device=windows.device)
     for f in _iter_window_features(trained, windows, rows_cols, cfg):
         s1 += f.sum(dim=0, dtype=torch.float64)
         s2 += f.double().square().sum(dim=0)
     mean = s1 / n
-    std = ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
-    score = _window_scores(trained, mean, std, cfg)
-    return torch.cat([score(f) for f in _iter_window_features(trained, windows, rows_cols, cfg)])
+    return mean, ((s2 - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
 
 
 COARSE_PEAK_SPACING = 0.4  # diameters between the coarse peaks whose neighbourhoods are scored finely
@@ -582,16 +585,29 @@ def find_candidates(smap: ScoreMap, geo: Geometry, image: np.ndarray, cfg: PickC
     inside = away_from_edges(xy, image, cfg.edge_margin * geo.diameter)
     if cfg.outlier_z is not None and smap.level is not None:
         bad = outlier_regions(smap.level, cfg.outlier_z)  # [H', W']
-        if cfg.outlier_margin > 0 and bad.any():  # and a band around them: distance in model pixels
-            from scipy.ndimage import distance_transform_edt
-
-            bad = distance_transform_edt(~bad) <= cfg.outlier_margin * geo.diameter * geo.scale
         m_xy = np.rint(geo.to_model(xy)).astype(int)
         mx = np.clip(m_xy[:, 0], 0, bad.shape[1] - 1)
         my = np.clip(m_xy[:, 1], 0, bad.shape[0] - 1)
         inside &= ~bad[my, mx]
+        if cfg.outlier_margin > 0:  # and a band around them, in model pixels
+            inside &= _distance_to(bad, my, mx) > cfg.outlier_margin * geo.diameter * geo.scale
     kept = np.asarray(scores, dtype=np.float64)[inside]
-    return xy[inside], 1.0 / (1.0 + np.exp(-kept)) if smap.logits else kept
+    return xy[inside], expit(kept) if smap.logits else kept
+
+
+def _distance_to(region: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Distance [P] from pixels (rows, cols) outside a region [H, W] (bool) to its nearest pixel, as
+    ``scipy.ndimage.distance_transform_edt`` gives it, from the region's boundary pixels alone (a k-d tree of a
+    few thousand points, not a transform of the whole map); infinite when there is no region."""
+    inner = region.copy()  # pixels whose four neighbours are in the region too
+    inner[1:] &= region[:-1]
+    inner[:-1] &= region[1:]
+    inner[:, 1:] &= region[:, :-1]
+    inner[:, :-1] &= region[:, 1:]
+    edge = np.argwhere(region & ~inner)
+    if len(edge) == 0:
+        return np.full(len(rows), np.inf)
+    return cKDTree(edge).query(np.stack([rows, cols], axis=1))[0]
 
 
 def pick_micrograph(
