@@ -83,10 +83,10 @@ class TrainConfig(BaseModel):
         "problem (cryomae.training.pu_head); the picker uses it where PickConfig.scorer allows",
     )
     head_shrink: float | None = Field(
-        1.0,
+        None,
         ge=0.0,
-        description="penalty on the head's direction moving away from the bank mean (None: it stays there and "
-        "the head only calibrates the cosine score)",
+        description="penalty on the head's direction moving away from the bank mean; None: it stays there and the "
+        "head only calibrates the cosine score (letting it move on 15 positives lost ranking: docs/accuracy-study.md)",
     )
     head_prior: float | None = Field(
         None, gt=0.0, lt=1.0, description="share of the reference's candidates that are particles; None: estimated"

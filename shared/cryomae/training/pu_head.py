@@ -48,10 +48,9 @@ SCALE_PENALTY = 1e-3  # on the squared scale (in spreads of the similarity): kee
 class HeadFit:
     """Options of the head's fit (``TrainConfig.head_*``)."""
 
-    shrink: float | None = 1.0  # penalty on the direction's move from the bank mean; None: the direction stays
+    shrink: float | None = None  # penalty on the direction's move from the bank mean; None: the direction stays
     steps: int = 1000
     lr: float = 0.05
-    prior: float | None = None  # None: estimated from the data
 
 
 def estimate_prior(unlabeled: np.ndarray, positive: np.ndarray) -> float:
@@ -101,7 +100,6 @@ def fit_head(
     direction can set the 15 positives apart); then scale and bias are fitted on the similarities to the
     direction by the convex unbiased risk, whose optimum is calibrated. Returns the head with its fit figures.
     """
-    torch.manual_seed(0)
     x_u, x_p = unlabeled.float(), positive.float()
     x_n = None if negative is None or len(negative) == 0 else negative.float()
     direction = F.normalize(start.float(), dim=0)
@@ -204,10 +202,11 @@ def train_head(
     positive = torch.where((nearest >= 0)[:, None], unlabeled[nearest.clamp_min(0)], feats[n_c : n_c + m])
     start = F.normalize(bank.mean(dim=0), dim=0)
     loo = leave_one_out_similarity(positive, bank, bank_owners(m, len(bank), cfg.bank))
-    prior = cfg.head_prior or estimate_prior((unlabeled @ start).cpu().numpy(), loo.cpu().numpy())
+    similarity = unlabeled @ start
+    prior = cfg.head_prior or estimate_prior(similarity.cpu().numpy(), loo.cpu().numpy())
     if cfg.head_shrink is None:  # calibrate the cosine ranking: one dimension, the similarity to the bank mean
         one = fit_head(
-            (unlabeled @ start)[:, None],
+            similarity[:, None],
             loo[:, None],
             torch.ones(1),
             prior,
