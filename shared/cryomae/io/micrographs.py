@@ -171,13 +171,12 @@ def mrc_can_never_complete(path: str | Path, max_pixels: int | None = None) -> b
     if found is None:
         return False
     h, size = found
+    try:
+        _refuse_header(Path(path), h, max_pixels)  # what no length can fix
+    except InputError:
+        return True
     data = _data_bytes(h)
-    if not h.has_map_id or h.byte_order is None or data is None or h.nsymbt < 0 or h.mode not in _READ_MODES:
-        return True
-    if h.nz != 1 or h.nx == 0 or h.ny == 0 or h.nsymbt > MAX_EXTENDED_HEADER_BYTES:
-        return True
-    if max_pixels is not None and h.nx * h.ny > max_pixels:
-        return True
+    assert data is not None  # mode and sizes were checked
     return size > _HEADER_BYTES + h.nsymbt + data
 
 
@@ -212,14 +211,11 @@ def _pixel_size(h: _MrcHeader) -> float | None:
     return float(f"{h.cella_x / h.mx:.6g}")
 
 
-def _check_mrc_header(path: Path, raw: bytes, size: int, max_pixels: int | None = None) -> _MrcHeader:
-    """Reject, with a specific message, every header problem that can be seen before reading the data (a size
-    above ``max_pixels`` before a length that disagrees with the header)."""
-    if size == 0:
-        raise InputError(path, "file is empty (0 bytes)")
-    if len(raw) < _HEADER_BYTES:
-        raise InputError(path, f"not an MRC file: {size} bytes is shorter than the 1024-byte MRC header")
-    h = _parse_header(raw)
+def _refuse_header(path: Path, h: _MrcHeader, max_pixels: int | None) -> None:
+    """InputError for what a whole header declares that no file length can fix: not an MRC, an unknown byte order,
+    a negative size, a mode this reader cannot read, a stack, no pixels, more than ``max_pixels``, an extended
+    header over ``MAX_EXTENDED_HEADER_BYTES``. The one list for reading a micrograph and for the watcher
+    (``mrc_can_never_complete``)."""
     if not h.has_map_id:
         raise InputError(path, "not an MRC file, or its header is corrupt (no 'MAP' identifier at byte 208)")
     if h.byte_order is None:
@@ -246,6 +242,17 @@ def _check_mrc_header(path: Path, raw: bytes, size: int, max_pixels: int | None 
             f"extended header of {h.nsymbt} bytes exceeds the limit of {MAX_EXTENDED_HEADER_BYTES >> 20} MiB "
             "(a micrograph's metadata takes far less: a corrupt header?)",
         )
+
+
+def _check_mrc_header(path: Path, raw: bytes, size: int, max_pixels: int | None = None) -> _MrcHeader:
+    """Reject, with a specific message, every header problem that can be seen before reading the data (a size
+    above ``max_pixels`` before a length that disagrees with the header)."""
+    if size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
+    if len(raw) < _HEADER_BYTES:
+        raise InputError(path, f"not an MRC file: {size} bytes is shorter than the 1024-byte MRC header")
+    h = _parse_header(raw)
+    _refuse_header(path, h, max_pixels)
     data = _data_bytes(h)
     assert data is not None  # mode and sizes were checked above
     expected = _HEADER_BYTES + h.nsymbt + data
