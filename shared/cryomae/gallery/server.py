@@ -139,7 +139,6 @@ class GalleryServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: Any, max_connections: int, timeout_s: float) -> None:
         super().__init__(address, handler)
-        self.max_connections = max_connections
         self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
         self.refused = 0  # connections answered 503 because all slots were taken

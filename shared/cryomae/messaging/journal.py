@@ -184,8 +184,9 @@ class Journal:
         self.unreadable = []
         for path, sequence, deliveries in sorted(self._files(), key=lambda f: f[1]):
             try:
-                if path.stat().st_size > MAX_FILE_BYTES:
-                    raise ValueError(f"{path.stat().st_size} bytes, more than a journaled message can take")
+                size = path.stat().st_size
+                if size > MAX_FILE_BYTES:
+                    raise ValueError(f"{size} bytes, more than a journaled message can take")
                 record = json.loads(path.read_text(encoding="utf-8"))
                 stored = Stored(sequence, base64.b64decode(record["body"]), _decode(record["headers"]), deliveries)
             except (OSError, ValueError, KeyError, TypeError) as exc:

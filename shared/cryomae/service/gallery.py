@@ -132,15 +132,10 @@ class GalleryWorker:
     def _update(self, root: Path, work: _Work) -> None:
         started = time.monotonic()
         try:
-            opened = []
-
-            def open_gallery() -> SessionGallery:
-                opened.append(True)
-                return SessionGallery(work.outputs, self.size)
-
-            gallery = self._galleries.get(root, open_gallery)
+            fresh = self._galleries.peek(root) is None  # only this thread opens galleries
+            gallery = self._galleries.get(root, lambda: SessionGallery(work.outputs, self.size))
             gallery.outputs = work.outputs  # the writer's open outputs (it reopens a session it had closed)
-            if opened:  # first seen by this process, or again after it was idle: also what a crash left undrawn
+            if fresh:  # first seen by this process, or again after it was idle: also what a crash left undrawn
                 gallery.remove_temp_files()
                 work.micrographs.update(dict.fromkeys(gallery.missing()))
             for note in work.failures:

@@ -55,14 +55,7 @@ class WatcherService:
             message,
             {REASON_HEADER: why, QUEUE_HEADER: topology.MICROGRAPHS},
         )
-        note = PickFailed(
-            project=message.project,
-            session=message.session,
-            micrograph=message.path,
-            micrograph_id=message.id,
-            reason=why,
-        )
-        self.broker.publish(topology.PICKS, note)
+        self._tell_writer(message.project, message.session, message.path, why, message.id)
         metrics.MICROGRAPHS_SEEN.labels(message.project, message.session).inc()
         metrics.MICROGRAPHS_FAILED.labels("unreadable_input").inc()
         log.warning("micrograph_refused", project=message.project, session=message.session, reason=why)
@@ -70,8 +63,16 @@ class WatcherService:
     def replaced(self, project: str, session: str, path: str, reason: str) -> None:
         """A published micrograph was replaced on disk: a note for the session page (its list of micrographs to
         look at, with the command that re-picks it; a later pick of it takes it off)."""
+        self._tell_writer(project, session, path, reason)
+
+    def _tell_writer(self, project: str, session: str, path: str, reason: str, message_id: str = "") -> None:
+        """A note for the session page's list of micrographs to look at (``PickFailed``)."""
         note = PickFailed(
-            project=project, session=session, micrograph=path, micrograph_id="", reason=shorten(reason, REASON_CHARS)
+            project=project,
+            session=session,
+            micrograph=path,
+            micrograph_id=message_id,
+            reason=shorten(reason, REASON_CHARS),
         )
         self.broker.publish(topology.PICKS, note)
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryomae.errors import InputError
 from cryomae.io.micrographs import micrograph_shape
@@ -37,10 +37,11 @@ from cryomae.service.diskspace import SpaceWait, StillNoSpaceError
 from cryomae.service.gallery import GalleryWorker
 from cryomae.service.handling import get_logger, handling
 from cryomae.service.lru import OpenSessions
-from cryomae.store.outputs import ApplyResult, SessionOutputs, ThresholdResult, check_picks
+from cryomae.store.outputs import SessionOutputs, check_picks
 from cryomae.store.projects import ProjectStore
 
 log = get_logger("writer")
+T = TypeVar("T")
 
 
 def normalised(msg: Message) -> Message:
@@ -147,40 +148,29 @@ class Writer:
             self.check(msg)  # before anything is created for it
             if isinstance(msg, SessionStarted):  # its folder and empty STAR files: picks of it are written from now
                 out["folder"] = msg.folder
-                try:
-                    self.space.run(
-                        lambda: self.session(msg.project, msg.session).start(msg.project, msg.session),
-                        self.outputs / msg.project / msg.session,
-                    )
-                except StillNoSpaceError:
-                    self._defer(msg, out)
+                self._on_disk(msg, out, lambda s: s.start(msg.project, msg.session))
                 return
             if isinstance(msg, PickFailed):  # for the session page only: the STAR files do not change
                 out["micrograph"] = msg.micrograph
                 if self.gallery is not None:
                     self.gallery.failed(self.session(msg.project, msg.session), msg)
                 return
-            folder = self.outputs / msg.project / msg.session
             if isinstance(msg, Rethreshold):
                 out["threshold"] = msg.threshold
-                try:
-                    outputs, changed = self.space.run(
-                        lambda: self._rethreshold(msg.project, msg.session, msg.threshold), folder
-                    )
-                except StillNoSpaceError:
-                    self._defer(msg, out)
+                done = self._on_disk(msg, out, lambda s: s.apply_rethreshold(msg.project, msg.session, msg.threshold))
+                if done is None:
                     return
+                outputs, changed = done
                 out.update(micrographs_changed=changed.micrographs_changed, particles=changed.particles)
                 if self.gallery is not None:
                     self.gallery.rethresholded(outputs)
                 return
             assert isinstance(msg, PicksReady)
             out.update(micrograph=msg.micrograph, model_version=msg.model_version)
-            try:
-                outputs, result = self.space.run(lambda: self._apply(msg), folder)
-            except StillNoSpaceError:
-                self._defer(msg, out)
+            written = self._on_disk(msg, out, lambda s: s.apply(msg))
+            if written is None:
                 return
+            outputs, result = written
             out.update(result=result.outcome, rows=result.rows, latency_s=round(result.latency_s, 3))
             if self.gallery is not None and result.outcome in ("new", "replaced"):
                 self.gallery.picked(outputs, msg.micrograph)
@@ -189,22 +179,27 @@ class Writer:
                 metrics.PARTICLES_WRITTEN.labels(msg.project).inc(result.rows)
                 metrics.LATENCY.observe(result.latency_s)
 
-    def _apply(self, msg: PicksReady) -> tuple[SessionOutputs, ApplyResult]:
-        outputs = self.session(msg.project, msg.session)
-        return outputs, outputs.apply(msg)
+    def _on_disk(
+        self,
+        msg: PicksReady | Rethreshold | SessionStarted,
+        out: dict[str, Any],
+        write: Callable[[SessionOutputs], T],
+    ) -> tuple[SessionOutputs, T] | None:
+        """``write`` on the message's session outputs, waiting for disk space (``self.space``): (outputs, its result),
+        or None when the disk stayed full for as long as a delivery may be held. Then the message is published again
+        (it comes back after those ahead of it) and this delivery acknowledged, so that waiting counts no delivery."""
 
-    def _rethreshold(
-        self, project: str, session: str, threshold: float | None
-    ) -> tuple[SessionOutputs, ThresholdResult]:
-        outputs = self.session(project, session)
-        return outputs, outputs.apply_rethreshold(project, session, threshold)
+        def attempt() -> tuple[SessionOutputs, T]:
+            outputs = self.session(msg.project, msg.session)
+            return outputs, write(outputs)
 
-    def _defer(self, msg: PicksReady | Rethreshold | SessionStarted, out: dict[str, Any]) -> None:
-        """The disk stayed full for as long as a delivery may be held: publish the message again (it comes back
-        after those ahead of it) and acknowledge this delivery, so that waiting counts no delivery."""
-        self.broker.publish(topology.PICKS, msg)
-        self.deferred += 1
-        out["result"] = "deferred_disk_full"
+        try:
+            return self.space.run(attempt, self.outputs / msg.project / msg.session)
+        except StillNoSpaceError:
+            self.broker.publish(topology.PICKS, msg)
+            self.deferred += 1
+            out["result"] = "deferred_disk_full"
+            return None
 
     def start(self) -> None:
         if self.gallery is not None:
