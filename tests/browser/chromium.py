@@ -169,6 +169,13 @@ class Chromium:
         self.call("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete'")
 
+    def click(self, x: float, y: float) -> None:
+        """A real left click at (x, y), CSS pixels of the viewport: the mouse moves there, presses and releases.
+        The page's events carry whole pixels (``clientX`` is an integer), so pass whole numbers for exact points."""
+        for kind, count in (("mouseMoved", 0), ("mousePressed", 1), ("mouseReleased", 1)):
+            button = "left" if count else "none"
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button=button, clickCount=count)
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

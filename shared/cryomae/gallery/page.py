@@ -13,6 +13,10 @@ changes::
 Data travels as ``.js`` files loaded by ``<script>`` tags rather than JSON fetched by the page: browsers refuse
 ``fetch`` on ``file://``, so this is what lets the page open from disk. Every file is written atomically.
 ``<key>`` is the name the session's coordinate files use (``coordinates/<key>_autopick.star``).
+
+The page also lets an operator mark wrong picks and missed particles ("correct the picker"): the marks stay in the
+browser (localStorage) and leave it only as a ``corrections.star`` the operator saves, named by each micrograph's
+``star_name`` in session.js. Nothing here reads or writes them.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ class SessionGallery:
                     "seq": seq,
                     "name": Path(e.micrograph).name,
                     "path": e.micrograph,
+                    "star_name": self.outputs.star_name(e.micrograph),  # rlnMicrographName, for corrections.star
                     "particles": e.particles,
                     "candidates": e.candidates,
                     "cutoff": e.threshold,

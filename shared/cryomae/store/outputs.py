@@ -468,6 +468,10 @@ class SessionOutputs:
         with self._lock:
             return self._entry(self._records[micrograph])
 
+    def star_name(self, micrograph: str) -> str:
+        """The micrograph's ``rlnMicrographName`` exactly as this session's STAR files write it (unquoted)."""
+        return self._name(micrograph)
+
     @property
     def owner(self) -> tuple[str, str] | None:
         """(project, session) of the messages written here; None before the first."""
