@@ -143,6 +143,19 @@ class PickConfig(BaseModel):
         "(1 - max_weight) x mean + max_weight x max (the rotational average plus the best orientation's match)",
     )
     max_weight: float = Field(0.4, ge=0.0, le=1.0, description="mean_max: the weight of the max")
+    negative_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=4.0,
+        description="a model trained with an operator's corrections: the cosine score less this times the window's "
+        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used)",
+    )
+    negative_rule: Literal["max", "mean", "orthogonal", "nearest"] = Field(
+        "max",
+        description="the cosine to the marked wrong picks: to the nearest one (max), to their mean (mean), or to "
+        "what their mean does not share with the particles' prototype (orthogonal), or by how much the nearest "
+        "one is nearer than the nearest exemplar (nearest)",
+    )
     feature_norm: Literal["none", "center", "standardize"] = Field(
         "standardize",
         description="before the cosine: subtract the micrograph's mean window feature (center), and also divide "

@@ -148,6 +148,9 @@ class TrainRequest(Message):
     exemplar_set: str = Field(
         min_length=1, max_length=TEXT_CHARS, description="id of the exemplar set in the project store"
     )
+    repick_session: Name | None = Field(
+        None, description="once the new version is published, re-pick this session's micrographs with it"
+    )
 
 
 class ModelPublished(Message):

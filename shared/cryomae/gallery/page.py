@@ -216,6 +216,8 @@ class SessionGallery:
                     "cutoff": e.threshold,
                     "picker_cutoff": e.picker_threshold,
                     "model_version": e.model_version,
+                    "previous_model_version": e.previous_model_version,
+                    "previous_particles": e.previous_particles,
                     "picked_at": e.picked_at,
                     "applied_at": e.applied_at,
                     "shape": list(e.shape),

@@ -279,3 +279,76 @@ def check_exemplars(coords: Coordinates, shape: tuple[int, int], path: str | Pat
     if len(coords) < FEW_EXEMPLARS:
         return [f"few exemplars: {len(coords)}; about {RECOMMENDED_EXEMPLARS} are recommended"]
     return []
+
+
+# ---------------------------------------------------------------------------------------------- corrections
+
+PARTICLE_LABEL = "cryomaeParticle"  # corrections.star: 1 a particle the picker missed, 0 a wrong pick
+MAX_CORRECTIONS_BYTES = 4 << 20  # a corrections file is a few kilobytes; a larger one is refused before it is read
+MAX_CORRECTIONS = 5000  # marks in one file
+_HEADER_PREFIX = "# cryomae corrections: project "
+
+
+@dataclass(eq=False)
+class Corrections:
+    """An operator's marks from the session page: micrograph names as the session's STAR files write them, centres
+    (original pixels, x = column) and whether each is a particle (missed) or not (a wrong pick); the project and
+    session the page named in the file's first line, where it did."""
+
+    names: list[str]
+    xy: np.ndarray  # [N, 2]
+    particle: np.ndarray  # bool [N]
+    project: str | None = None
+    session: str | None = None
+
+
+def _corrections_origin(path: Path) -> tuple[str | None, str | None]:
+    """The project and session named by the page's first line (``# cryomae corrections: project P, session S,
+    ...``); (None, None) when the file has no such line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline(4096)
+    if not first.startswith(_HEADER_PREFIX):
+        return None, None
+    project, sep, rest = first[len(_HEADER_PREFIX) :].partition(", session ")
+    return (project.strip(), rest.partition(",")[0].strip()) if sep else (None, None)
+
+
+def read_corrections(path: str | Path) -> Corrections:
+    """Read a ``corrections.star`` (the session page's, or any STAR file with rlnMicrographName, rlnCoordinateX,
+    rlnCoordinateY and cryomaeParticle 0/1); InputError naming the file and the problem otherwise. The size is
+    checked before anything is read."""
+    p = Path(path)
+    if p.suffix.lower() != ".star":
+        raise InputError(p, "corrections must be a .star file (the session page's corrections.star)")
+    if not p.is_file():
+        raise InputError(p, "file not found" if not p.exists() else "not a regular file (a directory?)")
+    size = p.stat().st_size
+    if size > MAX_CORRECTIONS_BYTES:
+        raise InputError(p, f"{size} bytes: larger than {MAX_CORRECTIONS_BYTES >> 20} MiB, not a corrections file")
+    import starfile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pandas/starfile internals; the result is validated below
+            blocks = starfile.read(p, always_dict=True, parse_as_string=_STRING_COLUMNS)
+    except Exception as exc:  # starfile raises many types (ValueError, TypeError, pandas errors) on bad text
+        raise InputError(p, f"cannot parse STAR file: {type(exc).__name__}: {exc}") from exc
+    table = next((b for b in blocks.values() if hasattr(b, "columns") and PARTICLE_LABEL in b.columns), None)
+    if table is None:
+        raise InputError(p, f"no loop with _{PARTICLE_LABEL} (1: a missed particle, 0: a wrong pick)")
+    coords = _star_table(p, "corrections", table)
+    if coords.micrograph_names is None:
+        raise InputError(p, "no rlnMicrographName column: each mark must name its micrograph")
+    if len(coords) == 0:
+        raise InputError(p, "no marks in the file")
+    if len(coords) > MAX_CORRECTIONS:
+        raise InputError(p, f"{len(coords)} marks: more than {MAX_CORRECTIONS} in one file")
+    labels = _floats(p, table[PARTICLE_LABEL].to_numpy(), PARTICLE_LABEL, lambda i: f"row {i + 1}")
+    bad = ~np.isin(labels, (0.0, 1.0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(
+            p, f"_{PARTICLE_LABEL} must be 1 (missed particle) or 0 (wrong pick), got {labels[i]} at row {i + 1}"
+        )
+    project, session = _corrections_origin(p)
+    return Corrections(coords.micrograph_names, coords.xy, labels == 1.0, project, session)

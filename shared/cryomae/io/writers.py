@@ -203,3 +203,31 @@ def session_particles_rows(name: str, version: str, x: np.ndarray, y: np.ndarray
         f"{name}\t{a:.2f}\t{b:.2f}\t{s:.6f}\t{version}\n"
         for a, b, s in zip(x.tolist(), y.tolist(), scores.tolist(), strict=True)
     )
+
+
+def write_corrections(
+    path: str | Path,
+    names: Sequence[str],
+    xy: np.ndarray,
+    particle: np.ndarray,
+    project: str | None = None,
+    session: str | None = None,
+) -> None:
+    """Write an operator's marks as the session page writes ``corrections.star`` (``read_corrections`` reads it):
+    micrograph name, centre, and ``_cryomaeParticle`` 1 (a missed particle) or 0 (a wrong pick); atomic."""
+    p = Path(path)
+    xy, _ = _check_xy(xy)
+    flags = np.asarray(particle, dtype=bool).reshape(-1)
+    if not len(names) == len(xy) == len(flags):
+        raise ValueError(f"{len(names)} names, {len(xy)} centres and {len(flags)} labels")
+    cells = [
+        [star_string(p, n, "micrograph name") for n in names],
+        _fmt(xy[:, 0], ".1f"),
+        _fmt(xy[:, 1], ".1f"),
+        [str(int(f)) for f in flags],
+    ]
+    origin = "" if project is None else f"# cryomae corrections: project {project}, session {session}\n"
+    text = _star_loop(
+        "corrections", ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "cryomaeParticle"], cells
+    )
+    _write_text(p, origin + text)

@@ -1,7 +1,8 @@
 """Model directories: safetensors weights plus a JSON manifest, loaded without pickle and verified.
 
 A model directory holds ``weights.safetensors`` (the MAE's parameters, the exemplar bank under the key
-``exemplar_bank`` and the particle-probability head, if any, under ``pu_head.*``) and ``manifest.json`` (preset,
+``exemplar_bank``, the particle-probability head, if any, under ``pu_head.*``, and the features of an operator's
+marked wrong picks, if any, under ``negative_bank``) and ``manifest.json`` (preset,
 geometry, training hyperparameters, data provenance and the sha256 of the weights file), sealed by a checksum
 over all of its fields (``cryomae.model.layout``). Loading verifies the manifest's checksum, then the weights'
 sha256, before any tensor is read.
@@ -34,6 +35,7 @@ from cryomae.model.presets import Preset
 from cryomae.preprocess import Geometry
 
 BANK_KEY = "exemplar_bank"
+NEGATIVES_KEY = "negative_bank"
 __all__ = ["BANK_KEY", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "TrainedModel", "load_model", "save_model"]
 
 
@@ -46,6 +48,8 @@ class TrainedModel:
     geometry: Geometry
     manifest: dict[str, Any]
     head: ParticleHead | None = None  # the particle-probability head (models trained before it have none)
+    # [N, D] encoder features of an operator's marked wrong picks (and their dihedral views); None: no corrections
+    negatives: torch.Tensor | None = None
 
     @property
     def preset(self) -> Preset:
@@ -59,6 +63,7 @@ def save_model(
     geometry: Geometry,
     info: dict[str, Any],
     head: ParticleHead | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> Path:
     """Write a model directory atomically: a temporary sibling directory renamed into place.
 
@@ -72,6 +77,8 @@ def save_model(
     tensors[BANK_KEY] = bank.detach().float().cpu().contiguous()
     if head is not None:
         tensors.update(head.tensors())
+    if negatives is not None:
+        tensors[NEGATIVES_KEY] = negatives.detach().float().cpu().contiguous()
     save_file(tensors, str(tmp / WEIGHTS))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -80,6 +87,7 @@ def save_model(
         "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
         "exemplar_bank": {"size": int(bank.shape[0]), "dim": int(bank.shape[1])},
         **({"particle_head": head.info} if head is not None else {}),
+        **({"negative_bank": {"size": int(negatives.shape[0])}} if negatives is not None else {}),
         **info,
     }
     write_manifest(tmp / MANIFEST, manifest)
@@ -111,6 +119,11 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
     bank = tensors.pop(BANK_KEY, None)
     if bank is None:
         raise CheckpointError(f"{weights}: no exemplar bank in the weights file")
+    negatives = tensors.pop(NEGATIVES_KEY, None)
+    if (negatives is None) != ("negative_bank" not in manifest):
+        raise CheckpointError(f"{weights}: the manifest and the weights disagree on the negatives (corrections)")
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1:] != bank.shape[1:]):
+        raise CheckpointError(f"{weights}: negatives of shape {tuple(negatives.shape)} for a bank of {bank.shape[1]}")
     try:
         head = ParticleHead.pop_from(tensors, manifest.get("particle_head"))
     except KeyError as e:
@@ -127,4 +140,11 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu") -> Tra
     model.to(device).eval()
     if head is not None:
         head.direction = head.direction.to(device)
-    return TrainedModel(model=model, bank=bank.to(device), geometry=geometry, manifest=manifest, head=head)
+    return TrainedModel(
+        model=model,
+        bank=bank.to(device),
+        geometry=geometry,
+        manifest=manifest,
+        head=head,
+        negatives=None if negatives is None else negatives.to(device),
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from cryomae.errors import InputError
+from cryomae.io.coordinates import Corrections, read_corrections
 from cryomae.messages import (
     MicrographReady,
     Rethreshold,
@@ -34,7 +35,7 @@ from cryomae.service.heartbeats import trainer_liveness
 from cryomae.service.inbox import DLQ_LISTED
 from cryomae.service.watcher import WATCHER_STATE
 from cryomae.settings import Settings
-from cryomae.store.outputs import SessionOutputs
+from cryomae.store.outputs import SessionOutputs, repick_messages
 from cryomae.store.projects import ProjectStore
 from cryomae.watching import check_folder
 from cryomae.watching.ledger import read_incomplete, read_ledger, read_replaced
@@ -63,6 +64,20 @@ class ExemplarsAdded(TypedDict):
     diameter: float
     micrograph: str
     warnings: list[str]
+    training: TrainingRequested | None
+
+
+class CorrectionsAdded(TypedDict):
+    project: str
+    session: str
+    exemplar_set: str
+    base: str
+    added: int
+    already: int
+    replaced: int
+    missed: int
+    wrong: int
+    micrographs: int
     training: TrainingRequested | None
 
 
@@ -230,6 +245,52 @@ def exemplars_add(
     return out
 
 
+def exemplars_correct(
+    settings: Settings, control: Control | None, project: str, session: str, path: Path
+) -> CorrectionsAdded:
+    """Validate an operator's corrections (the session page's ``corrections.star``) against the session's outputs,
+    store them as a new exemplar set on top of the current model's, and request training with a re-pick of the
+    session once the new version is published (unless ``control`` is None)."""
+    store = ProjectStore(settings.store)
+    store.get_project(project)
+    check_name(session, "session name")
+    marks = read_corrections(path)
+    if (marks.project, marks.session) not in ((None, None), (project, session)):
+        raise InputError(path, f"the corrections are for {marks.project}/{marks.session}, not for {project}/{session}")
+    folder = session_outputs_dir(settings, project, session)
+    if not folder.is_dir():
+        raise InputError(folder, f"no outputs for session {project}/{session}: nothing was picked there")
+    outputs = SessionOutputs(folder, read_only=True)
+    if outputs.owner not in (None, (project, session)):
+        raise InputError(folder, f"these outputs are {outputs.owner[0]}/{outputs.owner[1]}'s, not {project}/{session}")
+    paths = {outputs.star_name(e.micrograph): e.micrograph for e in outputs.micrographs()}
+    unknown = sorted(set(marks.names) - set(paths))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise InputError(path, f"not a picked micrograph of {project}/{session}: {shown}")
+    absolute = Corrections([paths[n] for n in marks.names], marks.xy, marks.particle, project, session)
+    base = store.current_exemplar_set(project)
+    exset, counts = store.add_corrections(project, base.id, absolute, path, roots=settings.roots())
+    out: CorrectionsAdded = {
+        "project": project,
+        "session": session,
+        "exemplar_set": exset.id,
+        "base": base.id,
+        "added": counts["added"],
+        "already": counts["already"],
+        "replaced": counts["replaced"],
+        "missed": exset.missed,
+        "wrong": exset.wrong,
+        "micrographs": len(exset.corrections),
+        "training": None,
+    }
+    if control is not None:
+        request = TrainRequest(project=project, exemplar_set=exset.id, repick_session=session)
+        control.send(topology.TRAINING, request)
+        out["training"] = {"request": request.id, "delivery": _delivery(control)}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ sessions
 
 
@@ -303,40 +364,14 @@ def session_repick(
     if current is None:
         raise InputError(None, f"project {project!r} has no model yet; its micrographs are picked when it has one")
     outputs = SessionOutputs(session_outputs_dir(settings, project, session), read_only=True)
-    entries = outputs.micrographs()
-    wanted = {os.path.normpath(m) for m in micrographs}
-    unknown = sorted(wanted - {e.micrograph for e in entries})
-    if unknown:
-        raise InputError(None, f"not a picked micrograph of {project}/{session}: {', '.join(unknown)}")
-    sent, missing = 0, list[str]()
-    for entry in entries:
-        if wanted and entry.micrograph not in wanted:
-            continue
-        if not wanted and not every and entry.model_version == current:
-            continue
-        try:
-            stat = os.stat(entry.micrograph)
-        except OSError:
-            missing.append(entry.micrograph)
-            continue
-        control.send(
-            topology.MICROGRAPHS,
-            MicrographReady(
-                project=project,
-                session=session,
-                path=entry.micrograph,
-                size=stat.st_size,
-                mtime=stat.st_mtime,
-                complete_at=stat.st_mtime,
-                repick=True,
-            ),
-        )
-        sent += 1
+    messages, missing = repick_messages(outputs, project, session, current, every, micrographs)
+    for message in messages:
+        control.send(topology.MICROGRAPHS, message)
     return {
         "project": project,
         "session": session,
         "model_version": current,
-        "micrographs": sent,
+        "micrographs": len(messages),
         "missing": missing,
         "delivery": _delivery(control),
     }

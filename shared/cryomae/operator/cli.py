@@ -363,6 +363,31 @@ def cmd_exemplars_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exemplars_correct(args: argparse.Namespace) -> int:
+    from cryomae.operator import actions as ops
+
+    settings = _settings(args)
+
+    def act(control: Any) -> Any:
+        return ops.exemplars_correct(settings, control, args.project, args.session, args.corrections)
+
+    out = act(None) if args.no_train else _with_control(args, act)
+    lines = [
+        (
+            f"exemplar set {out['exemplar_set']} (on {out['base']}): {plural(out['missed'], 'missed particle')} and "
+            f"{plural(out['wrong'], 'wrong pick')} on {plural(out['micrographs'], 'micrograph')}; from this file "
+            f"{out['added']} new, {out['replaced']} replaced, {out['already']} already applied"
+        )
+    ]
+    if out["training"]:
+        lines.append(
+            f"training requested ({out['training']['delivery']}); once the new model is published, session "
+            f"{out['session']} is re-picked with it; follow it with `cryomae status` and on the session page"
+        )
+    _print(args, out, "\n".join(lines))
+    return 0
+
+
 def cmd_session_start(args: argparse.Namespace) -> int:
     from cryomae.operator import actions as ops
 
@@ -629,6 +654,22 @@ def _add_live_parsers(sub: Any) -> None:
     ea.add_argument("--diameter", type=float, help="particle diameter in pixels (default: the project's)")
     ea.add_argument("--no-train", action="store_true", help="store the set without requesting training")
     ea.set_defaults(func=cmd_exemplars_add)
+    ec = e.add_parser(
+        "correct",
+        parents=[common, js, project],
+        help="add an operator's corrections from the session page, train, and re-pick the session",
+        description="Reads the session page's corrections.star (missed particles and wrong picks marked on the "
+        "session's micrographs), checks that every micrograph is one the session picked and lies under a data "
+        "root, that every mark lies inside its micrograph and that no two marks of the file mark one particle, "
+        "stores them with the current model's exemplars as a new exemplar set, and asks the trainer for a model; "
+        "once it is published the session's micrographs are picked again with it.",
+    )
+    ec.add_argument("--session", required=True, help="the session the corrections were marked on")
+    ec.add_argument(
+        "--from", dest="corrections", type=Path, required=True, help="the page's corrections.star", metavar="FILE"
+    )
+    ec.add_argument("--no-train", action="store_true", help="store the corrections without requesting training")
+    ec.set_defaults(func=cmd_exemplars_correct)
 
     ga = sub.add_parser(
         "gallery",

@@ -59,7 +59,9 @@ def train_from_files(
     extra = [read_micrograph(p) for p in unlabeled]
     trained, info = train_model(mic, ex.xy, diameter, cfg, extra)
     info["provenance"]["exemplar_file"] = str(coords)
-    return save_model(out, trained.model, trained.bank, trained.geometry, info, head=trained.head)
+    return save_model(
+        out, trained.model, trained.bank, trained.geometry, info, head=trained.head, negatives=trained.negatives
+    )
 
 
 def pick_files(model_dir: Path, micrographs: Sequence[Path], out: Path, cfg: PickConfig) -> dict[str, Any]:

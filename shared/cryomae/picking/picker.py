@@ -100,22 +100,57 @@ def uses_head(trained: TrainedModel, cfg: PickConfig) -> bool:
 def _scoring_vectors(trained: TrainedModel, mu: torch.Tensor, sd: torch.Tensor, cfg: PickConfig) -> torch.Tensor:
     """The vectors [V, D] a unit-length standardised window feature is compared with, in the dtype of mu:
     the head's direction (one), or the bank standardised like the windows and made unit length (its mean,
-    one vector, for the ``mean`` score: the mean of the cosines is one dot product with it)."""
+    one vector, for the ``mean`` score: the mean of the cosines is one dot product with it). A model with
+    negatives (an operator's corrections) adds them, standardised the same way, as the last vectors."""
     if uses_head(trained, cfg):
         assert trained.head is not None
         return F.normalize(trained.head.direction.to(mu.device, mu.dtype), dim=0)[None]
     bank = F.normalize((trained.bank.to(mu.device, mu.dtype) - mu) / sd, dim=-1)
-    return bank.mean(dim=0, keepdim=True) if cfg.score == "mean" else bank
+    vectors = bank.mean(dim=0, keepdim=True) if cfg.score == "mean" else bank
+    if not _n_negatives(trained, cfg):
+        return vectors
+    assert trained.negatives is not None
+    negatives = F.normalize((trained.negatives.to(mu.device, mu.dtype) - mu) / sd, dim=-1)
+    if cfg.negative_rule == "max":
+        return torch.cat([vectors, negatives])
+    if cfg.negative_rule == "nearest":
+        return torch.cat([vectors, bank, negatives])
+    away = negatives.mean(dim=0)
+    if cfg.negative_rule == "orthogonal":  # only what the negatives do not share with the particles' prototype
+        prototype = F.normalize(bank.mean(dim=0), dim=0)
+        away = away - (away @ prototype) * prototype
+    return torch.cat([vectors, away[None]])
+
+
+def _n_negatives(trained: TrainedModel, cfg: PickConfig) -> int:
+    """How many vectors for the negatives the cosine score reads (``PickConfig.negative_weight``; 0: none)."""
+    if uses_head(trained, cfg) or trained.negatives is None or cfg.negative_weight <= 0:
+        return 0
+    if cfg.negative_rule == "max":
+        return int(trained.negatives.shape[0])
+    if cfg.negative_rule == "nearest":
+        return int(trained.bank.shape[0]) + int(trained.negatives.shape[0])
+    return 1
 
 
 def _finish(trained: TrainedModel, sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
     """Similarities to the scoring vectors (along ``dim``) -> one score per window: the head's logit (the map
     keeps logits, which do not saturate where peaks are found; candidates get probabilities), or the cosine
-    score of ``PickConfig.score``."""
+    score of ``PickConfig.score``, less ``negative_weight`` times the cosine to the nearest negative (the last
+    vectors) where the model has negatives: a window like a marked wrong pick loses what it has in common."""
     if uses_head(trained, cfg):
         assert trained.head is not None
         return trained.head.logit(sims.squeeze(dim))
-    return _reduce(sims, cfg, dim)
+    n = _n_negatives(trained, cfg)
+    if not n:
+        return _reduce(sims, cfg, dim)
+    bank, negatives = sims.split([sims.shape[dim] - n, n], dim=dim)
+    if cfg.negative_rule == "nearest":  # only where a negative is nearer than every positive, by that much
+        assert trained.negatives is not None
+        positives, negatives = negatives.split([n - len(trained.negatives), len(trained.negatives)], dim=dim)
+        away = (negatives.amax(dim=dim) - positives.amax(dim=dim)).clamp_min(0)
+        return _reduce(bank, cfg, dim) - cfg.negative_weight * away
+    return _reduce(bank, cfg, dim) - cfg.negative_weight * negatives.amax(dim=dim)
 
 
 def _reduce(sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
@@ -163,7 +198,9 @@ def scoring_flops(
 
 def _n_vectors(trained: TrainedModel, cfg: PickConfig) -> int:
     """How many vectors each window is compared with (``_scoring_vectors``)."""
-    return 1 if uses_head(trained, cfg) or cfg.score == "mean" else int(trained.bank.shape[0])
+    if uses_head(trained, cfg):
+        return 1
+    return (1 if cfg.score == "mean" else int(trained.bank.shape[0])) + _n_negatives(trained, cfg)
 
 
 def memory_budget(device: torch.device) -> int:

@@ -105,7 +105,13 @@ class App:
             from cryomae.service.trainer import Trainer
 
             return Trainer(
-                self.broker, self.store, s.train, s.device, max_pixels=s.max_micrograph_pixels, roots=s.roots()
+                self.broker,
+                self.store,
+                s.train,
+                s.device,
+                max_pixels=s.max_micrograph_pixels,
+                roots=s.roots(),
+                outputs=s.outputs,
             )
         if name == "picker":
             from cryomae.service.picker import Picker

@@ -37,7 +37,9 @@ from cryomae.model.checkpoint import save_model
 from cryomae.service import metrics
 from cryomae.service.handling import get_logger, handling
 from cryomae.service.heartbeats import HEARTBEAT_KEEP_S, HEARTBEAT_S, heartbeat_file, trainer_liveness
+from cryomae.store.outputs import SessionOutputs, repick_messages
 from cryomae.store.projects import ProjectStore
+from cryomae.training.corrections import CorrectionMarks
 from cryomae.training.train import TrainingInterruptedError, train_model
 
 log = get_logger("trainer")
@@ -55,8 +57,10 @@ class Trainer:
         max_pixels: int | None = MAX_MICROGRAPH_PIXELS,
         *,
         roots: Sequence[Path],
+        outputs: Path | None = None,
     ) -> None:
         self.broker = broker
+        self.outputs = outputs  # the sessions' outputs (read only): what a re-pick after corrections re-picks
         self.roots = list(roots)  # data roots: an exemplar micrograph resolving outside them is dead-lettered
         self.max_pixels = max_pixels  # largest exemplar micrograph read (``read_micrograph``)
         self.store = store
@@ -90,6 +94,10 @@ class Trainer:
                 exemplars = self.store.exemplar_set(msg.project, msg.exemplar_set)
                 self.store.write_training_status(msg.project, status)
                 micrograph, coords = exemplars.read_inputs(self.max_pixels, roots=self.roots)
+                corrections = [
+                    CorrectionMarks(c.micrograph.data, c.missed, c.wrong)
+                    for c in exemplars.read_corrections(self.max_pixels, roots=self.roots)
+                ]
                 cfg = self.config_for(msg.project)
 
                 planned = cfg.planned_steps()
@@ -111,11 +119,25 @@ class Trainer:
                         metrics.TRAINING_LOSS.labels(msg.project, stage, name).set(value)
 
                 trained, info = train_model(
-                    micrograph, coords.xy, exemplars.diameter, cfg, on_progress=report, cancel=self._cancel
+                    micrograph,
+                    coords.xy,
+                    exemplars.diameter,
+                    cfg,
+                    on_progress=report,
+                    cancel=self._cancel,
+                    corrections=corrections,
                 )
                 info["exemplar_set"] = exemplars.to_json()
                 with self.store.staged_version(msg.project) as (version, folder):
-                    save_model(folder, trained.model, trained.bank, trained.geometry, info, head=trained.head)
+                    save_model(
+                        folder,
+                        trained.model,
+                        trained.bank,
+                        trained.geometry,
+                        info,
+                        head=trained.head,
+                        negatives=trained.negatives,
+                    )
             except TrainingInterruptedError as exc:
                 metrics.TRAININGS.labels("interrupted").inc()
                 self._interrupted(msg.project, status, exc)
@@ -127,6 +149,8 @@ class Trainer:
             finally:
                 self._in_hand = {}
             self.broker.broadcast(ModelPublished(project=msg.project, version=version))
+            if msg.repick_session is not None:
+                out["repicked"] = self._repick(msg.project, msg.repick_session, version)
             seconds = time.time() - started
             metrics.TRAININGS.labels("done").inc()
             metrics.TRAINING_SECONDS.observe(seconds)
@@ -136,6 +160,20 @@ class Trainer:
                 {**status, "state": "done", "version": version, "finished": time.time(), "seconds": seconds},
             )
             out.update(version=version, train_s=round(seconds, 2))
+
+    def _repick(self, project: str, session: str, version: str) -> int:
+        """Ask for the session's micrographs picked by an older version to be picked again with ``version`` (the
+        path of ``cryomae session repick``); the number asked for. A session with no outputs has nothing to
+        re-pick; the version is published either way."""
+        folder = None if self.outputs is None else self.outputs / project / session
+        if folder is None or not folder.is_dir():
+            log.warning("repick_skipped", project=project, session=session, reason=f"no outputs at {folder}")
+            return 0
+        messages, missing = repick_messages(SessionOutputs(folder, read_only=True), project, session, version)
+        for message in messages:
+            self.broker.publish(topology.MICROGRAPHS, message)
+        log.info("repick_requested", project=project, session=session, micrographs=len(messages), missing=len(missing))
+        return len(messages)
 
     def _interrupted(self, project: str, status: dict[str, Any], exc: BaseException) -> None:
         queued = {

@@ -52,7 +52,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -71,6 +71,7 @@ from cryomae.io.writers import (
     write_autopick_star,
     write_coordinate_index,
 )
+from cryomae.messages import MicrographReady
 from cryomae.store.projects import version_number
 
 INDEX_NAME = "autopick.star"
@@ -181,6 +182,10 @@ class MicrographEntry:
     key: str  # names its files: coordinates/<key>_autopick.star, the gallery's images
     diameter: float  # particle diameter in pixels, as the picker sent it
     shape: tuple[int, int]  # micrograph (rows, columns)
+    # before its last re-pick by another model version (e.g. one trained on an operator's corrections): that
+    # version and the particles it kept at the cutoff then in force; None for a micrograph picked once
+    previous_model_version: str | None = None
+    previous_particles: int | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,8 @@ class _Record:
     x: np.ndarray  # [N] float64
     y: np.ndarray  # [N]
     scores: np.ndarray  # [N]
+    previous_model_version: str | None = None  # see MicrographEntry
+    previous_particles: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": _FORMAT}
@@ -247,6 +254,10 @@ class _Record:
                 picked_at=float(data["picked_at"]),
                 applied_at=float(data["applied_at"]),
                 **arrays,
+                previous_model_version=(
+                    None if data.get("previous_model_version") is None else str(data["previous_model_version"])
+                ),
+                previous_particles=None if data.get("previous_particles") is None else int(data["previous_particles"]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from None
@@ -494,6 +505,8 @@ class SessionOutputs:
             key=r.key,
             diameter=r.diameter,
             shape=r.shape,
+            previous_model_version=r.previous_model_version,
+            previous_particles=r.previous_particles,
         )
 
     def candidates(self, micrograph: str) -> Candidates:
@@ -544,7 +557,16 @@ class SessionOutputs:
     # ------------------------------------------------------------------------------------------ state
 
     def _record(self, msg: Picks, old: _Record | None) -> _Record:
-        """The stored form of a message; a re-pick keeps the micrograph's key and place."""
+        """The stored form of a message; a re-pick keeps the micrograph's key and place, and a re-pick by another
+        model version remembers the version before and its particles (what the page shows as before/after)."""
+        before: dict[str, Any] = {}
+        if old is not None and old.model_version != msg.model_version:
+            before = {"previous_model_version": old.model_version, "previous_particles": self._rows[old.micrograph]}
+        elif old is not None:
+            before = {
+                "previous_model_version": old.previous_model_version,
+                "previous_particles": old.previous_particles,
+            }
         return _Record(
             key=self._new_key(msg.micrograph) if old is None else old.key,
             seq=max((r.seq for r in self._records.values()), default=0) + 1 if old is None else old.seq,
@@ -561,6 +583,7 @@ class SessionOutputs:
             x=np.asarray(msg.x, dtype=np.float64).reshape(-1),
             y=np.asarray(msg.y, dtype=np.float64).reshape(-1),
             scores=np.asarray(msg.scores, dtype=np.float64).reshape(-1),
+            **before,
         )
 
     def _new_key(self, micrograph: str) -> str:
@@ -790,3 +813,45 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(path, "damaged session state: expected a JSON object")
     return data
+
+
+def repick_messages(
+    outputs: SessionOutputs,
+    project: str,
+    session: str,
+    current: str,
+    every: bool = False,
+    micrographs: Sequence[str] = (),
+) -> tuple[list[MicrographReady], list[str]]:
+    """The re-pick requests of a session: its micrographs picked with another model version than ``current``
+    (``every``: all; ``micrographs``: these, whatever their model), and the micrographs no longer on disk.
+    InputError names a wanted micrograph the session never picked. The one rule for ``cryomae session repick``
+    and for the trainer's re-pick after a model trained on a session's corrections."""
+    entries = outputs.micrographs()
+    wanted = {os.path.normpath(m) for m in micrographs}
+    unknown = sorted(wanted - {e.micrograph for e in entries})
+    if unknown:
+        raise InputError(None, f"not a picked micrograph of {project}/{session}: {', '.join(unknown)}")
+    messages, missing = [], []
+    for entry in entries:
+        if wanted and entry.micrograph not in wanted:
+            continue
+        if not wanted and not every and entry.model_version == current:
+            continue
+        try:
+            stat = os.stat(entry.micrograph)
+        except OSError:
+            missing.append(entry.micrograph)
+            continue
+        messages.append(
+            MicrographReady(
+                project=project,
+                session=session,
+                path=entry.micrograph,
+                size=stat.st_size,
+                mtime=stat.st_mtime,
+                complete_at=stat.st_mtime,
+                repick=True,
+            )
+        )
+    return messages, missing

@@ -5,6 +5,7 @@ Layout (``root`` is typically a Kubernetes PVC, possibly NFS-backed, shared by t
     root/projects/<project>/project.json                    name, created, default diameter, train overrides
     root/projects/<project>/exemplars/<set-id>/exemplars.star    the exemplar centres (a copy, STAR loop)
     root/projects/<project>/exemplars/<set-id>/exemplar_set.json micrograph path, sha256, size, mtime, diameter...
+    root/projects/<project>/exemplars/<set-id>/corrections.star  an operator's marks on other micrographs, if any
     root/projects/<project>/models/<version>/               a model directory as ``save_model`` writes it
     root/projects/<project>/current.json                    {"version": ...}: the version pickers use
     root/projects/<project>/.staging/                       work in progress (reserved versions, new sets)
@@ -27,6 +28,7 @@ or later by ``cleanup``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,16 +42,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 from pydantic import ValidationError
 
 from cryomae.config import TrainConfig
 from cryomae.errors import CheckpointError, ConfigError, CryomaeError, InputError
 from cryomae.io.atomic import fsync_path, write_json
-from cryomae.io.coordinates import Coordinates, check_exemplars, check_inside, read_coordinates
-from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, read_micrograph
+from cryomae.io.coordinates import (
+    Coordinates,
+    Corrections,
+    check_exemplars,
+    check_inside,
+    read_coordinates,
+    read_corrections,
+)
+from cryomae.io.micrographs import MAX_MICROGRAPH_PIXELS, Micrograph, micrograph_shape, read_micrograph
 from cryomae.io.roots import inside_roots
-from cryomae.io.writers import write_coordinates
+from cryomae.io.writers import write_coordinates, write_corrections
 from cryomae.messages import check_name, valid_name
 from cryomae.model.layout import MANIFEST, WEIGHTS, read_manifest, sha256_file
 
@@ -67,6 +77,8 @@ CURRENT_FILE = "current.json"
 EXEMPLARS = "exemplars"
 EXEMPLAR_FILE = "exemplar_set.json"
 EXEMPLAR_STAR = "exemplars.star"
+CORRECTIONS_STAR = "corrections.star"
+DUPLICATE_FRACTION = 0.25  # two marks on one micrograph closer than this many diameters mark the same particle
 MODELS = "models"
 STAGING = ".staging"
 STALE_STAGING_S = 6 * 3600.0
@@ -130,6 +142,34 @@ class Project:
 
 
 @dataclass(frozen=True)
+class CorrectedMicrograph:
+    """A micrograph an operator marked corrections on, stored with what tells later that it is unchanged."""
+
+    path: Path  # absolute, as the session's outputs name it
+    sha256: str
+    size: int
+    shape: tuple[int, int]  # (rows, columns)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CorrectedMicrograph:
+        rows, cols = data["shape"]
+        return cls(Path(data["path"]), str(data["sha256"]), int(data["size"]), (int(rows), int(cols)))
+
+
+@dataclass(frozen=True)
+class CorrectionInputs:
+    """What training reads of one corrected micrograph: its pixels, and the centres (original pixels) of the
+    particles the picker missed and of its wrong picks."""
+
+    micrograph: Micrograph
+    missed: np.ndarray  # [P, 2]
+    wrong: np.ndarray  # [N, 2]
+
+
+@dataclass(frozen=True)
 class ExemplarSet:
     """Exemplars marked on one micrograph, stored with enough to check later that the micrograph is unchanged."""
 
@@ -145,8 +185,14 @@ class ExemplarSet:
     diameter: float
     count: int
     created: float
-    source: str  # the coordinate file the exemplars were read from
+    source: str  # the coordinate file the exemplars (or the corrections) were read from
     warnings: tuple[str, ...] = ()
+    # a set of corrections shares the reference and exemplars of ``base`` and adds an operator's marks on other
+    # micrographs (``corrections.star``: every mark of the sets before it, and the new ones)
+    base: str | None = None
+    corrections: tuple[CorrectedMicrograph, ...] = ()
+    missed: int = 0  # marked particles the picker missed (positives)
+    wrong: int = 0  # marked wrong picks (negatives)
 
     @property
     def coordinates_file(self) -> Path:
@@ -177,6 +223,32 @@ class ExemplarSet:
         check_inside(coords, mic.shape, self.coordinates_file)
         return mic, coords
 
+    def marks(self) -> Corrections | None:
+        """The stored corrections (micrograph names are the absolute paths); None for a set without."""
+        return read_corrections(self.path / CORRECTIONS_STAR) if self.corrections else None
+
+    def read_corrections(
+        self, max_pixels: int | None = MAX_MICROGRAPH_PIXELS, *, roots: Sequence[Path]
+    ) -> list[CorrectionInputs]:
+        """Every corrected micrograph with its marks, for training; InputError as ``read_inputs`` when one changed,
+        vanished or lies outside the data roots."""
+        marks = self.marks()
+        if marks is None:
+            return []
+        names = np.asarray(marks.names, dtype=object)
+        out = []
+        for record in self.corrections:
+            path = _inside_data_roots(record.path, roots)
+            if not path.is_file():
+                raise InputError(record.path, f"a micrograph corrected in exemplar set {self.id} no longer exists")
+            if path.stat().st_size != record.size or sha256_file(path) != record.sha256:
+                raise InputError(record.path, f"changed since its corrections were stored in exemplar set {self.id}")
+            mine = names == str(record.path)
+            mic = read_micrograph(path, max_pixels)
+            check_inside(Coordinates(marks.xy[mine]), mic.shape, self.path / CORRECTIONS_STAR)
+            out.append(CorrectionInputs(mic, marks.xy[mine & marks.particle], marks.xy[mine & ~marks.particle]))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -191,6 +263,16 @@ class ExemplarSet:
             "created": self.created,
             "source": self.source,
             "warnings": list(self.warnings),
+            **(
+                {
+                    "base": self.base,
+                    "corrections": [c.to_json() for c in self.corrections],
+                    "missed": self.missed,
+                    "wrong": self.wrong,
+                }
+                if self.base is not None
+                else {}
+            ),
         }
 
 
@@ -348,20 +430,110 @@ class ProjectStore:
             source=str(Path(os.path.abspath(coords_path))),
             warnings=tuple(warnings),
         )
+        self._write_set(proj, exset, lambda tmp: write_coordinates(tmp / EXEMPLAR_STAR, Coordinates(ex.xy)))
+        log.info("exemplars_added", project=project, exemplar_set=set_id, count=len(ex), micrograph=str(mic_path))
+        return exset
+
+    def _write_set(self, proj: Project, exset: ExemplarSet, write: Any) -> None:
+        """Write an exemplar set in staging (``write(folder)`` its STAR files, then its JSON) and rename it in."""
         staging = proj.path / STAGING
         staging.mkdir(exist_ok=True)
-        tmp = staging / f"exemplars-{set_id}"
+        tmp = staging / f"exemplars-{exset.id}"
         tmp.mkdir()
         try:
-            write_coordinates(tmp / EXEMPLAR_STAR, Coordinates(ex.xy))
+            write(tmp)
             _write_json(tmp / EXEMPLAR_FILE, exset.to_json())
             (proj.path / EXEMPLARS).mkdir(exist_ok=True)
             os.rename(tmp, exset.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the original error is what matters
             raise
-        log.info("exemplars_added", project=project, exemplar_set=set_id, count=len(ex), micrograph=str(mic_path))
-        return exset
+
+    def add_corrections(
+        self,
+        project: str,
+        base: str,
+        marks: Corrections,
+        source: str | Path,
+        *,
+        roots: Sequence[Path],
+    ) -> tuple[ExemplarSet, dict[str, int]]:
+        """Store an operator's corrections as a new exemplar set: the reference and exemplars of set ``base``, its
+        marks, and ``marks`` (micrograph names: absolute paths) added to them.
+
+        InputError (naming the file ``source``) when a micrograph lies outside the data ``roots`` or cannot be
+        read, when a mark lies outside its micrograph, or when two marks of the file lie within
+        ``DUPLICATE_FRACTION`` diameters of each other on one micrograph. A mark that repeats one of the earlier
+        sets (same place, same kind) is skipped, one that contradicts it replaces it; nothing new is an InputError.
+        Returns the set and the counts (added, already, replaced)."""
+        proj = self.get_project(project)
+        before = self.exemplar_set(project, base)
+        src = Path(os.path.abspath(source))
+        near = DUPLICATE_FRACTION * before.diameter
+        old = before.marks()
+        kept: list[tuple[str, float, float, bool]] = (
+            []
+            if old is None
+            else [
+                (n, float(x), float(y), bool(f)) for n, (x, y), f in zip(old.names, old.xy, old.particle, strict=True)
+            ]
+        )
+        counts = {"added": 0, "already": 0, "replaced": 0}
+        for name in dict.fromkeys(marks.names):  # each micrograph once, in file order
+            mine = np.array([n == name for n in marks.names])
+            path = _inside_data_roots(Path(name), roots)
+            shape = micrograph_shape(path) if path.is_file() else None
+            if shape is None:
+                raise InputError(src, f"micrograph {name} cannot be read (missing, or not a micrograph)")
+            xy, flags = marks.xy[mine], marks.particle[mine]
+            check_inside(Coordinates(xy), shape, src)
+            gaps = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))  # [n, n]
+            np.fill_diagonal(gaps, np.inf)
+            if (gaps < near).any():
+                i, j = np.unravel_index(int(np.argmin(gaps)), gaps.shape)
+                raise InputError(
+                    src,
+                    f"two marks on {name} mark the same particle: ({xy[i, 0]:.1f}, {xy[i, 1]:.1f}) and "
+                    f"({xy[j, 0]:.1f}, {xy[j, 1]:.1f}) lie {gaps[i, j]:.1f} px apart (under {near:.1f} px)",
+                )
+            for (x, y), flag in zip(xy, flags, strict=True):
+                same = [k for k, m in enumerate(kept) if m[0] == name and math.hypot(m[1] - x, m[2] - y) < near]
+                if any(kept[k][3] == bool(flag) for k in same):
+                    counts["already"] += 1
+                    continue
+                counts["replaced" if same else "added"] += 1
+                kept = [m for k, m in enumerate(kept) if k not in same] + [(name, float(x), float(y), bool(flag))]
+        if not counts["added"] and not counts["replaced"]:
+            raise InputError(src, f"nothing new: every mark is already in exemplar set {base} of project {project!r}")
+        records = []
+        for name in dict.fromkeys(m[0] for m in kept):
+            path = Path(name)
+            shape = micrograph_shape(path)
+            assert shape is not None  # checked above, or stored by an earlier set (read_corrections checks it again)
+            records.append(CorrectedMicrograph(path, sha256_file(path), path.stat().st_size, shape))
+        created = time.time()
+        missed = sum(1 for m in kept if m[3])
+        exset = dataclasses.replace(
+            before,
+            id=f"{_utc_stamp(created)}-{uuid.uuid4().hex[:6]}",
+            created=created,
+            source=str(src),
+            warnings=(),
+            base=before.id,
+            corrections=tuple(records),
+            missed=missed,
+            wrong=len(kept) - missed,
+        )
+        exset = dataclasses.replace(exset, path=proj.path / EXEMPLARS / exset.id)
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(before.coordinates_file, tmp / EXEMPLAR_STAR)
+            names, xs, ys, flags = zip(*kept, strict=True)
+            write_corrections(tmp / CORRECTIONS_STAR, list(names), np.stack([xs, ys], axis=1), np.array(flags))
+
+        self._write_set(proj, exset, write)
+        log.info("corrections_added", project=project, exemplar_set=exset.id, base=base, **counts)
+        return exset, counts
 
     def exemplar_set(self, project: str, set_id: str) -> ExemplarSet:
         """A stored exemplar set; InputError if the project or the set does not exist."""
@@ -388,6 +560,10 @@ class ProjectStore:
                 created=float(data["created"]),
                 source=str(data["source"]),
                 warnings=tuple(str(w) for w in data.get("warnings", [])),
+                base=None if data.get("base") is None else str(data["base"]),
+                corrections=tuple(CorrectedMicrograph.from_json(c) for c in data.get("corrections", [])),
+                missed=int(data.get("missed", 0)),
+                wrong=int(data.get("wrong", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(path / EXEMPLAR_FILE, f"corrupt exemplar set file ({type(e).__name__}: {e})") from None
@@ -500,6 +676,21 @@ class ProjectStore:
         if not isinstance(version, str) or _VERSION.match(version) is None:
             raise InputError(path, f"corrupt current-version file (version {version!r})")
         return version
+
+    def current_exemplar_set(self, project: str) -> ExemplarSet:
+        """The exemplar set the current model was trained on (before any model: the newest set); InputError when
+        the project has no exemplar set."""
+        version = self.current_version(project)
+        if version is not None:
+            manifest = read_manifest(self.get_project(project).path / MODELS / version / MANIFEST)
+            set_id = (manifest.get("exemplar_set") or {}).get("id")
+            if isinstance(set_id, str):
+                return self.exemplar_set(project, set_id)
+        sets = self.exemplar_sets(project)
+        if not sets:
+            add = f"cryomae exemplars add --project {project} ..."
+            raise InputError(None, f"project {project!r} has no exemplars yet; register them first (`{add}`)")
+        return max(sets, key=lambda s: s.created)
 
     def load_version(self, project: str, version: str, device: torch.device | str = "cpu") -> TrainedModel:
         """Load a published version, verifying its checksum (CheckpointError if missing or corrupt)."""

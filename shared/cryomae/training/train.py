@@ -32,6 +32,7 @@ from cryomae.model.presets import get_preset
 from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
 from cryomae.training.bank import exemplar_bank
+from cryomae.training.corrections import CorrectionMarks, apply_corrections
 from cryomae.training.encoder import load_encoder, start_from_encoder
 from cryomae.training.losses import scs_loss_from_features, standardize, total_loss
 from cryomae.training.pu_head import train_head
@@ -124,8 +125,10 @@ def train_model(
     unlabeled: Sequence[Micrograph] = (),
     on_progress: ProgressHook | None = None,
     cancel: threading.Event | None = None,
+    corrections: Sequence[CorrectionMarks] = (),
 ) -> tuple[TrainedModel, dict[str, Any]]:
-    """Train a project's model from one reference micrograph and its exemplars [m, 2] (original pixels).
+    """Train a project's model from one reference micrograph and its exemplars [m, 2] (original pixels), and an
+    operator's ``corrections`` on other micrographs, if any (``cryomae.training.corrections``).
     ``on_progress`` hears about every 10 % of each stage (the trainer service reports it); setting ``cancel``
     stops training at the next step with ``TrainingInterruptedError``.
 
@@ -189,6 +192,7 @@ def train_model(
     if cfg.head:
         trained.head = train_head(trained, reference.data, exemplars_xy, cfg, device)
         log.info("particle_head", **trained.head.info)
+    corrected = apply_corrections(trained, corrections, cfg, device) if corrections else None
     t5 = time.perf_counter()
     # the reference's own cutoff, with the default picking options: it seeds each session's auto cutoff
     calibration = reference_cutoff(trained, reference.data, PickConfig(device=str(device)))
@@ -202,6 +206,7 @@ def train_model(
             "pixel_size": reference.pixel_size,
             "exemplars": [[round(float(x), 2), round(float(y), 2)] for x, y in exemplars_xy],
             "unlabeled_micrographs": [str(m.path) for m in unlabeled],
+            **({"corrections": corrected} if corrected else {}),
             "device": str(device),
             "torch": torch.__version__,
             # the facility encoder it started from, named by its manifest's checksum (covers its weights)

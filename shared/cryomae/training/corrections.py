@@ -1,0 +1,62 @@
+"""An operator's corrections in training: particles the picker missed and picks that were wrong, marked on any
+micrograph of a session (the session page's ``corrections.star``, ``cryomae exemplars correct``).
+
+The missed particles join the exemplar bank as the reference's exemplars are in it (each in its dihedral views);
+the wrong picks become the model's negatives, whose mean the cosine score pushes away from
+(``PickConfig.negative_weight``: score = cosine to the bank - weight x cosine to the negatives' mean, the
+relevance feedback of Rocchio's classic rule). Both are encoder features of the marked windows on their own
+micrographs, prepared like the reference. The particle-probability head (``TrainConfig.head``) is fitted on the
+reference alone and does not read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryomae.config import TrainConfig
+from cryomae.model.checkpoint import TrainedModel
+from cryomae.preprocess import prepare
+from cryomae.training.bank import exemplar_bank
+
+__all__ = ["CorrectionMarks", "apply_corrections"]
+
+
+@dataclass(frozen=True)
+class CorrectionMarks:
+    """The marks on one micrograph: its pixels [H, W] and the centres (original pixels, x = column) of the
+    particles the picker missed and of its wrong picks."""
+
+    image: np.ndarray
+    missed: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [P, 2]
+    wrong: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [N, 2]
+
+
+def apply_corrections(
+    trained: TrainedModel, marks: Sequence[CorrectionMarks], cfg: TrainConfig, device: torch.device
+) -> dict[str, int]:
+    """Add the marked missed particles to ``trained``'s bank and its wrong picks to its negatives (in place);
+    returns the counts of marks used. One micrograph is prepared at a time."""
+    missed: list[torch.Tensor] = []
+    wrong: list[torch.Tensor] = []
+    for m in marks:
+        if not len(m.missed) and not len(m.wrong):
+            continue
+        image = prepare(m.image, trained.geometry, device)
+        for xy, out in ((m.missed, missed), (m.wrong, wrong)):
+            if len(xy):
+                centres = trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
+                out.append(exemplar_bank(trained.model, image, centres, device, kind="views", views=cfg.bank_views))
+    if missed:
+        trained.bank = torch.cat([trained.bank, *(f.to(trained.bank.device) for f in missed)])
+    if wrong:
+        kept = [] if trained.negatives is None else [trained.negatives]
+        trained.negatives = torch.cat([*kept, *(f.to(trained.bank.device) for f in wrong)])
+    return {
+        "missed": sum(len(m.missed) for m in marks),
+        "wrong": sum(len(m.wrong) for m in marks),
+        "micrographs": sum(1 for m in marks if len(m.missed) or len(m.wrong)),
+    }
