@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,18 @@ class Chromium:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def headless_browser(width: int | None = None, height: int | None = None) -> Iterator[Chromium]:
+    """Debian's Chromium, headless, for a test (which fails, never skips, when there is none), with this
+    window size when given."""
+    import pytest
+
+    executable = find_browser()
+    if executable is None:
+        pytest.fail("no Chromium: the test command installs Debian's chromium (scripts/test-services.sh)")
+    with Chromium(executable) as b:
+        if width is not None and height is not None:
+            b.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        yield b

@@ -29,7 +29,7 @@ from cryomae.io import write_mrc
 from cryomae.messages import PicksReady
 from cryomae.store.outputs import Candidates, SessionOutputs
 from cryomae.synthetic import SyntheticMicrograph, make_micrograph
-from tests.browser.chromium import Chromium, find_browser
+from tests.browser.chromium import Chromium, headless_browser
 from tests.live.conftest import wait_until
 
 PROJECT, SESSION, OTHER = "betagal", "grid3", "grid4"
@@ -110,11 +110,7 @@ def _write_session(outputs_root: Path, data: Path, session: str, names: list[str
 
 @pytest.fixture
 def browser() -> Iterator[Chromium]:
-    executable = find_browser()
-    if executable is None:
-        pytest.fail("no Chromium: the test command installs Debian's chromium (scripts/test-services.sh)")
-    with Chromium(executable) as b:
-        b.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False)
+    with headless_browser(1400, 1000) as b:
         yield b
 
 
@@ -437,3 +433,29 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
     target = os.environ.get("CRYOMAE_CORRECTIONS_SCREENSHOT")
     if target:
         Path(target).write_bytes(shot.read_bytes())
+
+
+def test_a_repicked_micrograph_shows_its_count_before(browser: Chromium, tmp_path: Path) -> None:
+    """After the session is re-picked by a model trained on corrections, each re-picked card says what the model
+    before it kept; a micrograph picked once says nothing of the kind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    outputs = _write_session(tmp_path / "outputs", data, SESSION, [PLAIN, UNMARKED])
+    before = outputs.entry(str(data / PLAIN)).particles
+    msg, image = _picks(data / PLAIN, SESSION)
+    keep = len(msg.scores) // 2
+    repick = msg.model_copy(
+        update={"model_version": "v2", "threshold": sorted(msg.scores)[keep], "picked_at": time.time() + 1}
+    )
+    outputs.apply(repick)
+    gallery = SessionGallery(outputs, size=256)
+    gallery.add(repick.micrograph, image)
+    gallery.write_index(seen=2)
+    after = outputs.entry(str(data / PLAIN)).particles
+    assert after != before
+    _open(browser, (outputs.root / "gallery" / "index.html").as_uri())
+    shown = browser.evaluate(
+        "Array.from(document.querySelectorAll('#grid .card')).map(c => [c.getAttribute('data-micrograph'), "
+        "(c.querySelector('.before') || {}).textContent || null])"
+    )
+    assert dict(shown) == {PLAIN: f"before: {before} particles with model v1", UNMARKED: None}

@@ -22,7 +22,7 @@ from cryomae.gallery.server import make_server, serve_in_thread
 from cryomae.io import write_mrc
 from cryomae.operator import actions as ops
 from cryomae.service.writer import Writer
-from tests.browser.chromium import Chromium, find_browser
+from tests.browser.chromium import Chromium, headless_browser
 from tests.live.conftest import (
     MICS_DLQ,
     PROJECT,
@@ -60,10 +60,7 @@ def _noun(count: int) -> str:
 
 @pytest.fixture
 def browser() -> Iterator[Chromium]:
-    executable = find_browser()
-    if executable is None:
-        pytest.fail("no Chromium: the test command installs Debian's chromium (scripts/test-services.sh)")
-    with Chromium(executable) as b:
+    with headless_browser() as b:
         yield b
 
 

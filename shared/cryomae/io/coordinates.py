@@ -121,17 +121,24 @@ def _columns_text(columns: Sequence[object]) -> str:
     return ", ".join(str(c) for c in columns) if len(columns) else "none"
 
 
-def _read_star(path: Path) -> Coordinates:
-    """The first block of a STAR file that has coordinate columns (a loop, or key/value pairs for one row)."""
-    import pandas as pd
+def _star_blocks(path: Path) -> dict[str, Any]:
+    """Every data block of a STAR file (starfile's tables or key/value dicts); InputError naming the file when it
+    cannot be parsed."""
     import starfile
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pandas/starfile internals; the result is validated below
-            blocks = starfile.read(path, always_dict=True, parse_as_string=_STRING_COLUMNS)
+            warnings.simplefilter("ignore")  # pandas/starfile internals; the result is validated by the caller
+            return dict(starfile.read(path, always_dict=True, parse_as_string=_STRING_COLUMNS))
     except Exception as exc:  # starfile raises many types (ValueError, TypeError, pandas errors) on bad text
         raise InputError(path, f"cannot parse STAR file: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_star(path: Path) -> Coordinates:
+    """The first block of a STAR file that has coordinate columns (a loop, or key/value pairs for one row)."""
+    import pandas as pd
+
+    blocks = _star_blocks(path)
     if not blocks:
         raise InputError(path, "no data_ block found (empty or not a STAR file)")
     seen = []
@@ -325,14 +332,7 @@ def read_corrections(path: str | Path) -> Corrections:
     size = p.stat().st_size
     if size > MAX_CORRECTIONS_BYTES:
         raise InputError(p, f"{size} bytes: larger than {MAX_CORRECTIONS_BYTES >> 20} MiB, not a corrections file")
-    import starfile
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pandas/starfile internals; the result is validated below
-            blocks = starfile.read(p, always_dict=True, parse_as_string=_STRING_COLUMNS)
-    except Exception as exc:  # starfile raises many types (ValueError, TypeError, pandas errors) on bad text
-        raise InputError(p, f"cannot parse STAR file: {type(exc).__name__}: {exc}") from exc
+    blocks = _star_blocks(p)
     table = next((b for b in blocks.values() if hasattr(b, "columns") and PARTICLE_LABEL in b.columns), None)
     if table is None:
         raise InputError(p, f"no loop with _{PARTICLE_LABEL} (1: a missed particle, 0: a wrong pick)")
