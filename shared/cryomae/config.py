@@ -77,6 +77,12 @@ class TrainConfig(BaseModel):
     )
     bank_views: Literal[1, 8] = Field(8, description="bank views: 1 view or the 8 dihedral views of each exemplar")
     bank_rotations: int = Field(16, ge=1, le=90, description="bank aligned: in-plane angles of the aligned average")
+    corrections_missed: bool = Field(
+        False,
+        description="training on an operator's corrections: also add the particles marked missed to the exemplar "
+        "bank (off: measured to lower F1 on most development samples, docs/accuracy.md; the wrong picks are used "
+        "either way, as negatives)",
+    )
     head: bool = Field(
         False,
         description="train the particle-probability head on the reference micrograph as a positive-unlabeled "
@@ -144,14 +150,15 @@ class PickConfig(BaseModel):
     )
     max_weight: float = Field(0.4, ge=0.0, le=1.0, description="mean_max: the weight of the max")
     negative_weight: float = Field(
-        0.5,
+        0.25,
         ge=0.0,
         le=4.0,
         description="a model trained with an operator's corrections: the cosine score less this times the window's "
-        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used)",
+        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used; chosen with a simulated "
+        "operator, docs/accuracy.md)",
     )
     negative_rule: Literal["max", "mean", "orthogonal", "nearest"] = Field(
-        "max",
+        "mean",
         description="the cosine to the marked wrong picks: to the nearest one (max), to their mean (mean), or to "
         "what their mean does not share with the particles' prototype (orthogonal), or by how much the nearest "
         "one is nearer than the nearest exemplar (nearest)",

@@ -4,9 +4,10 @@ On every development dataset of a ``study.py`` cache (one per exemplar draw), th
 (the protocol's queries, automatic cutoff). The operator then looks at two micrographs (the first two queries by
 name) and on each marks the highest-scoring wrong picks and the missed particles the model scores highest (the
 score map at their centre): 40 clicks are 10 wrong and 10 missed on each, 10 clicks are 3 wrong and 2 missed on
-each. The marks are applied as ``cryomae exemplars correct`` applies them (``apply_corrections``: the missed
-particles join the bank, the wrong picks become negatives), every micrograph is scored again and the session is
-cut as before. A second round marks two further queries on the re-picked session and adds them.
+each. The marks are applied as ``cryomae exemplars correct`` applies them (``apply_corrections``: the wrong picks become
+negatives; the missed particles join the bank with ``--train-set corrections_missed=true``), every micrograph is
+scored again and the session is cut as before. A second round marks two further queries on the re-picked
+session and adds them.
 
 The encoder is the cached one: training with corrections trains it as the first training did (same reference,
 exemplars and seed) and adds the marks after, so only the bank, the negatives and the maps change.
@@ -85,12 +86,14 @@ def operator_marks(
     return marks
 
 
-def corrected(c: study.Cached, marks: Sequence[CorrectionMarks], cfg: PickConfig) -> study.Cached:
+def corrected(
+    c: study.Cached, marks: Sequence[CorrectionMarks], cfg: PickConfig, train: TrainConfig | None = None
+) -> study.Cached:
     """``c`` with the marks applied to a copy of its model and every map scored again."""
     trained = copy.copy(c.trained)
     trained.bank = c.trained.bank.clone()
     trained.negatives = None if c.trained.negatives is None else c.trained.negatives.clone()
-    apply_corrections(trained, marks, TrainConfig(), torch.device("cpu"))
+    apply_corrections(trained, marks, train or TrainConfig(), torch.device("cpu"))
     maps = {stem: compute_score_map(trained, c.images[stem], cfg) for stem in c.maps}
     return dataclasses.replace(c, trained=trained, maps=maps)
 
@@ -103,7 +106,9 @@ def f1(c: study.Cached, cfg: PickConfig, stems: Sequence[str]) -> float:
     return evaluate(picks, {k: c.split.truth[k] for k in stems}, c.split.diameter).pooled.f1
 
 
-def run_dataset(c: study.Cached, cfg: PickConfig, clicks: int, rounds: int) -> dict[str, float]:
+def run_dataset(
+    c: study.Cached, cfg: PickConfig, clicks: int, rounds: int, train: TrainConfig | None = None
+) -> dict[str, float]:
     """F1 before and after each round, over every query and over the queries never clicked."""
     n_wrong, n_missed = CLICKS[clicks]
     queries = [q.stem for q in c.split.queries]
@@ -122,7 +127,7 @@ def run_dataset(c: study.Cached, cfg: PickConfig, clicks: int, rounds: int) -> d
     for r in range(1, rounds + 1):
         stems = queries[ROUND_MICROGRAPHS * (r - 1) : ROUND_MICROGRAPHS * r]
         marks += operator_marks(now, cfg, stems, n_wrong, n_missed)
-        now = corrected(c, marks, cfg)
+        now = corrected(c, marks, cfg, train)
         measure(f"round{r}", now)
     return out
 
@@ -136,10 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="PickConfig values to choose among")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--wrong-only", action="store_true", help="mark only wrong picks (the missed clicks are not made)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig of the marks")
     args = p.parse_args(argv)
-    if args.wrong_only:
-        CLICKS.update({k: (w, 0) for k, (w, _) in CLICKS.items()})
+    train = TrainConfig(**study._pairs(args.train_set, "--train-set"))
     names = args.datasets.split(",") if args.datasets else None
     variants = study.grid(args.grid) if args.grid else [("default", {})]
     clicks_list = args.clicks or [40, 10]
@@ -151,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = PickConfig(**values)
             for clicks in clicks_list:
                 for c in cached:
-                    row = run_dataset(c, cfg, clicks, args.rounds)
+                    row = run_dataset(c, cfg, clicks, args.rounds, train)
                     for key, value in row.items():
                         figures.setdefault(f"{clicks}:{key}", {}).setdefault(label, {}).setdefault(c.name, [])
                         figures[f"{clicks}:{key}"][label][c.name].append(value)

@@ -98,7 +98,8 @@ def _check_repicked(live: Live, first: str, counts: dict[str, int], exemplar_set
     assert current is not None and current != first
     manifest = read_manifest(store.get_project(PROJECT).path / "models" / current / MANIFEST)
     assert manifest["exemplar_set"]["id"] == exemplar_set
-    assert manifest["provenance"]["corrections"] == {"missed": 1, "wrong": 1, "micrographs": 2}
+    # the wrong pick is used; the missed particle is stored with the set, not trained on (corrections_missed)
+    assert manifest["provenance"]["corrections"] == {"missed": 0, "wrong": 1, "micrographs": 1}
     assert manifest["negative_bank"] == {"size": 8}  # the wrong pick in its 8 dihedral views
     for entry in outputs(live).micrographs():
         assert (entry.previous_model_version, entry.previous_particles) == (first, counts[entry.micrograph])

@@ -63,13 +63,14 @@ def test_the_mean_of_the_negatives_is_the_other_rule() -> None:
     assert not np.allclose(nearest.scores, mean.scores)
 
 
-def test_missed_particles_join_the_bank_in_their_views() -> None:
+def test_missed_particles_join_the_bank_in_their_views_where_asked() -> None:
+    image = _micrograph()
+    marks = [CorrectionMarks(image, missed=np.array([[60.0, 70.0], [90.0, 40.0]]))]
     trained = _trained("mean")
     before = trained.bank.clone()
-    image = _micrograph()
-    counts = apply_corrections(
-        trained, [CorrectionMarks(image, missed=np.array([[60.0, 70.0], [90.0, 40.0]]))], TrainConfig(), CPU
-    )
+    assert apply_corrections(trained, marks, TrainConfig(), CPU) == {"missed": 0, "wrong": 0, "micrographs": 0}
+    torch.testing.assert_close(trained.bank, before)  # the default: missed particles are not used
+    counts = apply_corrections(trained, marks, TrainConfig(corrections_missed=True), CPU)
     assert counts == {"missed": 2, "wrong": 0, "micrographs": 1}
     assert trained.negatives is None
     assert trained.bank.shape[0] == before.shape[0] + 2 * 8

@@ -1,11 +1,12 @@
 """An operator's corrections in training: particles the picker missed and picks that were wrong, marked on any
 micrograph of a session (the session page's ``corrections.star``, ``cryomae exemplars correct``).
 
-The missed particles join the exemplar bank as the reference's exemplars are in it (each in its dihedral views);
-the wrong picks become the model's negatives, whose mean the cosine score pushes away from
+The wrong picks become the model's negatives, whose mean the cosine score pushes away from
 (``PickConfig.negative_weight``: score = cosine to the bank - weight x cosine to the negatives' mean, the
-relevance feedback of Rocchio's classic rule). Both are encoder features of the marked windows on their own
-micrographs, prepared like the reference. The particle-probability head (``TrainConfig.head``) is fitted on the
+relevance feedback of Rocchio's classic rule). With ``TrainConfig.corrections_missed`` the missed particles join
+the exemplar bank as the reference's exemplars are in it (off by default: it lowered F1 on most development
+samples, docs/accuracy.md). Both are encoder features of the marked windows on their own micrographs, prepared
+like the reference. The particle-probability head (``TrainConfig.head``) is fitted on the
 reference alone and does not read them.
 """
 
@@ -38,15 +39,15 @@ class CorrectionMarks:
 def apply_corrections(
     trained: TrainedModel, marks: Sequence[CorrectionMarks], cfg: TrainConfig, device: torch.device
 ) -> dict[str, int]:
-    """Add the marked missed particles to ``trained``'s bank and its wrong picks to its negatives (in place);
-    returns the counts of marks used. One micrograph is prepared at a time."""
+    """Add the marked wrong picks to ``trained``'s negatives and, with ``cfg.corrections_missed``, the marked missed
+    particles to its bank (in place); returns the counts of marks used. One micrograph is prepared at a time."""
     missed: list[torch.Tensor] = []
     wrong: list[torch.Tensor] = []
     for m in marks:
-        if not len(m.missed) and not len(m.wrong):
+        if not (len(m.missed) and cfg.corrections_missed) and not len(m.wrong):
             continue
         image = prepare(m.image, trained.geometry, device)
-        for xy, out in ((m.missed, missed), (m.wrong, wrong)):
+        for xy, out in ((m.missed if cfg.corrections_missed else m.missed[:0], missed), (m.wrong, wrong)):
             if len(xy):
                 centres = trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
                 out.append(exemplar_bank(trained.model, image, centres, device, kind="views", views=cfg.bank_views))
@@ -56,7 +57,7 @@ def apply_corrections(
         kept = [] if trained.negatives is None else [trained.negatives]
         trained.negatives = torch.cat([*kept, *(f.to(trained.bank.device) for f in wrong)])
     return {
-        "missed": sum(len(m.missed) for m in marks),
+        "missed": sum(len(m.missed) for m in marks) if cfg.corrections_missed else 0,
         "wrong": sum(len(m.wrong) for m in marks),
-        "micrographs": sum(1 for m in marks if len(m.missed) or len(m.wrong)),
+        "micrographs": sum(1 for m in marks if (len(m.missed) and cfg.corrections_missed) or len(m.wrong)),
     }
