@@ -43,13 +43,19 @@ def test_a_window_like_a_marked_wrong_pick_loses_score(feature: Literal["mean", 
     assert counts == {"missed": 0, "wrong": 3, "micrographs": 1}
     assert trained.negatives is not None and trained.negatives.shape == (3 * 8, trained.bank.shape[1])
     off = compute_score_map(trained, image, PickConfig(device="cpu", score=score, negative_weight=0.0))
-    on = compute_score_map(trained, image, PickConfig(device="cpu", score=score, negative_weight=0.5))
+    on = compute_score_map(
+        trained, image, PickConfig(device="cpu", score=score, negative_weight=0.5, negative_rule="max")
+    )
     drop = (off.scores - on.scores).ravel()
     # every window loses 0.5 x its cosine to the nearest negative; the marked windows (cosine ~1) lose the most
     assert drop[cells].mean() > np.percentile(drop, 90)
     assert np.all(drop[cells] > 0.3)
     # the shared-token and the window-by-window evaluations agree with negatives too
-    slow = compute_score_map(trained, image, PickConfig(device="cpu", score=score, shared_tokens=False))
+    slow = compute_score_map(
+        trained,
+        image,
+        PickConfig(device="cpu", score=score, negative_weight=0.5, negative_rule="max", shared_tokens=False),
+    )
     np.testing.assert_allclose(on.scores, slow.scores, atol=3e-5)
 
 
@@ -99,3 +105,19 @@ def test_negatives_are_stored_with_the_model_and_checked(tmp_path: Path) -> None
     plain = tmp_path / "plain"
     save_model(plain, trained.model, trained.bank, trained.geometry, {})
     assert load_model(plain).negatives is None
+
+
+@pytest.mark.parametrize("rule", ["max", "mean", "orthogonal", "nearest"])
+@pytest.mark.parametrize("feature", ["mean", "flat"])
+def test_every_rule_scores_alike_both_ways_and_lowers_the_marked_windows(
+    rule: str, feature: Literal["mean", "flat"]
+) -> None:
+    trained, image, base, cells, _ = _with_negatives(feature)
+    cfg = PickConfig(device="cpu", negative_rule=rule, negative_weight=1.0)
+    fast = compute_score_map(trained, image, cfg)
+    slow = compute_score_map(trained, image, cfg.model_copy(update={"shared_tokens": False}))
+    np.testing.assert_allclose(fast.scores, slow.scores, atol=3e-5)
+    drop = (base.scores - fast.scores).ravel()
+    if rule == "nearest":  # it takes off only where a negative is nearer than every exemplar: it never adds
+        assert np.all(drop >= -1e-5)
+    assert drop[cells].mean() > np.median(drop)  # the marked windows lose more than the typical one
