@@ -132,10 +132,68 @@ def run_dataset(
     return out
 
 
+def _sample_means(rows: dict[str, list[float]]) -> dict[str, float]:
+    """Dataset -> figures of each draw, to sample -> mean over its datasets and the draws."""
+    samples: dict[str, list[float]] = {}
+    for dataset, values in rows.items():
+        samples.setdefault(loso.sample_of(dataset), []).extend(values)
+    return {sample: float(np.mean(values)) for sample, values in samples.items()}
+
+
+def report(documents: Sequence[dict[str, Any]], label: str = "default") -> str:
+    """The Markdown table of one variant's runs (one document per exemplar draw, as ``--json`` writes them): F1
+    at the automatic cutoff per sample before and after each round, mean over the draws, and the change."""
+    merged: dict[str, dict[str, list[float]]] = {}
+    for doc in documents:
+        for key, variants in doc["figures"].items():
+            for dataset, values in variants[label].items():
+                merged.setdefault(key, {}).setdefault(dataset, []).extend(values)
+    columns = [
+        ("before", "40:before"),
+        ("10 clicks", "10:round1"),
+        ("10 + 10 clicks", "10:round2"),
+        ("40 clicks", "40:round1"),
+        ("40 + 40 clicks", "40:round2"),
+        ("unclicked queries, before", "40:before_unclicked"),
+        ("after 40 + 40 clicks", "40:round2_unclicked"),
+    ]
+    columns = [(title, key) for title, key in columns if key in merged]
+    table = {key: _sample_means(merged[key]) for _, key in columns}
+    before = table["40:before"]
+    lines = [
+        "| sample | " + " | ".join(title for title, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+
+    def cell(key: str, value: float, base: dict[str, float], sample: str) -> str:
+        if key in ("40:before", "40:before_unclicked"):
+            return f"{value:.3f}"
+        return f"{value:.3f} ({value - base[sample]:+.3f})"
+
+    for sample in sorted(before):
+        cells = []
+        for _, key in columns:
+            base = table["40:before_unclicked"] if key.endswith("unclicked") else before
+            cells.append(cell(key, table[key][sample], base, sample))
+        lines.append(f"| {sample} | " + " | ".join(cells) + " |")
+    means = []
+    for _, key in columns:
+        base = table["40:before_unclicked"] if key.endswith("unclicked") else before
+        value, ref = float(np.mean(list(table[key].values()))), float(np.mean(list(base.values())))
+        means.append(
+            f"**{value:.3f}**" if value == ref or key.endswith("before") else f"**{value:.3f} ({value - ref:+.3f})**"
+        )
+    lines.append("| **mean** | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    p.add_argument("--cache", type=Path, action="append", required=True, help="one per exemplar draw")
+    p.add_argument("--cache", type=Path, action="append", default=[], help="one per exemplar draw")
+    p.add_argument("--report", type=Path, nargs="+", default=None, help="only write the table of these --json files")
+    p.add_argument("--out", type=Path, default=None, help="with --report: write the Markdown table here")
+    p.add_argument("--label", default="default", help="with --report: the variant (a --grid label) to show")
     p.add_argument("--datasets", default=None, help="comma list (default: all)")
     p.add_argument("--clicks", type=int, choices=sorted(CLICKS), action="append", default=None)
     p.add_argument("--rounds", type=int, default=2)
@@ -143,6 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig of the marks")
     args = p.parse_args(argv)
+    if args.report:
+        text = report([json.loads(path.read_text()) for path in args.report], args.label)
+        print(text, end="")
+        if args.out:
+            args.out.write_text(text)
+        return 0
+    if not args.cache:
+        p.error("give --cache (one per exemplar draw) or --report")
     train = TrainConfig(**study._pairs(args.train_set, "--train-set"))
     names = args.datasets.split(",") if args.datasets else None
     variants = study.grid(args.grid) if args.grid else [("default", {})]
