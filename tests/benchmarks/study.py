@@ -20,6 +20,12 @@ and its F1 at the automatic cutoff beside the in-sample choice's. One cache per 
 (``prepare --draw N --cache .study/draw-N``) gives mean and minimum over the draws:
 
     .venv/bin/python tests/benchmarks/study.py choose --grid threshold=auto,gmm,robust --grid nms_distance=0.4,0.3
+
+``compare`` sets training variants against each other the same way, each prepared in caches of its own
+(``prepare --train-set pretrain_epochs=0 --train-set epochs=0 --draw N --cache .study/untrained-N``):
+
+    .venv/bin/python tests/benchmarks/study.py compare --variant "trained=.study/draw-0,.study/draw-1" \
+        --variant "untrained=.study/untrained-0,.study/untrained-1"
 """
 
 from __future__ import annotations
@@ -340,6 +346,45 @@ def choose_figures(
     return figures
 
 
+def compare(
+    data_root: Path,
+    variants: Sequence[str],
+    names: Sequence[str] | None,
+    pick: dict[str, Any],
+    command: str,
+    args: argparse.Namespace,
+) -> int:
+    """Training variants, each prepared in caches of its own (one per exemplar draw), compared leaving one sample
+    out: F1 at the automatic cutoff and AP over all candidates (issue 24 item 6: the encoder's part)."""
+    if len(variants) < 2:
+        raise accuracy.BenchmarkError("compare needs two --variant LABEL=CACHE,CACHE,... or more")
+    figures: dict[str, dict[str, dict[str, list[float]]]] = {"f1": {}, "ap": {}}
+    for spec in variants:
+        label, sep, caches = spec.partition("=")
+        if not sep or not caches:
+            raise accuracy.BenchmarkError(f"--variant expects LABEL=CACHE,CACHE,..., got {spec!r}")
+        for cache in caches.split(","):
+            cached = load(data_root, Path(cache), names)
+            if not cached:
+                raise accuracy.BenchmarkError(f"{cache}: no prepared dataset")
+            result = table(cached, PickConfig(**pick), quiet=True)
+            for name, row in result["rows"].items():
+                for key in ("f1", "ap"):
+                    figures[key].setdefault(label, {}).setdefault(name, []).append(float(row[key]))
+            print(f"{label} {cache}: mean F1 {result['mean']['f1']:.3f}, AP {result['mean']['ap']:.3f}", flush=True)
+            del cached
+    report = "".join(
+        loso.markdown(loso.choose(figures[key]), title) + "\n"
+        for key, title in (("f1", "F1 at the automatic cutoff"), ("ap", "AP over all candidates"))
+    )
+    print(report, end="")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "figures": figures}, indent=1))
+    if args.out:
+        args.out.write_text(f"Command: `{command}`\n\n{report}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -350,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("prepare", "evaluate", "choose"))
+    p.add_argument("action", choices=("prepare", "evaluate", "choose", "compare"))
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument(
         "--cache",
@@ -368,6 +413,14 @@ def _main(argv: Sequence[str] | None) -> int:
         default=[],
         metavar="KEY=V1,V2",
         help="choose: PickConfig values to choose among (every combination; list the default first)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=CACHE,CACHE",
+        help="compare: a training variant and its caches, one per exemplar draw in the same draw order (list the "
+        "shipped one first)",
     )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
@@ -388,6 +441,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.grid and args.action != "choose":
         p.error("--grid is for choose")
     command = " ".join([".venv/bin/python tests/benchmarks/study.py", *(argv or sys.argv[1:])])
+    if args.action == "compare":
+        return compare(args.data_root, args.variant, names, _pairs(args.pick_set, "--pick-set"), command, args)
     if args.action == "choose":
         if not args.grid:
             p.error("choose needs at least one --grid KEY=V1,V2,...")
