@@ -7,12 +7,13 @@ import json
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from cryomae.errors import TransientError
 from cryomae.messages import decode
-from cryomae.messaging import Envelope
+from cryomae.messaging import Broker, Envelope
 from cryomae.messaging import topology as t
 from cryomae.messaging.delivery import DELIVERY_LIMIT
 from cryomae.messaging.rabbit import RabbitBroker
@@ -42,6 +43,32 @@ def test_declare_is_idempotent_and_makes_quorum_queues(broker_factory: BrokerFac
         assert arguments["x-delivery-limit"] == DELIVERY_LIMIT - 1
         assert arguments["x-dead-letter-routing-key"] == f"{namespace}.{name}.dlq"
         assert arguments.get("x-single-active-consumer", False) == (name in t.SINGLE_ACTIVE)
+
+
+@pytest.mark.parametrize("transport", RABBIT)
+def test_peeks_from_two_processes_at_once_each_list_every_message(broker_factory: BrokerFactory) -> None:
+    """``cryomae dlq list`` and ``cryomae status`` side by side each peek at the dead letters over a connection of
+    their own: each must list all of them (a peek holds what it reads unacknowledged for a moment; before the peek
+    lock, the other listing then missed those)."""
+    first, second = broker_factory(), broker_factory()
+    dlq = t.dead_letters(t.MICROGRAPHS)
+    messages = [micrograph(i) for i in range(5)]
+    for message in messages:
+        first.publish(dlq, message)
+    sent = sorted(m.id for m in messages)
+    barrier = threading.Barrier(2)
+
+    def listing(broker: Broker) -> list[list[str]]:
+        seen = []
+        for _ in range(20):
+            barrier.wait(WAIT)  # both peek at the same moment, every round
+            seen.append(sorted(decode(e.body).id for e in broker.peek(dlq, 100)))
+        return seen
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(listing, (first, second)))
+    assert all(ids == sent for seen in results for ids in seen), results
+    assert first.depth(dlq) == 5
 
 
 @pytest.mark.parametrize("transport", RABBIT)

@@ -70,6 +70,8 @@ START_TIMEOUT = 30.0  # seconds ``consume``/``subscribe`` wait for the consumer'
 SOCKET_TIMEOUT = 5.0
 BLOCKED_TIMEOUT = 30.0  # seconds a publish waits while RabbitMQ blocks publishers (memory/disk alarm)
 PEEK_SETTLE_S = 2.0  # longest a peek waits for the messages it handed back to be ready again
+PEEK_LOCK_WAIT_S = 30.0  # longest a peek waits for another process's peek at the same queue to end
+RESOURCE_LOCKED = 405  # RabbitMQ's reply to a declare of an exclusive queue another connection holds
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -232,6 +234,31 @@ class RabbitBroker(Broker):
             if channel.is_open:
                 channel.close()
 
+    @contextmanager
+    def _peek_lock(self, connection: Any, logical: str) -> Iterator[None]:
+        """One peek at a queue at a time, across processes: a peek holds the messages it reads unacknowledged for a
+        moment, and a second peek meanwhile (``dlq list`` and ``status`` run side by side) would list fewer. The
+        lock is an exclusive queue: RabbitMQ lets one connection declare it and refuses the others (405) until it
+        is deleted, which it is at the end of the peek, or when its connection closes (a process that dies)."""
+        name = self.full(f"{logical}.peek-lock")
+        deadline = time.monotonic() + PEEK_LOCK_WAIT_S
+        while True:
+            channel = connection.channel()
+            try:
+                channel.queue_declare(name, exclusive=True)
+                break
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != RESOURCE_LOCKED or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)  # another process peeks: polling the broker is the only way to learn it ended
+        try:
+            yield
+        finally:
+            if channel.is_open:
+                with suppress(pika.exceptions.AMQPError):
+                    channel.queue_delete(name)
+                channel.close()
+
     def _ready_count(self, channel: Any, logical: str) -> int | None:
         """Ready messages of a queue, or None where it does not exist (closes ``channel`` then)."""
         try:
@@ -322,7 +349,7 @@ class RabbitBroker(Broker):
 
         def operation(connection: Any, channel: Any) -> list[Envelope]:
             found: list[Envelope] = []
-            with self._scratch(connection) as scratch:
+            with self._peek_lock(connection, queue), self._scratch(connection) as scratch:
                 ready = self._ready_count(scratch, queue)
                 if ready is None:  # no such queue (its channel is closed now): nothing to peek at
                     return found
