@@ -195,16 +195,18 @@ def _sample_label(h: HeldOut) -> str:
     return f"{h.sample} ({', '.join(d.partition('/')[2] or d for d in h.datasets)})"
 
 
-def markdown(choice: Choice, figure: str = "F1 at the automatic cutoff") -> str:
-    """The report: per held-out sample the variant chosen without it and its F1 beside the in-sample choice's
-    F1, the means of both, each variant's in-sample mean, and the sentence saying what the decision rests on."""
+def markdown(choice: Choice, figure: str = "F1 at the automatic cutoff", short: str = "F1") -> str:
+    """The report: per held-out sample the variant chosen without it and its figure (``short``: its name in the
+    column heads) beside the in-sample choice's, the means of both, each variant's in-sample mean, and the
+    sentence saying what the decision rests on."""
     many = choice.n_draws > 1
     draws = f", mean over {choice.n_draws} exemplar draws (min: the lowest draw)" if many else ""
     lines = [
         f"Figure: {figure}{draws}. In-sample choice: `{choice.in_sample}` (best mean over all "
         f"{len(choice.samples)} samples).",
         "",
-        f"| held-out sample | chosen on the other samples | its F1 | F1 of the in-sample choice `{choice.in_sample}` |",
+        f"| held-out sample | chosen on the other samples | its {short} | {short} of the in-sample choice "
+        f"`{choice.in_sample}` |",
         "|---|---|---|---|",
     ]
     lines.extend(

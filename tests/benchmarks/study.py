@@ -374,7 +374,7 @@ def compare(
             print(f"{label} {cache}: mean F1 {result['mean']['f1']:.3f}, AP {result['mean']['ap']:.3f}", flush=True)
             del cached
     report = "".join(
-        loso.markdown(loso.choose(figures[key]), title) + "\n"
+        loso.markdown(loso.choose(figures[key]), title, key.upper() if key == "ap" else "F1") + "\n"
         for key, title in (("f1", "F1 at the automatic cutoff"), ("ap", "AP over all candidates"))
     )
     print(report, end="")
