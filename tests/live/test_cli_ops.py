@@ -418,7 +418,10 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         assert [e.micrograph for e in outputs(live, OTHER).micrographs()] == [resolved(taken)]
         assert resolved(ignored) not in {e.micrograph for e in outputs(live).micrographs()}
         assert picked(live) == 6 and seen(live) == 6
-        # the status for people: the stopped session with its counts, the other one still watched
+        # the status for people: the stopped session with its counts, the other one still watched (status reads
+        # the depths `cryomae run` writes every second: wait for one written after all was done, as above)
+        done_at = time.time()
+        wait_until(alive_while([run], lambda: snapshot_written(live) > done_at), what="a later queue snapshot")
         text = ok(cli(live, "status")).stdout
         assert "one process (in-memory broker)" in text and "queues: all empty" in text
         assert f"{PROJECT}: model {project['current_version']} (1 version), training done" in text
