@@ -74,6 +74,12 @@ def test_a_second_round_keeps_the_first_and_skips_what_it_repeats(setup, tmp_pat
     assert (second.base, second.missed, second.wrong) == (first.id, 2, 1)
     with pytest.raises(InputError, match="nothing new: every mark is already in exemplar set"):
         store.add_corrections("p", second.id, again, src, roots=[data])
+    # a micrograph only the earlier set marked keeps its record, even once gone from disk (training refuses it then)
+    os.remove(mics[1])
+    third, _ = store.add_corrections("p", second.id, _marks(mics, [(2, 60.0, 60.0, True)]), src, roots=[data])
+    assert [c for c in third.corrections if c.path == mics[1]] == [c for c in second.corrections if c.path == mics[1]]
+    with pytest.raises(InputError, match="no longer exists"):
+        third.read_corrections(roots=[data])
 
 
 def test_bad_corrections_are_refused_with_the_reason(setup, tmp_path: Path) -> None:

@@ -136,8 +136,8 @@ def _n_negatives(trained: TrainedModel, cfg: PickConfig) -> int:
 def _finish(trained: TrainedModel, sims: torch.Tensor, cfg: PickConfig, dim: int = 1) -> torch.Tensor:
     """Similarities to the scoring vectors (along ``dim``) -> one score per window: the head's logit (the map
     keeps logits, which do not saturate where peaks are found; candidates get probabilities), or the cosine
-    score of ``PickConfig.score``, less ``negative_weight`` times the cosine to the nearest negative (the last
-    vectors) where the model has negatives: a window like a marked wrong pick loses what it has in common."""
+    score of ``PickConfig.score``, less ``negative_weight`` times its similarity to the negatives (the last
+    vectors; ``negative_rule``) where the model has negatives: a window like a marked wrong pick loses score."""
     if uses_head(trained, cfg):
         assert trained.head is not None
         return trained.head.logit(sims.squeeze(dim))

@@ -164,14 +164,19 @@ class Trainer:
     def _repick(self, project: str, session: str, version: str) -> int:
         """Ask for the session's micrographs picked by an older version to be picked again with ``version`` (the
         path of ``cryomae session repick``); the number asked for. A session with no outputs has nothing to
-        re-pick; the version is published either way."""
+        re-pick; the version is published either way, and a re-pick that fails (damaged outputs, the broker) is
+        logged for ``cryomae session repick``, not a reason to train again."""
         folder = None if self.outputs is None else self.outputs / project / session
         if folder is None or not folder.is_dir():
             log.warning("repick_skipped", project=project, session=session, reason=f"no outputs at {folder}")
             return 0
-        messages, missing = repick_messages(SessionOutputs(folder, read_only=True), project, session, version)
-        for message in messages:
-            self.broker.publish(topology.MICROGRAPHS, message)
+        try:
+            messages, missing = repick_messages(SessionOutputs(folder, read_only=True), project, session, version)
+            for message in messages:
+                self.broker.publish(topology.MICROGRAPHS, message)
+        except (CryomaeError, OSError) as exc:  # the version stands: the operator can re-pick with the command
+            log.warning("repick_failed", project=project, session=session, reason=str(exc), command="session repick")
+            return 0
         log.info("repick_requested", project=project, session=session, micrographs=len(messages), missing=len(missing))
         return len(messages)
 

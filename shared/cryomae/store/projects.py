@@ -479,12 +479,14 @@ class ProjectStore:
             ]
         )
         counts = {"added": 0, "already": 0, "replaced": 0}
+        shapes: dict[str, tuple[int, int]] = {}
         for name in dict.fromkeys(marks.names):  # each micrograph once, in file order
             mine = np.array([n == name for n in marks.names])
             path = _inside_data_roots(Path(name), roots)
             shape = micrograph_shape(path) if path.is_file() else None
             if shape is None:
                 raise InputError(src, f"micrograph {name} cannot be read (missing, or not a micrograph)")
+            shapes[name] = shape
             xy, flags = marks.xy[mine], marks.particle[mine]
             check_inside(Coordinates(xy), shape, src)
             gaps = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))  # [n, n]
@@ -505,12 +507,13 @@ class ProjectStore:
                 kept = [m for k, m in enumerate(kept) if k not in same] + [(name, float(x), float(y), bool(flag))]
         if not counts["added"] and not counts["replaced"]:
             raise InputError(src, f"nothing new: every mark is already in exemplar set {base} of project {project!r}")
-        records = []
-        for name in dict.fromkeys(m[0] for m in kept):
-            path = Path(name)
-            shape = micrograph_shape(path)
-            assert shape is not None  # checked above, or stored by an earlier set (read_corrections checks it again)
-            records.append(CorrectedMicrograph(path, sha256_file(path), path.stat().st_size, shape))
+        # a micrograph of the earlier sets keeps its record (training checks it is unchanged); a new one is hashed
+        earlier = {str(c.path): c for c in before.corrections}
+        fresh = {name: shapes[name] for name in dict.fromkeys(marks.names)}
+        records = [
+            earlier[name] if name in earlier and name not in fresh else _corrected(Path(name), fresh[name])
+            for name in dict.fromkeys(m[0] for m in kept)
+        ]
         created = time.time()
         missed = sum(1 for m in kept if m[3])
         exset = dataclasses.replace(
@@ -738,6 +741,11 @@ class ProjectStore:
         if removed:
             log.info("store_cleanup", removed=[str(p) for p in removed])
         return removed
+
+
+def _corrected(path: Path, shape: tuple[int, int]) -> CorrectedMicrograph:
+    """The record of a micrograph marked now: what tells training later that it is unchanged."""
+    return CorrectedMicrograph(path, sha256_file(path), path.stat().st_size, shape)
 
 
 def _inside_data_roots(micrograph: Path, roots: Sequence[Path]) -> Path:

@@ -43,21 +43,21 @@ def apply_corrections(
     particles to its bank (in place); returns the counts of marks used. One micrograph is prepared at a time."""
     missed: list[torch.Tensor] = []
     wrong: list[torch.Tensor] = []
-    for m in marks:
-        if not (len(m.missed) and cfg.corrections_missed) and not len(m.wrong):
-            continue
-        image = prepare(m.image, trained.geometry, device)
-        for xy, out in ((m.missed if cfg.corrections_missed else m.missed[:0], missed), (m.wrong, wrong)):
+    used = [(m.image, m.missed if cfg.corrections_missed else m.missed[:0], m.wrong) for m in marks]
+    used = [(image, p, n) for image, p, n in used if len(p) or len(n)]
+    for image, positives, negatives in used:
+        prepared = prepare(image, trained.geometry, device)
+        for xy, out in ((positives, missed), (negatives, wrong)):
             if len(xy):
                 centres = trained.geometry.to_model(np.asarray(xy, dtype=np.float64).reshape(-1, 2))
-                out.append(exemplar_bank(trained.model, image, centres, device, kind="views", views=cfg.bank_views))
+                out.append(exemplar_bank(trained.model, prepared, centres, device, kind="views", views=cfg.bank_views))
     if missed:
         trained.bank = torch.cat([trained.bank, *(f.to(trained.bank.device) for f in missed)])
     if wrong:
         kept = [] if trained.negatives is None else [trained.negatives]
         trained.negatives = torch.cat([*kept, *(f.to(trained.bank.device) for f in wrong)])
     return {
-        "missed": sum(len(m.missed) for m in marks) if cfg.corrections_missed else 0,
-        "wrong": sum(len(m.wrong) for m in marks),
-        "micrographs": sum(1 for m in marks if (len(m.missed) and cfg.corrections_missed) or len(m.wrong)),
+        "missed": sum(len(p) for _, p, _ in used),
+        "wrong": sum(len(n) for _, _, n in used),
+        "micrographs": len(used),
     }
