@@ -8,7 +8,7 @@ the same queries as a training-free floor. The figures go to a Markdown report (
 
 Run from the project root (see tests/benchmarks/README.md):
 
-    .venv/bin/python tests/benchmarks/accuracy.py                       # everything, writes docs/benchmarks-core.md
+    .venv/bin/python tests/benchmarks/accuracy.py                       # everything, writes runs/accuracy.md
     .venv/bin/python tests/benchmarks/accuracy.py --quick --datasets empiar10017/bin4 --out /tmp/quick.md
 
 This file is not collected by pytest (it is not named ``test_*.py``).
@@ -50,7 +50,7 @@ from cryomae.training.train import train_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_ROOT = PROJECT_ROOT.parent / "shared" / "data"
-DEFAULT_OUT = PROJECT_ROOT / "docs" / "benchmarks-core.md"
+DEFAULT_OUT = PROJECT_ROOT / "runs" / "accuracy.md"
 
 # Particle diameters (pixels) of datasets without a dataset.json, from the data README.
 KNOWN_DIAMETERS: dict[str, float] = {"empiar10017/bin4": 27.0, "empiar10017/full": 108.0}
@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without --out the report is printed, not written to docs/",
     )
     p.add_argument("--device", default="auto", help="torch device for training and picking (default: auto)")
-    p.add_argument("--out", type=Path, default=None, help="Markdown report (default: docs/benchmarks-core.md)")
+    p.add_argument("--out", type=Path, default=None, help="Markdown report (default: runs/accuracy.md)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     p.add_argument("--verbose", action="store_true", help="show the library's INFO log lines")
     return p

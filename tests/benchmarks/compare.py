@@ -80,7 +80,7 @@ DOCS = PROJECT_ROOT / "docs"
 TOPAZ_PRETRAINED, TOPAZ_TRAINED, DOG_SPEC = "topaz", "topaz-trained", "dog"
 TOPAZ_LABELS = {TOPAZ_PRETRAINED: "Topaz resnet16_u64 (pretrained)", TOPAZ_TRAINED: "Topaz trained on the 15 exemplars"}
 # ``small`` (add it with --pickers) takes 15-20 s per micrograph and 3 minutes of training per dataset on a 2-core
-# CPU for the same F1 as ``fast`` (docs/benchmarks-core.md); on a GPU add ``small,base,paper``.
+# CPU for the same F1 as ``fast`` (docs/performance.md); on a GPU add ``small,base,paper``.
 DEFAULT_PICKERS = (
     "fast,fast:stride_fraction=0.25,fast:shared_tokens=false,search=coarse_to_fine,"
     f"{TOPAZ_PRETRAINED},{TOPAZ_TRAINED},{DOG_SPEC}"

@@ -59,10 +59,6 @@ def test_the_readme_is_a_front_door() -> None:
 def test_every_docs_page_has_a_contents_list() -> None:
     generated = {
         "benchmarks.md",
-        "benchmarks-core.md",
-        "benchmarks-candidates.md",
-        "benchmarks-new-sets.md",
-        "benchmarks-candidates-edge-margin-0.5.md",
         "ablations.md",
         "facility-encoder.md",
     }

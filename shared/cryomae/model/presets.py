@@ -2,7 +2,7 @@
 
 ``paper`` is the CryoMAE paper's model (ViT-B/16 at 224 px with the MAE paper's 8-block, 512-wide decoder).
 The smaller presets trade resolution of the window for speed; ``test`` exists only so CI can train in seconds.
-Measurements behind the choices are in docs/benchmarks-core.md.
+Measurements behind the choices are in docs/performance.md.
 """
 
 from __future__ import annotations
