@@ -269,17 +269,51 @@ def table(cached: list[Cached], cfg: PickConfig, rule: CutoffRule = default_rule
     return {"rows": rows, "mean": mean}
 
 
+DRAW_KEYS = (*KEYS, "precision_carbon", "precision_no_carbon", "junk_share")
+
+
+def over_draws(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``table`` results of the same datasets under several exemplar draws (one cache each) -> one result whose
+    figures are the means over the draws, with each figure's lowest draw under ``KEY_min`` and the number of
+    draws under ``draws``. A figure a draw cannot give (no carbon on any query) is left out of its mean."""
+    names = list(results[0]["rows"])
+    if any(list(r["rows"]) != names for r in results):
+        raise accuracy.BenchmarkError("the caches hold different datasets: prepare the same sets in each")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        row: dict[str, Any] = {"draws": len(results)}
+        for key in DRAW_KEYS:
+            values = [r["rows"][name][key] for r in results if r["rows"][name].get(key) is not None]
+            if key in KEYS or key in results[0]["rows"][name]:
+                row[key] = float(np.mean(values)) if values else None
+                row[f"{key}_min"] = float(np.min(values)) if values else None
+        rows[name] = row
+    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in KEYS}
+    mean.update({f"{k}_min": float(np.mean([r[f"{k}_min"] for r in rows.values()])) for k in KEYS})
+    return {"rows": rows, "mean": mean, "draws": len(results)}
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    low = r.get(f"{key}_min")
+    return f"{r[key]:.3f}" if low is None or r.get("draws", 1) == 1 else f"{r[key]:.3f} ({low:.3f})"
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
-    """The table of ``table`` as Markdown, with the command that made it."""
+    """The table of ``table`` (or of ``over_draws``: each cell the mean over the draws, its lowest draw in
+    brackets) as Markdown, with the command that made it."""
+    draws = result.get("draws", 1)
     lines = [
         f"Command: `{command}`",
         "",
+        *([f"Means over {draws} exemplar draws; in brackets the lowest draw.", ""] if draws > 1 else []),
         "| dataset | candidate recall | AP | best global-cutoff F1 | F1 at the automatic cutoff | ratio | "
         "median count error |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in [*result["rows"].items(), ("**mean**", result["mean"])]:
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r, k) for k in KEYS) + " |")
+    mean = {**result["mean"], "draws": draws}
+    lines.append("| **mean** | " + " | ".join(_cell(mean, k) for k in KEYS) + " |")
     sims = {n: r for n, r in result["rows"].items() if "junk_share" in r}
     if sims:
         lines += [
@@ -402,7 +436,7 @@ def _main(argv: Sequence[str] | None) -> int:
         type=Path,
         action="append",
         default=None,
-        help=f"default {DEFAULT_CACHE}; choose: one per exemplar draw, repeat the option",
+        help=f"default {DEFAULT_CACHE}; evaluate and choose: one per exemplar draw, repeat the option",
     )
     p.add_argument("--datasets", default=None, help="comma list (default: all)")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")
@@ -471,15 +505,23 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.out:
             args.out.write_text(f"Command: `{command}`\n\n{report}")
         return 0
-    if len(caches) > 1:
-        p.error(f"{args.action} takes one --cache")
+    if len(caches) > 1 and args.action == "prepare":
+        p.error("prepare takes one --cache")
     if args.action == "prepare":
         train_cfg = TrainConfig(**_pairs(args.train_set, "--train-set"))
         map_cfg = PickConfig(**_pairs(args.pick_set, "--pick-set"))
         prepare(args.data_root, caches[0], names, train_cfg, map_cfg, args.exemplars, args.draw, args.models_from)
         return 0
-    cached = load(args.data_root, caches[0], names)
-    result = table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")))
+    results = []
+    for cache in caches:  # one per exemplar draw
+        cached = load(args.data_root, cache, names)
+        if not cached:
+            raise accuracy.BenchmarkError(f"{cache}: no prepared dataset (run `study.py prepare --cache {cache}`)")
+        results.append(table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")), quiet=len(caches) > 1))
+        del cached
+    result = results[0] if len(results) == 1 else over_draws(results)
+    if len(results) > 1:
+        print(markdown(result, command), end="")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.out:

@@ -268,3 +268,38 @@ def test_choose_scores_every_combination_on_every_cache(tmp_path: Path, monkeypa
         study.main(["choose", "--grid", "threshold=auto,gmm", "--pick-set", "threshold=auto"])
     with pytest.raises(SystemExit):  # the draw belongs to prepare
         study.main(["evaluate", "--draw", "1"])
+
+
+def _row(f1: float, **extra: float | None) -> dict:
+    return {
+        "recall": 0.9,
+        "ap": f1 - 0.1,
+        "oracle": f1 + 0.1,
+        "f1": f1,
+        "ratio": f1 / (f1 + 0.1),
+        "count_err": 0.2,
+        **extra,
+    }
+
+
+def test_evaluate_over_draws_gives_each_figure_its_mean_and_its_lowest_draw() -> None:
+    carbon = {"precision_carbon": None, "precision_no_carbon": 0.8, "junk_share": 0.1}
+    draws = [
+        {"rows": {"sim/a": _row(0.6, **carbon), "sim/b": _row(0.4)}},
+        {"rows": {"sim/a": _row(0.8, **{**carbon, "precision_no_carbon": 0.6}), "sim/b": _row(0.2)}},
+    ]
+    result = study.over_draws(draws)
+    a, b = result["rows"]["sim/a"], result["rows"]["sim/b"]
+    assert (a["f1"], a["f1_min"], b["f1"], b["f1_min"]) == pytest.approx((0.7, 0.6, 0.3, 0.2), abs=1e-12)
+    assert a["ap"] == pytest.approx(0.6, abs=1e-12) and a["ap_min"] == pytest.approx(0.5, abs=1e-12)
+    # a figure no draw can give stays unknown; one that some draws give is their mean
+    assert a["precision_carbon"] is None and a["precision_no_carbon"] == pytest.approx(0.7, abs=1e-12)
+    assert "junk_share" not in b
+    assert result["mean"]["f1"] == pytest.approx(0.5, abs=1e-12)
+    assert result["mean"]["f1_min"] == pytest.approx(0.4, abs=1e-12)
+    text = study.markdown(result, "cmd")
+    assert "Means over 2 exemplar draws; in brackets the lowest draw." in text
+    assert "| sim/b | 0.900 (0.900) | 0.200 (0.100) | 0.400 (0.300) | 0.300 (0.200) |" in text
+    assert "| sim/a | — | 0.700 | — | 0.100 |" in text  # carbon: no micrograph with carbon in either draw
+    with pytest.raises(BenchmarkError, match="different datasets"):
+        study.over_draws([draws[0], {"rows": {"sim/a": _row(0.5)}}])
