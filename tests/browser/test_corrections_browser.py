@@ -5,13 +5,12 @@ and shrugs off a damaged stored value.
 
 The session is written the way the writer writes one (``SessionOutputs.apply`` then ``SessionGallery.add`` and
 ``write_index``) from real MRC files, without the rest of the pipeline. The screenshot of the page with its marks
-is kept with the test's files (and copied to ``CRYOMAE_CORRECTIONS_SCREENSHOT`` when set: docs/images).
+is kept with the test's files (and copied to ``CRYOMAE_CORRECTIONS_SCREENSHOT`` when set). The picture in
+docs/images is taken from a real ``cryomae demo`` session instead: ``bash scripts/corrections-screenshot.sh``.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
-from PIL import Image
 
 from cryomae.gallery.page import SessionGallery
 from cryomae.io import write_mrc
@@ -30,6 +28,18 @@ from cryomae.messages import PicksReady
 from cryomae.store.outputs import Candidates, SessionOutputs
 from cryomae.synthetic import SyntheticMicrograph, make_micrograph
 from tests.browser.chromium import Chromium, headless_browser
+from tests.browser.marking import (
+    CARDS,
+    TEXT,
+    card,
+    click_element,
+    click_on,
+    marks_drawn,
+    on_screen,
+    open_page,
+    picture,
+    screenshot,
+)
 from tests.live.conftest import wait_until
 
 PROJECT, SESSION, OTHER = "betagal", "grid3", "grid4"
@@ -46,18 +56,8 @@ HEADER = (
     "data_corrections\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n_cryomaeParticle #4\n"
 )
 COMMAND = f"cryomae exemplars correct --project {PROJECT} --session {SESSION} --from corrections.star"
-CARDS = "Array.from(document.querySelectorAll('#grid svg[data-key]'))"
 LARGE = "document.querySelector('#large svg[data-key]')"
-TEXT = "document.getElementById('corrections-text').textContent"
 WRONG, MISSED = 0, 1
-
-
-def _card(name: str) -> str:
-    """A JavaScript expression for the card of a micrograph (found by comparing names, never by a selector)."""
-    return (
-        "Array.from(document.querySelectorAll('#grid .card'))"
-        f".find(function (c) {{ return c.getAttribute('data-micrograph') === {json.dumps(name)}; }})"
-    )
 
 
 def _synthetic(name: str) -> SyntheticMicrograph:
@@ -142,56 +142,12 @@ def _missed_particle(name: str, c: Candidates) -> tuple[float, float]:
     return float(missed[best, 0]), float(missed[best, 1])
 
 
-def _svg(name: str) -> str:
-    """The picture of a micrograph's card."""
-    return f"{_card(name)}.querySelector('svg')"
-
-
-def _on_screen(b: Chromium, svg: str, x: float, y: float) -> tuple[int, int, float, float]:
-    """Where micrograph pixel (x, y) of a picture (``svg``: a JavaScript expression) lies in the viewport, in whole
-    CSS pixels (what a click carries), and the micrograph point that screen position stands for. A picture shows
-    the whole micrograph (rows x columns of original pixels) as large as its box allows, its aspect kept and
-    centred, and pixel (x, y) covers [x, x + 1) as the circles are drawn."""
-    left, top, width, height = b.evaluate(
-        f"(function (svg) {{ svg.scrollIntoView({{block: 'center'}}); var r = svg.getBoundingClientRect(); "
-        f"return [r.left, r.top, r.width, r.height]; }})({svg})"
-    )
-    scale = min(width / SHAPE[1], height / SHAPE[0])
-    left, top = left + (width - SHAPE[1] * scale) / 2, top + (height - SHAPE[0] * scale) / 2
-    cx, cy = round(left + (x + 0.5) * scale), round(top + (y + 0.5) * scale)
-    return cx, cy, (cx - left) / scale - 0.5, (cy - top) / scale - 0.5
-
-
-def _click_element(b: Chromium, expression: str) -> None:
-    """A real click in the middle of an element."""
-    x, y = b.evaluate(
-        f"(function (el) {{ el.scrollIntoView({{block: 'center'}}); var r = el.getBoundingClientRect(); "
-        f"return [Math.round(r.left + r.width / 2), Math.round(r.top + r.height / 2)]; }})({expression})"
-    )
-    b.click(x, y)
-
-
-def _marks(b: Chromium, name: str, svg: str | None = None) -> list[int]:
-    """The marks drawn on a micrograph's card (or on ``svg``): [wrong, missed]."""
-    return b.evaluate(
-        f"(function (svg) {{ return [svg.querySelectorAll('g.marks path.wrong').length, "
-        f"svg.querySelectorAll('g.marks polygon.missed').length]; }})({svg or _svg(name)})"
-    )
-
-
 def _click_on(
     b: Chromium, name: str, x: float, y: float, marks: list[int], svg: str | None = None
 ) -> tuple[float, float]:
     """Click micrograph pixel (x, y) on its card (or on ``svg``); wait until the picture shows ``marks``; the point
     clicked, in micrograph pixels."""
-    svg = svg or _svg(name)
-    cx, cy, px, py = _on_screen(b, svg, x, y)
-    b.click(cx, cy)
-    b.wait_for(
-        f"(function (svg) {{ return svg.querySelectorAll('g.marks path.wrong').length === {marks[0]} && "
-        f"svg.querySelectorAll('g.marks polygon.missed').length === {marks[1]}; }})({svg})"
-    )
-    return px, py
+    return click_on(b, svg or picture(name), SHAPE, x, y, marks)
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -201,35 +157,11 @@ def _rows(text: str) -> list[list[str]]:
     return [line.split("\t") for line in body.splitlines()]
 
 
-def _open(b: Chromium, url: str) -> None:
-    """Open (or reload) the page and wait until every card has its picks and picture."""
-    b.evaluate("window.cryomaeBefore = true")
-    b.open(url)
-    b.wait_for(
-        f"!window.cryomaeBefore && {CARDS}.length > 0 && "
-        f"{CARDS}.every(s => s.hasAttribute('data-kept') && s.getAttribute('data-loaded') === '1')"
-    )
-
-
 def _stored(b: Chromium) -> dict[str, str]:
     return b.evaluate(
         "(function () { var o = {}; for (var i = 0; i < localStorage.length; i++) { var k = localStorage.key(i); "
         "o[k] = localStorage.getItem(k); } return o; })()"
     )
-
-
-def _screenshot(b: Chromium, path: Path) -> None:
-    """The top of the page with medium pictures: the controls, the marks listed, and the marks on the cards."""
-    b.evaluate(
-        "(function (el) { el.selectedIndex = 1; el.dispatchEvent(new Event('change')); })"
-        "(document.getElementById('size'))"
-    )
-    b.evaluate("window.scrollTo(0, 0)")
-    clip = {"x": 0, "y": 0, "width": 1400, "height": 1250, "scale": 1}
-    data = base64.b64decode(
-        b.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
-    )
-    Image.open(io.BytesIO(data)).convert("RGB").save(path, format="PNG", optimize=True)
 
 
 # ---------------------------------------------------------------------------------------------- the test
@@ -250,12 +182,12 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
     star_names = {Path(n).name: n for n in index["rlnMicrographName"]}
     assert sorted(star_names) == sorted(NAMES) and star_names[ODD] == ODD  # relative to name_root
 
-    _open(b, url)
+    open_page(b, url)
     assert _rows(b.evaluate(TEXT)) == []
     assert b.evaluate("document.getElementById('corrections-download').hasAttribute('href')") is False
     # an ordinary click on a pick still opens the micrograph large, and marks nothing
     odd_pick = _wrong_pick(ODD, candidates[ODD])
-    cx, cy, _, _ = _on_screen(b, _svg(ODD), *odd_pick)
+    cx, cy, _, _ = on_screen(b, picture(ODD), SHAPE, *odd_pick)
     b.click(cx, cy)
     b.wait_for("document.getElementById('large').className === 'open'")
     b.click(5, 5)  # beside the large picture: it closes
@@ -263,7 +195,7 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
     assert _rows(b.evaluate(TEXT)) == [] and _stored(b) == {}
 
     # "correct the picker": a pick clicked is wrong, an empty spot clicked is a missed particle
-    _click_element(b, "document.getElementById('correct-mode')")
+    click_element(b, "document.getElementById('correct-mode')")
     b.wait_for("document.getElementById('correct-mode').checked && document.body.classList.contains('correcting')")
     _click_on(b, ODD, *odd_pick, marks=[1, 0])
     odd_spot = _missed_particle(ODD, candidates[ODD])
@@ -274,10 +206,10 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
     keyword_missed = _click_on(b, KEYWORD, *keyword_spot, marks=[0, 1])
     plain_pick = _wrong_pick(PLAIN, candidates[PLAIN])
     _click_on(b, PLAIN, *plain_pick, marks=[1, 0])
-    assert _marks(b, UNMARKED) == [0, 0]
+    assert marks_drawn(b, picture(UNMARKED)) == [0, 0]
     # the marks are drawn beside the picks, never as picks: every card still draws its picks and only them
     for name, c in candidates.items():
-        kept = b.evaluate(f"{_card(name)}.querySelectorAll('circle.kept').length")
+        kept = b.evaluate(f"{card(name)}.querySelectorAll('circle.kept').length")
         assert kept == int(np.count_nonzero(c.scores >= c.cutoff)) == outputs.entry(micrographs[name]).particles
 
     # corrections.star: by micrograph in the page's order (newest first), then in the order the marks were made
@@ -321,12 +253,12 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
         "4 marks on 3 micrographs (2 wrong, 2 missed)"
     )
     assert b.evaluate("document.querySelectorAll('b').length") == 0
-    assert b.evaluate(f"{_card(ODD)}.querySelector('.marked').textContent") == "marked: 1 wrong, 1 missed"
+    assert b.evaluate(f"{card(ODD)}.querySelector('.marked').textContent") == "marked: 1 wrong, 1 missed"
     assert b.evaluate("document.getElementById('corrections-command').textContent") == COMMAND
     downloads = tmp_path / "downloads"
     b.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
     assert b.evaluate("document.getElementById('corrections-download').getAttribute('download')") == "corrections.star"
-    _click_element(b, "document.getElementById('corrections-download')")
+    click_element(b, "document.getElementById('corrections-download')")
     wait_until(
         lambda: (
             (downloads / "corrections.star").is_file()
@@ -335,30 +267,30 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
         timeout=30,
         what="corrections.star downloaded",
     )
-    shot = tmp_path / "gallery-corrections.png"
-    _screenshot(b, shot)
+    shot = tmp_path / "gallery-corrections.jpg"
+    screenshot(b, shot)
     assert shot.stat().st_size > 10_000
 
     # kept in this browser: a reload shows the same marks and the same file
-    _open(b, url)
+    open_page(b, url)
     assert b.evaluate(TEXT) == text
-    assert [_marks(b, n) for n in NAMES] == [[1, 1], [0, 1], [1, 0], [0, 0]]
+    assert [marks_drawn(b, picture(n)) for n in NAMES] == [[1, 1], [0, 1], [1, 0], [0, 0]]
     assert b.evaluate("document.getElementById('correct-mode').checked") is False  # the mode starts off
     (key,) = _stored(b)
     # another session's page, in the same browser and on the same micrograph file, has none of them
-    _open(b, other_url)
+    open_page(b, other_url)
     assert b.evaluate(TEXT) == HEADER.replace(f"session {SESSION}", f"session {OTHER}")
     assert b.evaluate(f"{CARDS}[0].querySelectorAll('g.marks *').length") == 0
-    _open(b, url)
+    open_page(b, url)
     assert b.evaluate(TEXT) == text
 
     # undo: the last mark made goes (the wrong pick on mic_03), from the page and from the browser's store
-    _click_element(b, "document.getElementById('undo')")
+    click_element(b, "document.getElementById('undo')")
     b.wait_for(f"{TEXT}.split('\\n').length === {len(text.splitlines())}")
     undone = b.evaluate(TEXT)
     assert _rows(undone) == [rows[1], rows[2], rows[3]]
-    assert _marks(b, PLAIN) == [0, 0]
-    _open(b, url)
+    assert marks_drawn(b, picture(PLAIN)) == [0, 0]
+    open_page(b, url)
     assert b.evaluate(TEXT) == undone
     # each mark listed can be removed
     item = "(function (li) {{ return li.querySelector('button.remove'); }})({})"
@@ -366,19 +298,19 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
         "Array.from(document.querySelectorAll('#corrections-list > li'))"
         f".find(li => li.getAttribute('data-micrograph') === {json.dumps(KEYWORD)})"
     )
-    _click_element(b, item.format(listed_keyword))
+    click_element(b, item.format(listed_keyword))
     b.wait_for(f"{TEXT}.split('\\n').length === {len(undone.splitlines())}")
-    assert _rows(b.evaluate(TEXT)) == [rows[2], rows[3]] and _marks(b, KEYWORD) == [0, 0]
+    assert _rows(b.evaluate(TEXT)) == [rows[2], rows[3]] and marks_drawn(b, picture(KEYWORD)) == [0, 0]
     # the large view, in correct mode: a click on the picture marks (and leaves it open), one beside it closes it
-    _click_element(b, "document.getElementById('correct-mode')")
+    click_element(b, "document.getElementById('correct-mode')")
     b.wait_for("document.getElementById('correct-mode').checked")
-    _click_element(b, f"{_card(KEYWORD)}.querySelector('.name')")  # the caption still opens it
+    click_element(b, f"{card(KEYWORD)}.querySelector('.name')")  # the caption still opens it
     b.wait_for(f"document.querySelector('#large.open svg[data-key]') && {LARGE}.hasAttribute('data-kept')")
     large_missed = _click_on(b, KEYWORD, *keyword_spot, marks=[0, 1], svg=LARGE)
     assert b.evaluate("document.getElementById('large').className") == "open"
     b.click(5, 5)
     b.wait_for("document.getElementById('large').className === ''")
-    assert _marks(b, KEYWORD) == [0, 1]
+    assert marks_drawn(b, picture(KEYWORD)) == [0, 1]
     rows_large = _rows(b.evaluate(TEXT))
     assert rows_large[0][0] == f'"{star_names[KEYWORD]}"' and rows_large[0][3] == "1" and rows_large[1:] == rows[2:]
     assert abs(float(rows_large[0][1]) - large_missed[0]) <= 1 and abs(float(rows_large[0][2]) - large_missed[1]) <= 1
@@ -386,7 +318,7 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
     # a damaged or foreign stored value is ignored: the page works, with no marks, and says so
     for garbage in ("{not json", "null", "[1, 2]", '{"marks": "x"}', json.dumps({"project": PROJECT, "marks": []})):
         b.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(garbage)})")
-        _open(b, url)
+        open_page(b, url)
         assert _rows(b.evaluate(TEXT)) == [], garbage
         assert b.evaluate(f"{CARDS}.length") == len(NAMES)
         assert "could not be read" in b.evaluate("document.getElementById('corrections-note').textContent")
@@ -406,11 +338,11 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
         ],
     }
     b.evaluate(f"localStorage.setItem({json.dumps(key)}, {json.dumps(json.dumps(mixed))})")
-    _open(b, url)
+    open_page(b, url)
     assert _rows(b.evaluate(TEXT)) == [[star_names[UNMARKED], "100.0", "50.0", "1"]]
-    assert _marks(b, UNMARKED) == [0, 1]
+    assert marks_drawn(b, picture(UNMARKED)) == [0, 1]
     # and marking goes on, storing a readable value again
-    _click_element(b, "document.getElementById('correct-mode')")
+    click_element(b, "document.getElementById('correct-mode')")
     b.wait_for("document.getElementById('correct-mode').checked")
     _click_on(b, UNMARKED, *_wrong_pick(UNMARKED, candidates[UNMARKED]), marks=[1, 1])
     assert len(_rows(b.evaluate(TEXT))) == 2
@@ -418,10 +350,10 @@ def test_an_operator_marks_corrections_and_the_page_writes_corrections_star(brow
 
     # clear all asks first: refused, nothing changes; confirmed, every mark goes and the download is off
     b.evaluate("window.confirm = function () { return false; }")
-    _click_element(b, "document.getElementById('clear-marks')")
+    click_element(b, "document.getElementById('clear-marks')")
     assert len(_rows(b.evaluate(TEXT))) == 2
     b.evaluate("window.confirm = function () { return true; }")
-    _click_element(b, "document.getElementById('clear-marks')")
+    click_element(b, "document.getElementById('clear-marks')")
     b.wait_for(f"{TEXT}.split('\\n').length === {len(HEADER.splitlines()) + 1}")
     assert _rows(b.evaluate(TEXT)) == [] and _stored(b) == {}
     assert b.evaluate("document.getElementById('corrections-download').hasAttribute('href')") is False
@@ -453,7 +385,7 @@ def test_a_repicked_micrograph_shows_its_count_before(browser: Chromium, tmp_pat
     gallery.write_index(seen=2)
     after = outputs.entry(str(data / PLAIN)).particles
     assert after != before
-    _open(browser, (outputs.root / "gallery" / "index.html").as_uri())
+    open_page(browser, (outputs.root / "gallery" / "index.html").as_uri())
     shown = browser.evaluate(
         "Array.from(document.querySelectorAll('#grid .card')).map(c => [c.getAttribute('data-micrograph'), "
         "(c.querySelector('.before') || {}).textContent || null])"
