@@ -42,7 +42,12 @@ class TrainConfig(BaseModel):
     )
     # pre-training: reconstruction only, on random regions of the reference (and extra) micrographs
     pretrain_regions: int = Field(4096, ge=0, description="random regions drawn for pre-training")
-    pretrain_epochs: int = Field(10, ge=0, description="passes over the pre-training regions (0: no pre-training)")
+    pretrain_epochs: int = Field(
+        0,
+        ge=0,
+        description="passes over the pre-training regions (0, the default: none; pre-training lowered F1 at the "
+        "picker's feature layer on every exemplar draw measured, docs/accuracy-study.md)",
+    )
     pretrain_lr: float = Field(1e-3, gt=0, description="peak learning rate of pre-training")
     # SCS training: exemplars plus n unlabeled regions of the reference micrograph
     n_unlabeled: int = Field(512, ge=1, description="unlabeled regions of the reference micrograph (n)")
