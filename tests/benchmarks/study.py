@@ -513,11 +513,12 @@ def _main(argv: Sequence[str] | None) -> int:
         prepare(args.data_root, caches[0], names, train_cfg, map_cfg, args.exemplars, args.draw, args.models_from)
         return 0
     results = []
+    pick_cfg = PickConfig(**_pairs(args.pick_set, "--pick-set"))
     for cache in caches:  # one per exemplar draw
         cached = load(args.data_root, cache, names)
         if not cached:
             raise accuracy.BenchmarkError(f"{cache}: no prepared dataset (run `study.py prepare --cache {cache}`)")
-        results.append(table(cached, PickConfig(**_pairs(args.pick_set, "--pick-set")), quiet=len(caches) > 1))
+        results.append(table(cached, pick_cfg, quiet=len(caches) > 1))
         del cached
     result = results[0] if len(results) == 1 else over_draws(results)
     if len(results) > 1:
