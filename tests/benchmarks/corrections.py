@@ -25,7 +25,7 @@ import copy
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 from cryomae.config import PickConfig, TrainConfig
 from cryomae.evaluation.metrics import evaluate, match_picks
-from cryomae.picking.picker import ScoreMap, compute_score_map
+from cryomae.picking.marks import MicrographMarks, honour_marks, marks_by_micrograph
+from cryomae.picking.picker import PickResult, ScoreMap, compute_score_map
 from cryomae.training.corrections import CorrectionMarks, apply_corrections
 from tests.benchmarks import loso, study
 from tests.benchmarks.accuracy import DEFAULT_DATA_ROOT
@@ -82,7 +83,7 @@ def operator_marks(
         wrong = picks[~flags][:n_wrong]  # candidates come in descending score
         missed = truth[~_found(picks, scores, truth, d)]
         missed = missed[np.argsort(-_map_value(c.maps[stem], geo, missed), kind="stable")][:n_missed]
-        marks.append(CorrectionMarks(image=c.images[stem], missed=missed, wrong=wrong))
+        marks.append(CorrectionMarks(image=c.images[stem], missed=missed, wrong=wrong, micrograph=stem))
     return marks
 
 
@@ -98,11 +99,18 @@ def corrected(
     return dataclasses.replace(c, trained=trained, maps=maps)
 
 
-def f1(c: study.Cached, cfg: PickConfig, stems: Sequence[str]) -> float:
-    """F1 at the automatic cutoff over the queries ``stems`` (the session cut as the picker cuts it)."""
+def f1(
+    c: study.Cached, cfg: PickConfig, stems: Sequence[str], marks: Mapping[str, MicrographMarks] | None = None
+) -> float:
+    """F1 at the automatic cutoff over the queries ``stems`` (the session cut as the picker cuts it), with the
+    operator's ``marks`` (by micrograph stem) holding on their micrographs as the picker holds them."""
     cands = study.candidates(c, cfg)
     cuts = study.default_rule(c, cands, cfg)
-    picks = {k: (cands[k][0][cands[k][1] >= cuts[k]], cands[k][1][cands[k][1] >= cuts[k]]) for k in stems}
+    picks = {}
+    for k in stems:
+        result = PickResult(cands[k][0], cands[k][1], cuts[k], n_windows=0, n_evaluated=0)
+        result, _ = honour_marks(result, (marks or {}).get(k), c.split.diameter)
+        picks[k] = (result.xy, result.scores)
     return evaluate(picks, {k: c.split.truth[k] for k in stems}, c.split.diameter).pooled.f1
 
 
@@ -116,10 +124,15 @@ def run_dataset(
     unclicked = queries[len(clicked) :]
     out: dict[str, float] = {}
 
-    def measure(label: str, now: study.Cached) -> None:
+    def measure(label: str, now: study.Cached, marks: Sequence[CorrectionMarks] = ()) -> None:
         row = study.score(now, cfg)
         out.update({label: row["f1"], f"{label}_ap": row["ap"], f"{label}_oracle": row["oracle"]})
         out[f"{label}_unclicked"] = f1(now, cfg, unclicked)
+        if marks:  # the session the operator gets: the marks hold on the micrographs they were made on
+            held = marks_by_micrograph(
+                [m.micrograph for m in marks], [m.missed for m in marks], [m.wrong for m in marks]
+            )
+            out[f"{label}_held"] = f1(now, cfg, queries, held)
 
     measure("before", c)
     marks: list[CorrectionMarks] = []
@@ -128,7 +141,7 @@ def run_dataset(
         stems = queries[ROUND_MICROGRAPHS * (r - 1) : ROUND_MICROGRAPHS * r]
         marks += operator_marks(now, cfg, stems, n_wrong, n_missed)
         now = corrected(c, marks, cfg, train)
-        measure(f"round{r}", now)
+        measure(f"round{r}", now, marks)
     return out
 
 
@@ -154,6 +167,9 @@ def report(documents: Sequence[dict[str, Any]], label: str = "default") -> str:
         ("10 + 10 clicks", "10:round2"),
         ("40 clicks", "40:round1"),
         ("40 + 40 clicks", "40:round2"),
+        ("10 clicks, marks held", "10:round1_held"),
+        ("40 clicks, marks held", "40:round1_held"),
+        ("40 + 40 clicks, marks held", "40:round2_held"),
         ("unclicked queries, before", "40:before_unclicked"),
         ("after 40 + 40 clicks", "40:round2_unclicked"),
     ]

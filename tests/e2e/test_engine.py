@@ -113,3 +113,44 @@ def test_a_particle_head_trained_on_the_reference_picks_by_probability(session, 
         picks[f"m{i}"] = (r.xy, r.scores)
         truth[f"m{i}"] = m.centres
     assert evaluate(picks, truth, DIAMETER).pooled.f1 >= 0.30
+
+
+def test_an_operators_marks_are_kept_with_the_model_and_hold_on_their_micrograph(session, tmp_path):
+    """Training on corrections keeps the marks in the model's manifest (sealed by its checksum) by micrograph;
+    picking that micrograph again with the model, the marked wrong picks are gone and the marked missed particles
+    picked, so F1 there is higher than the model's own picks give; another micrograph has no marks."""
+    from cryomae.model.checkpoint import load_model, save_model
+    from cryomae.picking.marks import MARKS_KEY, honour_marks, marks_from_manifest
+    from cryomae.training.corrections import CorrectionMarks
+
+    mics, trained, _ = session
+    ref, marked = mics[0], mics[1]
+    first = pick_micrograph(trained, marked.image, PickConfig(device="cpu"))
+    truth = {"m": marked.centres}
+    gaps = np.linalg.norm(first.xy[:, None] - marked.centres[None], axis=2)
+    wrong = first.xy[gaps.min(axis=1) > DIAMETER][:3]  # picks on no particle
+    missed = marked.centres[np.linalg.norm(marked.centres[:, None] - first.xy[None], axis=2).min(axis=1) > DIAMETER][:3]
+    assert len(wrong) and len(missed), "the first model made no mistake to mark"
+    path = str(tmp_path / "marked.mrc")
+    chosen = np.random.default_rng(0).choice(len(ref.centres), 15, replace=False)
+    cfg = TrainConfig(preset="test", box_factor=1.5, pretrain_epochs=0, epochs=1, n_unlabeled=64)
+    corrected, info = train_model(
+        Micrograph(ref.image, Path("synthetic_ref.mrc"), None),
+        ref.centres[chosen],
+        DIAMETER,
+        cfg,
+        corrections=[CorrectionMarks(marked.image, missed=missed, wrong=wrong, micrograph=path)],
+    )
+    assert sorted(info[MARKS_KEY]) == [path]
+    save_model(tmp_path / "m", corrected.model, corrected.bank, corrected.geometry, info, negatives=corrected.negatives)
+    marks = marks_from_manifest(load_model(tmp_path / "m").manifest)
+    assert sorted(marks) == [path] and marks.get(str(tmp_path / "other.mrc")) is None
+    np.testing.assert_allclose(marks[path].wrong, wrong, atol=0.01)
+    plain = pick_micrograph(corrected, marked.image, PickConfig(device="cpu"))
+    again, counts = honour_marks(plain, marks[path], DIAMETER)
+    assert counts["added"] == len(missed) and counts["dropped"] >= 1
+    assert np.linalg.norm(again.candidates_xy[:, None] - wrong[None], axis=2).min() > DIAMETER / 2
+    assert np.linalg.norm(again.xy[:, None] - missed[None], axis=2).min(axis=0).max() < 0.01
+    without = evaluate({"m": (plain.xy, plain.scores)}, truth, DIAMETER).pooled
+    held = evaluate({"m": (again.xy, again.scores)}, truth, DIAMETER).pooled
+    assert held.f1 > without.f1, (without, held)

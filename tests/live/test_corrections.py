@@ -44,6 +44,9 @@ MICROGRAPHS = 3
 SLOW_TRAINING = {**TINY_TRAINING, "pretrain_epochs": 1000, "pretrain_regions": 256}
 
 
+Marks = tuple[list[str], np.ndarray, np.ndarray]  # as the page writes them: STAR names, centres, particle flags
+
+
 def _picked_session(live: Live, services: Sequence[Service], tmp_path: Path) -> str:
     """A project trained from 15 exemplars and a session of ``MICROGRAPHS`` micrographs picked with it; the
     model version."""
@@ -58,7 +61,7 @@ def _picked_session(live: Live, services: Sequence[Service], tmp_path: Path) -> 
     return version
 
 
-def _page_marks(live: Live) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _page_marks(live: Live) -> Marks:
     """The marks an operator makes on the session page: the best pick of the first micrograph marked wrong, and a
     missed particle (the true centre farthest from every pick) on the second; (names as the session's STAR files
     write them, centres, particle flags)."""
@@ -76,9 +79,9 @@ def _page_marks(live: Live) -> tuple[list[str], np.ndarray, np.ndarray]:
     return [out.star_name(first.micrograph), out.star_name(second.micrograph)], xy, np.array([False, True])
 
 
-def _page_file(live: Live, path: Path) -> Path:
-    """corrections.star as the session page writes it, with ``_page_marks``."""
-    write_corrections(path, *_page_marks(live), PROJECT, SESSION)
+def _page_file(live: Live, path: Path, marks: Marks) -> Path:
+    """corrections.star as the session page writes it, with ``marks`` (``_page_marks``)."""
+    write_corrections(path, *marks, PROJECT, SESSION)
     return path
 
 
@@ -91,8 +94,9 @@ def _repicked_by(live: Live, before: str) -> str | None:
     return current if all(e.model_version == current for e in entries) and consistent(live) else None
 
 
-def _check_repicked(live: Live, first: str, counts: dict[str, int], exemplar_set: str) -> None:
-    """The session re-picked by the model trained on the corrections, and what the page shows of before/after."""
+def _check_repicked(live: Live, first: str, counts: dict[str, int], exemplar_set: str, marks: Marks) -> None:
+    """The session re-picked by the model trained on the corrections, the operator's marks holding on their
+    micrographs, and what the page shows of before/after."""
     store = ProjectStore(live.root / "store")
     current = store.current_version(PROJECT)
     assert current is not None and current != first
@@ -101,6 +105,17 @@ def _check_repicked(live: Live, first: str, counts: dict[str, int], exemplar_set
     # the wrong pick is used; the missed particle is stored with the set, not trained on (corrections_missed)
     assert manifest["provenance"]["corrections"] == {"missed": 0, "wrong": 1, "micrographs": 1}
     assert manifest["negative_bank"] == {"size": 8}  # the wrong pick in its 8 dihedral views
+    # the marks hold on the micrographs they were made on: the wrong pick is no candidate, the missed particle a pick
+    out = outputs(live)
+    by_name = {out.star_name(e.micrograph): e.micrograph for e in out.micrographs()}
+    assert sorted(manifest["operator_marks"]) == sorted(by_name[name] for name in marks[0])
+    for name, centre, particle in zip(*marks, strict=True):
+        now = out.candidates(by_name[name])
+        gaps = np.hypot(np.asarray(now.x) - centre[0], np.asarray(now.y) - centre[1])
+        if particle:
+            assert gaps.min() < 0.05 and now.scores[int(np.argmin(gaps))] >= now.cutoff, (name, centre)
+        else:
+            assert gaps.min() > manifest["geometry"]["diameter"] / 2, (name, centre)
     for entry in outputs(live).micrographs():
         assert (entry.previous_model_version, entry.previous_particles) == (first, counts[entry.micrograph])
     # the session page's data: before and after for every micrograph (the gallery is drawn beside the writer)
@@ -117,16 +132,16 @@ def _check_repicked(live: Live, first: str, counts: dict[str, int], exemplar_set
 def _correct(live: Live, services: Sequence[Service], tmp_path: Path) -> None:
     first = _picked_session(live, services, tmp_path)
     counts = {e.micrograph: e.particles for e in outputs(live).micrographs()}
-    path = _page_file(live, tmp_path / "corrections.star")
+    marks = _page_marks(live)
+    path = _page_file(live, tmp_path / "corrections.star", marks)
     done = ok(cli(live, "exemplars", "correct", "--project", PROJECT, "--session", SESSION, "--from", str(path)))
     assert "1 missed particle and 1 wrong pick on 2 micrographs" in done.stdout, done.stdout
     assert f"session {SESSION} is re-picked with it" in done.stdout, done.stdout
     exemplar_set = ProjectStore(live.root / "store").exemplar_sets(PROJECT)[-1]
     assert exemplar_set.base is not None and exemplar_set.wrong == 1
     wait_until(alive_while(services, lambda: _repicked_by(live, first) is not None), what="the session re-picked")
-    _check_repicked(
-        live, first, counts, max(ProjectStore(live.root / "store").exemplar_sets(PROJECT), key=lambda s: s.created).id
-    )
+    latest = max(ProjectStore(live.root / "store").exemplar_sets(PROJECT), key=lambda s: s.created)
+    _check_repicked(live, first, counts, latest.id, marks)
 
 
 def test_corrections_retrain_and_repick_in_one_process_mode(mem: Live, tmp_path: Path) -> None:
@@ -152,8 +167,8 @@ def test_bad_corrections_are_refused_and_a_killed_trainer_loses_nothing(mem: Liv
     store = ProjectStore(live.root / "store")
     with service(live, "run", log_name="run-1") as run:
         first = _picked_session(live, [run], tmp_path)
-        good = _page_file(live, tmp_path / "corrections.star")
-        names, xy, flags = _page_marks(live)
+        names, xy, flags = marks = _page_marks(live)
+        good = _page_file(live, tmp_path / "corrections.star", marks)
         sets = [s.id for s in store.exemplar_sets(PROJECT)]
         command = ["exemplars", "correct", "--project", PROJECT, "--session", SESSION, "--from"]
         far = xy.copy()
@@ -202,4 +217,4 @@ def test_bad_corrections_are_refused_and_a_killed_trainer_loses_nothing(mem: Liv
     project_file.write_text(json.dumps({**record, "train_overrides": dict(TINY_TRAINING)}))
     with service(live, "run", log_name="run-2") as again:
         wait_until(alive_while([again], lambda: _repicked_by(live, first) is not None), what="the session re-picked")
-    _check_repicked(live, first, counts, corrections.id)
+    _check_repicked(live, first, counts, corrections.id, marks)

@@ -31,6 +31,7 @@ from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.messaging.delivery import REASON_CHARS, shorten
 from cryomae.model.checkpoint import TrainedModel
+from cryomae.picking.marks import honour_marks, marks_from_manifest
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.picking.threshold import SessionCutoff
 from cryomae.service import metrics
@@ -129,6 +130,10 @@ class Picker:
             result = pick_micrograph(trained, image.data, self.cfg, self.device, session)
         except InputError as exc:  # smaller than one window: name the file
             raise exc.located(path) from None
+        # an operator's marks on this micrograph, if the model was trained on them, hold whatever it scores
+        result, honoured = honour_marks(
+            result, marks_from_manifest(trained.manifest).get(str(path)), trained.geometry.diameter
+        )
         xy = result.candidates_xy
         # no candidate (all too near the edges): the cutoff is infinite, which JSON cannot carry; any selects none
         threshold = result.threshold if math.isfinite(result.threshold) else NO_CANDIDATES_THRESHOLD
@@ -153,6 +158,8 @@ class Picker:
         metrics.MICROGRAPHS_PICKED.labels(msg.project).inc()
         metrics.PARTICLES_PER_MICROGRAPH.labels(msg.project).observe(n_picks)
         out.update(model_version=version, picks=n_picks, candidates=len(xy), cutoff_rule=result.cutoff_rule)
+        if honoured["dropped"] or honoured["added"]:
+            out.update(marks_dropped=honoured["dropped"], marks_added=honoured["added"])
 
     def _session_cutoff(self, project: str, session: str, version: str, trained: TrainedModel) -> SessionCutoff:
         """The session's auto cutoff for this model version, new (seeded by the model's reference cutoff) at its

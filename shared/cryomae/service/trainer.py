@@ -95,7 +95,7 @@ class Trainer:
                 self.store.write_training_status(msg.project, status)
                 micrograph, coords = exemplars.read_inputs(self.max_pixels, roots=self.roots)
                 corrections = [
-                    CorrectionMarks(c.micrograph.data, c.missed, c.wrong)
+                    CorrectionMarks(c.micrograph.data, c.missed, c.wrong, micrograph=str(c.micrograph.path))
                     for c in exemplars.read_corrections(self.max_pixels, roots=self.roots)
                 ]
                 cfg = self.config_for(msg.project)

@@ -6,8 +6,9 @@ The wrong picks become the model's negatives, whose mean the cosine score pushes
 relevance feedback of Rocchio's classic rule). With ``TrainConfig.corrections_missed`` the missed particles join
 the exemplar bank as the reference's exemplars are in it (off by default: it lowered F1 on most development
 samples, docs/accuracy.md). Both are encoder features of the marked windows on their own micrographs, prepared
-like the reference. The particle-probability head (``TrainConfig.head``) is fitted on the
-reference alone and does not read them.
+like the reference. The particle-probability head (``TrainConfig.head``) is fitted on the reference alone and
+does not read them. The marks themselves are kept in the model's manifest and hold on their own micrographs
+when the model picks them again (``cryomae.picking.marks``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ __all__ = ["CorrectionMarks", "apply_corrections"]
 @dataclass(frozen=True)
 class CorrectionMarks:
     """The marks on one micrograph: its pixels [H, W] and the centres (original pixels, x = column) of the
-    particles the picker missed and of its wrong picks."""
+    particles the picker missed and of its wrong picks; ``micrograph``, its resolved path, where the marks are to
+    hold when the model picks it again (``cryomae.picking.marks``)."""
 
     image: np.ndarray
     missed: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [P, 2]
     wrong: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [N, 2]
+    micrograph: str | None = None
 
 
 def apply_corrections(

@@ -29,6 +29,7 @@ from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
+from cryomae.picking.marks import MARKS_KEY, marks_by_micrograph, marks_for_manifest
 from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
 from cryomae.training.bank import exemplar_bank
@@ -232,6 +233,11 @@ def train_model(
             **({k: round(float(np.mean([h[k] for h in scs_hist[-10:]])), 5) for k in scs_hist[0]} if scs_hist else {}),
         },
     }
+    final = marks_by_micrograph(
+        [c.micrograph for c in corrections], [c.missed for c in corrections], [c.wrong for c in corrections]
+    )
+    if final:  # the operator's marks, to hold on their micrographs when this model picks them again
+        info[MARKS_KEY] = marks_for_manifest(final)
     log.info("train_done", **info["timings_s"])
     trained.manifest = info
     return trained, info
