@@ -154,6 +154,26 @@ class PickConfig(BaseModel):
         "(1 - max_weight) x mean + max_weight x max (the rotational average plus the best orientation's match)",
     )
     max_weight: float = Field(0.4, ge=0.0, le=1.0, description="mean_max: the weight of the max")
+    blob_weight: float = Field(
+        0.6,
+        ge=0.0,
+        le=4.0,
+        description="add this times the cosine map's spread times the size-tuned DoG response (robust z) to each "
+        "window's score, the DoG's polarity measured on the exemplars at training (cryomae.picking.blobs; 0: the "
+        "cosine alone; chosen leaving one sample out over five exemplar draws, docs/accuracy-study.md)",
+    )
+    blob_min_z: float = Field(
+        1.0,
+        ge=0.0,
+        description="the DoG term only where the particles are blobs to it: the median DoG response at the "
+        "exemplars on the reference, in robust standard deviations, at least this (measured at training)",
+    )
+    blob_z_cap: float | None = Field(
+        1.0,
+        gt=0.0,
+        description="the DoG response counts up to this times its median at the exemplars, no more: junk that is a "
+        "stronger blob than the particles earns no more than they do (None: no cap)",
+    )
     negative_weight: float = Field(
         0.25,
         ge=0.0,

@@ -51,6 +51,7 @@ from cryomae.config import PickConfig, TrainConfig
 from cryomae.evaluation.metrics import evaluate
 from cryomae.io import read_micrograph
 from cryomae.model.checkpoint import TrainedModel, load_model, save_model
+from cryomae.picking import blobs
 from cryomae.picking.picker import (
     ScoreMap,
     _cutoff,
@@ -206,7 +207,13 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
                     logits=bool(z["logits"]) if "logits" in z else False,
                 )
                 images[path.stem] = z["image"]
-        out.append(Cached(ds.name, split, load_model(folder / "model"), maps, images, accuracy.distractors(ds)))
+        trained = load_model(folder / "model")
+        if (
+            blobs.BLOBS_KEY not in trained.manifest
+        ):  # a model trained before the blob term: its profile as training makes it
+            reference = read_micrograph(split.reference).data
+            trained.manifest[blobs.BLOBS_KEY] = blobs.blob_profile(reference, split.exemplars_xy, split.diameter)
+        out.append(Cached(ds.name, split, trained, maps, images, accuracy.distractors(ds)))
     return out
 
 
@@ -228,7 +235,22 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
 
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
     """Every micrograph's candidates (reference included) under cfg."""
-    return {stem: find_candidates(m, c.trained.geometry, c.images[stem], cfg) for stem, m in c.maps.items()}
+    geo, manifest = c.trained.geometry, c.trained.manifest
+    out = {}
+    for stem, m in c.maps.items():
+        z = None
+        if blobs.applies(m, manifest, cfg):  # the DoG of a micrograph is the same for every variant and draw
+            key = (c.name, stem, manifest[blobs.BLOBS_KEY]["polarity"], m.scores.shape)
+            z = _BLOB_Z.get(key)
+            if z is None:
+                z = _BLOB_Z[key] = blobs.blob_z(m, geo, key[2], c.images[stem])
+        out[stem] = find_candidates(
+            blobs.with_blobs(m, geo, manifest, c.images[stem], cfg, z), geo, c.images[stem], cfg
+        )
+    return out
+
+
+_BLOB_Z: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
 
 
 def score(c: Cached, cfg: PickConfig, rule: CutoffRule = default_rule) -> dict[str, Any]:

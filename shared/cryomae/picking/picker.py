@@ -27,6 +27,7 @@ from cryomae.config import PickConfig
 from cryomae.device import autocast, resolve_device
 from cryomae.errors import InputError
 from cryomae.model.checkpoint import TrainedModel
+from cryomae.picking.blobs import with_blobs
 from cryomae.picking.nms import peak_nms, refine_peaks
 from cryomae.picking.threshold import (
     THRESHOLD_RULES,
@@ -660,7 +661,7 @@ def pick_micrograph(
     it the micrograph is cut on its own. InputError (without a path) when the micrograph is smaller than one
     window; with no candidate left (all too near the edges), the threshold is infinite: nothing is selected."""
     t0 = time.perf_counter()
-    smap = compute_score_map(trained, image, cfg, device)
+    smap = with_blobs(compute_score_map(trained, image, cfg, device), trained.geometry, trained.manifest, image, cfg)
     t1 = time.perf_counter()
     xy, scores = find_candidates(smap, trained.geometry, image, cfg)
     threshold, rule = _cutoff(scores, cfg, session, probabilities=uses_head(trained, cfg))

@@ -29,6 +29,7 @@ from cryomae.io.micrographs import Micrograph
 from cryomae.model.checkpoint import TrainedModel
 from cryomae.model.mae import MaskedAutoencoder
 from cryomae.model.presets import get_preset
+from cryomae.picking.blobs import BLOBS_KEY, blob_profile
 from cryomae.picking.marks import MARKS_KEY, marks_by_micrograph, marks_for_manifest
 from cryomae.picking.picker import reference_cutoff
 from cryomae.preprocess import Geometry, prepare
@@ -189,7 +190,9 @@ def train_model(
     )
     model.eval()
     t4 = time.perf_counter()
-    trained = TrainedModel(model=model, bank=bank, geometry=geometry, manifest={})
+    # the DoG's polarity on the reference, for the blob term of the score (cryomae.picking.blobs)
+    blobs = blob_profile(reference.data, exemplars_xy, geometry.diameter)
+    trained = TrainedModel(model=model, bank=bank, geometry=geometry, manifest={BLOBS_KEY: blobs})
     if cfg.head:
         trained.head = train_head(trained, reference.data, exemplars_xy, cfg, device)
         log.info("particle_head", **trained.head.info)
@@ -228,6 +231,7 @@ def train_model(
             "total": round(time.perf_counter() - t0, 3),
         },
         "calibration": calibration,
+        BLOBS_KEY: blobs,
         "final_losses": {
             "pretrain_mse": round(float(np.mean(pre_hist[-10:])), 5) if pre_hist else None,
             **({k: round(float(np.mean([h[k] for h in scs_hist[-10:]])), 5) for k in scs_hist[0]} if scs_hist else {}),

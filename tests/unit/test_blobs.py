@@ -1,0 +1,112 @@
+"""The size-tuned blob term beside the cosine score (``cryomae.picking.blobs``): its polarity measured on the
+exemplars, and a score map raised at the centres of particle-sized blobs, only where it applies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cryomae.config import PickConfig
+from cryomae.picking.blobs import BLOBS_KEY, blob_profile, with_blobs
+from cryomae.picking.picker import ScoreMap
+from cryomae.preprocess import Geometry
+
+D = 24.0
+CENTRES = np.array([[60.0, 60.0], [150.0, 80.0], [100.0, 170.0], [200.0, 200.0]])  # x, y
+
+
+def _micrograph(sign: float = -1.0, seed: int = 0) -> np.ndarray:
+    """Noise with particle-sized discs darker (sign -1) or lighter (+1) than the background at CENTRES."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:256, :256]
+    img = rng.normal(scale=0.5, size=(256, 256))
+    for x, y in CENTRES:
+        img += sign * 2.0 * (((xx - x) ** 2 + (yy - y) ** 2) <= (D / 2) ** 2)
+    return img.astype(np.float32)
+
+
+def _flat_map(geometry: Geometry, seed: int = 1) -> ScoreMap:
+    """A cosine map that knows nothing (noise), one cell every 4 model pixels."""
+    rng = np.random.default_rng(seed)
+    cells = int(256 * geometry.scale / 4)
+    return ScoreMap(
+        scores=rng.normal(0.3, 0.02, size=(cells, cells)).astype(np.float32), stride=4, offset=0.0, level=np.zeros(1)
+    )
+
+
+def _geometry() -> Geometry:
+    return Geometry(diameter=D, box_factor=1.0, img_size=32)
+
+
+@pytest.mark.parametrize(("sign", "polarity"), [(-1.0, "dark"), (1.0, "light")])
+def test_the_polarity_is_read_from_the_exemplars(sign: float, polarity: str) -> None:
+    profile = blob_profile(_micrograph(sign), CENTRES, D)
+    assert profile["polarity"] == polarity
+    assert profile["exemplar_z"] > 2.0  # discs of the particle's size stand out of the noise
+    # exemplars on the background: not blobs to the DoG
+    background = blob_profile(_micrograph(sign), np.array([[20.0, 230.0], [230.0, 20.0], [120.0, 120.0]]), D)
+    assert background["exemplar_z"] < 1.0
+
+
+def test_the_blob_term_raises_the_map_at_the_particles_centres() -> None:
+    geometry, image = _geometry(), _micrograph()
+    smap = _flat_map(geometry)
+    manifest = {BLOBS_KEY: blob_profile(image, CENTRES, D)}
+    out = with_blobs(smap, geometry, manifest, image, PickConfig())
+    assert out.scores.shape == smap.scores.shape and out.scores.dtype == smap.scores.dtype
+    gy, gx = smap.scores.shape
+    rc = np.stack(np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij"), axis=-1).reshape(-1, 2)
+    xy = geometry.to_original(smap.centres(rc))
+    near = np.min(np.linalg.norm(xy[:, None] - CENTRES[None], axis=2), axis=1) < D / 4
+    far = np.min(np.linalg.norm(xy[:, None] - CENTRES[None], axis=2), axis=1) > D
+    gain = (out.scores - smap.scores).ravel()
+    assert gain[near].min() > gain[far].max()  # every particle's centre gains more than any background cell
+    # the size of the term: blob_weight x the map's robust spread x the DoG's robust z
+    spread = 1.4826 * np.median(np.abs(smap.scores - np.median(smap.scores)))
+    double = with_blobs(smap, geometry, manifest, image, PickConfig(blob_weight=2 * PickConfig().blob_weight))
+    np.testing.assert_allclose(double.scores - smap.scores, 2 * (out.scores - smap.scores), rtol=1e-3, atol=1e-6)
+    assert gain[near].mean() > 2 * PickConfig().blob_weight * spread
+
+
+def test_the_cosine_alone_where_the_term_does_not_apply() -> None:
+    geometry, image = _geometry(), _micrograph()
+    smap = _flat_map(geometry)
+    profile = blob_profile(image, CENTRES, D)
+    cases = {
+        "weight 0": ({BLOBS_KEY: profile}, smap, PickConfig(blob_weight=0.0)),
+        "a model trained before the term": ({}, smap, PickConfig()),
+        "exemplars that are no blobs": ({BLOBS_KEY: {**profile, "exemplar_z": 0.5}}, smap, PickConfig()),
+        "the particle head's logits": ({BLOBS_KEY: profile}, dataclasses.replace(smap, logits=True), PickConfig()),
+    }
+    for case, (manifest, m, cfg) in cases.items():
+        assert with_blobs(m, geometry, manifest, image, cfg) is m, case
+    # a lower bar lets the weak exemplars' term through
+    weak = {BLOBS_KEY: {**profile, "exemplar_z": 0.5}}
+    assert with_blobs(smap, geometry, weak, image, PickConfig(blob_min_z=0.25)) is not smap
+
+
+def test_junk_that_is_a_stronger_blob_than_the_particles_earns_no_more_than_they_do() -> None:
+    geometry, image = _geometry(), _micrograph()
+    yy, xx = np.mgrid[:256, :256]
+    junk = np.array([200.0, 50.0])
+    image = image - 8.0 * (((xx - junk[0]) ** 2 + (yy - junk[1]) ** 2) <= (D / 2) ** 2)  # an aggregate: 4x darker
+    smap = _flat_map(geometry)
+    manifest = {BLOBS_KEY: blob_profile(image, CENTRES, D)}
+    gy, gx = smap.scores.shape
+    rc = np.stack(np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij"), axis=-1).reshape(-1, 2)
+    xy = geometry.to_original(smap.centres(rc))
+    on_junk = np.linalg.norm(xy - junk, axis=1) < D / 4
+    on_particle = np.min(np.linalg.norm(xy[:, None] - CENTRES[None], axis=2), axis=1) < D / 4
+
+    def gains(cap: float | None) -> np.ndarray:
+        return (with_blobs(smap, geometry, manifest, image, PickConfig(blob_z_cap=cap)).scores - smap.scores).ravel()
+
+    uncapped, capped = gains(None), gains(1.0)
+    assert uncapped[on_junk].max() > 1.5 * uncapped[on_particle].max()  # the DoG alone loves the aggregate
+    # capped: no more than a particle as much a blob as the exemplars' median (their centres, measured at training)
+    spread = 1.4826 * np.median(np.abs(smap.scores - np.median(smap.scores)))
+    ceiling = PickConfig().blob_weight * spread * manifest[BLOBS_KEY]["exemplar_z"]
+    assert capped[on_junk].max() <= ceiling * (1 + 1e-4)
+    assert capped[on_junk].max() < 1.02 * capped[on_particle].max()
