@@ -92,3 +92,15 @@ def test_bad_inputs() -> None:
         dog_pick(np.zeros(32, np.float32), 10.0)
     flat_xy, flat_scores = dog_pick(np.zeros((64, 64), np.float32), 10.0)
     assert flat_xy.shape == (0, 2) and flat_scores.shape == (0,)
+
+
+@pytest.mark.parametrize(("diameter", "size"), [(20.0, 256), (60.0, 512)])
+def test_the_fourier_filter_is_the_spatial_filter(diameter: float, size: int) -> None:
+    """``fast=True`` (the score's blob term) filters through the Fourier transform: the same response, edges
+    included (the image is extended as the spatial filter extends it), to half a percent of its spread."""
+    centres = SMALL if size == 256 else LARGE
+    img = _synthetic(size, diameter, centres, contrast=-1.5) + np.linspace(0.0, 3.0, size)[None, :]  # and a ramp
+    spatial, factor, _ = dog_response(img, diameter, "dark")
+    fourier, fast_factor, _ = dog_response(img, diameter, "dark", fast=True)
+    assert fast_factor == factor and fourier.shape == spatial.shape
+    assert np.abs(fourier - spatial).max() < 0.006 * spatial.std()

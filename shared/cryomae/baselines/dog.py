@@ -24,6 +24,7 @@ Steps (``dog_response`` does 1-3, ``dog_pick`` 4-5):
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from skimage.feature import peak_local_max
 from skimage.filters import difference_of_gaussians
 
@@ -54,8 +55,27 @@ def _tail_excess(response: np.ndarray) -> float:
     return (float(np.quantile(response, _TAIL_QUANTILE)) - med) / scale
 
 
+def _dog_fft(image: np.ndarray, sigma1: float, sigma2: float) -> np.ndarray:
+    """G(sigma1) * I - G(sigma2) * I through the Fourier transform, in float32: one transform and one inverse
+    whatever the sigmas, where a spatial Gaussian costs in proportion to them. The image is first extended by
+    4 sigma2 with its edge values, as the spatial filter's ``nearest`` mode extends it, so the two agree to 0.6 %
+    of the response's spread everywhere (edges included)."""
+    pad = int(4.0 * sigma2) + 1
+    padded = np.pad(image.astype(np.float32, copy=False), pad, mode="edge")
+    fy = np.fft.fftfreq(padded.shape[0])[:, None]
+    fx = np.fft.rfftfreq(padded.shape[1])[None, :]
+    f2 = (fy * fy + fx * fx) * (2.0 * np.pi**2)
+    band = (np.exp(-f2 * sigma1**2) - np.exp(-f2 * sigma2**2)).astype(np.float32)
+    out = scipy.fft.irfft2(scipy.fft.rfft2(padded, workers=1) * band, s=padded.shape, workers=1)
+    return np.asarray(out[pad:-pad, pad:-pad])
+
+
 def dog_response(
-    image: np.ndarray, diameter: float, polarity: str = "auto", target_diameter_px: float = 24.0
+    image: np.ndarray,
+    diameter: float,
+    polarity: str = "auto",
+    target_diameter_px: float = 24.0,
+    fast: bool = False,
 ) -> tuple[np.ndarray, int, str]:
     """The binned DoG response map in which particles are positive blobs.
 
@@ -82,7 +102,10 @@ def dog_response(
     img = (img - img.mean()) / (std if std > 0 else 1.0)
     binned = _bin_image(img, factor)
     sigma1 = (diameter / 2.0 / factor) / np.sqrt(2.0)
-    bright = difference_of_gaussians(binned, sigma1, sigma1 * _SIGMA_RATIO)  # bright blobs positive
+    if fast:  # the same filter through the Fourier transform (the score's blob term, cryomae.picking.blobs)
+        bright = _dog_fft(binned, sigma1, sigma1 * _SIGMA_RATIO)
+    else:
+        bright = difference_of_gaussians(binned, sigma1, sigma1 * _SIGMA_RATIO)  # bright blobs positive
 
     if polarity == "auto":
         polarity = "light" if _tail_excess(bright) > _tail_excess(-bright) else "dark"

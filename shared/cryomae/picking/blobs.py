@@ -39,9 +39,6 @@ if TYPE_CHECKING:  # the picker imports this module
 
 __all__ = ["BLOBS_KEY", "applies", "blob_profile", "blob_z", "with_blobs"]
 
-# the DoG is computed on the micrograph binned until the particle is about this many pixels across: the score map
-# samples it every window/8, coarser than that, and a 1024 x 1024 micrograph costs about 0.1 s instead of 0.5-0.9
-BINNED_DIAMETER_PX = 12.0
 BLOBS_KEY = "blobs"  # in a model's manifest: {"polarity": "dark" | "light", "exemplar_z": median z at the exemplars}
 
 
@@ -54,9 +51,9 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
 
 def _z_at(image: np.ndarray, diameter: float, polarity: str, xy: np.ndarray) -> np.ndarray:
     """The DoG response of ``image`` [H, W] in robust standard deviations, at original-pixel centres xy [N, 2]."""
-    response, factor, _ = dog_response(
-        np.asarray(image, dtype=np.float32), diameter, polarity=polarity, target_diameter_px=BINNED_DIAMETER_PX
-    )
+    # the DoG baseline's filter through the Fourier transform: 2-4x faster on a 1024 x 1024 micrograph (binning
+    # further to a 12-pixel particle was faster still, and lost GltPh's cutoff: F1 0.626 -> 0.581 over 5 draws)
+    response, factor, _ = dog_response(np.asarray(image, dtype=np.float32), diameter, polarity=polarity, fast=True)
     z = _robust_z(response)
     rows = np.clip((xy[:, 1] / factor).astype(int), 0, z.shape[0] - 1)
     cols = np.clip((xy[:, 0] / factor).astype(int), 0, z.shape[1] - 1)
