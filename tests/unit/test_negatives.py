@@ -61,8 +61,8 @@ def test_a_window_like_a_marked_wrong_pick_loses_score(feature: Literal["mean", 
 
 def test_the_mean_of_the_negatives_is_the_other_rule() -> None:
     trained, image, *_ = _with_negatives()
-    nearest = compute_score_map(trained, image, PickConfig(device="cpu", negative_rule="max"))
-    mean = compute_score_map(trained, image, PickConfig(device="cpu", negative_rule="mean"))
+    nearest = compute_score_map(trained, image, PickConfig(device="cpu", negative_rule="max", negative_weight=0.25))
+    mean = compute_score_map(trained, image, PickConfig(device="cpu", negative_rule="mean", negative_weight=0.25))
     off = compute_score_map(trained, image, PickConfig(device="cpu", negative_weight=0.0))
     # the nearest negative is at least as similar as their mean: the max rule takes off at least as much
     assert np.all(off.scores - nearest.scores >= off.scores - mean.scores - 1e-6)
