@@ -176,11 +176,11 @@ class PickConfig(BaseModel):
         "sample out, docs/accuracy-study.md)",
     )
     negative_weight: float = Field(
-        0.0,
+        0.25,
         ge=0.0,
         le=4.0,
         description="a model trained with an operator's corrections: the cosine score less this times the window's "
-        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used, chosen leaving one sample "
+        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used; chosen leaving one sample "
         "out with a simulated operator, docs/accuracy.md; the marks hold on their own micrographs either way)",
     )
     negative_rule: Literal["max", "mean", "orthogonal", "nearest"] = Field(
