@@ -237,11 +237,11 @@ def train_model(
             **({k: round(float(np.mean([h[k] for h in scs_hist[-10:]])), 5) for k in scs_hist[0]} if scs_hist else {}),
         },
     }
-    final = marks_by_micrograph(
+    marks = marks_by_micrograph(
         [c.micrograph for c in corrections], [c.missed for c in corrections], [c.wrong for c in corrections]
     )
-    if final:  # the operator's marks, to hold on their micrographs when this model picks them again
-        info[MARKS_KEY] = marks_for_manifest(final)
+    if marks:  # the operator's marks, to hold on their micrographs when this model picks them again
+        info[MARKS_KEY] = marks_for_manifest(marks)
     log.info("train_done", **info["timings_s"])
     trained.manifest = info
     return trained, info
