@@ -360,11 +360,14 @@ def test_session_operated_from_the_cli_in_one_process_mode(mem: Live, tmp_path: 
         assert project["training"]["state"] == "done" and project["waiting"] == 0
 
         # re-threshold above every micrograph's own cutoff and halfway up the scores: fewer particles, exactly
-        # those scoring above it (a cutoff between two written scores, so rounding in the STAR file cannot matter)
+        # those scoring above it. The cut lies between two written scores that are both clear of the cutoffs and
+        # of each other by more than the STAR file's rounding (6 decimals), so rounding cannot matter: a pick
+        # scoring exactly a micrograph's cutoff is written rounded up to just above it.
         foms = np.unique(particles(live)["rlnAutopickFigureOfMerit"].to_numpy(dtype=float))
         floor = max(max(e.picker_threshold for e in outputs(live).micrographs()), float(np.median(foms)))
-        above = foms[foms > floor]
-        high = float((floor + above[0]) / 2) if len(above) else floor + 1.0
+        above = foms[foms > floor + 1e-5]
+        gaps = np.flatnonzero(np.diff(above) > 1e-5)
+        high = float((above[gaps[0]] + above[gaps[0] + 1]) / 2) if len(gaps) else floor + 1.0
         expected = int(np.count_nonzero(particles(live)["rlnAutopickFigureOfMerit"].to_numpy(dtype=float) > high))
         assert expected < len(rows_before)
         ok(cli(live, "session", "rethreshold", "--project", PROJECT, "--session", SESSION, "--threshold", repr(high)))
