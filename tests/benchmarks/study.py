@@ -208,9 +208,8 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
                 )
                 images[path.stem] = z["image"]
         trained = load_model(folder / "model")
-        if (
-            blobs.BLOBS_KEY not in trained.manifest
-        ):  # a model trained before the blob term: its profile as training makes it
+        # a model trained before the blob term: its profile as training makes it
+        if blobs.BLOBS_KEY not in trained.manifest:
             reference = read_micrograph(split.reference).data
             trained.manifest[blobs.BLOBS_KEY] = blobs.blob_profile(reference, split.exemplars_xy, split.diameter)
         out.append(Cached(ds.name, split, trained, maps, images, accuracy.distractors(ds)))
@@ -233,13 +232,18 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
     return {q.stem: _cutoff(cands[q.stem][1], cfg, session)[0] for q in c.split.queries}
 
 
+# the blob term's DoG z of each micrograph, by (dataset, stem, polarity, map shape): the same for every variant
+# and exemplar draw evaluated in one run
+_BLOB_Z: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
+
+
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
     """Every micrograph's candidates (reference included) under cfg."""
     geo, manifest = c.trained.geometry, c.trained.manifest
     out = {}
     for stem, m in c.maps.items():
         z = None
-        if blobs.applies(m, manifest, cfg):  # the DoG of a micrograph is the same for every variant and draw
+        if blobs.applies(m, manifest, cfg):
             key = (c.name, stem, manifest[blobs.BLOBS_KEY]["polarity"], m.scores.shape)
             z = _BLOB_Z.get(key)
             if z is None:
@@ -248,9 +252,6 @@ def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
             blobs.with_blobs(m, geo, manifest, c.images[stem], cfg, z), geo, c.images[stem], cfg
         )
     return out
-
-
-_BLOB_Z: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
 
 
 def score(c: Cached, cfg: PickConfig, rule: CutoffRule = default_rule) -> dict[str, Any]:

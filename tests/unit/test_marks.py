@@ -13,6 +13,7 @@ from cryomae.picking.marks import (
     marks_by_micrograph,
     marks_for_manifest,
     marks_from_manifest,
+    marks_on,
 )
 from cryomae.picking.picker import PickResult
 
@@ -82,3 +83,12 @@ def test_marks_are_kept_in_the_manifest_by_micrograph_and_merged_over_rounds() -
     np.testing.assert_array_equal(back["/data/b.mrc"].wrong, [[3.0, 4.0]])
     assert back["/data/b.mrc"].missed.shape == (0, 2)
     assert marks_from_manifest({}) == {}  # a model trained without corrections
+
+
+def test_the_picker_reads_the_marks_of_the_one_micrograph_it_picks() -> None:
+    manifest = {"operator_marks": {"/data/a.mrc": {"missed": [[1.0, 2.0]], "wrong": []}}}
+    on_a = marks_on(manifest, "/data/a.mrc")
+    assert on_a is not None
+    np.testing.assert_array_equal(on_a.missed, [[1.0, 2.0]])
+    assert on_a.wrong.shape == (0, 2)
+    assert marks_on(manifest, "/data/b.mrc") is None and marks_on({}, "/data/a.mrc") is None

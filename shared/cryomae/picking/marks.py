@@ -32,6 +32,7 @@ __all__ = [
     "marks_by_micrograph",
     "marks_for_manifest",
     "marks_from_manifest",
+    "marks_on",
 ]
 
 MARKS_KEY = "operator_marks"  # in a model's manifest: micrograph path -> {"missed": [[x, y], ...], "wrong": [...]}
@@ -57,15 +58,21 @@ def marks_for_manifest(marks: Mapping[str, MicrographMarks]) -> dict[str, dict[s
     }
 
 
+def marks_on(manifest: Mapping[str, Any], micrograph: str) -> MicrographMarks | None:
+    """The marks a model's manifest keeps for one micrograph (its resolved path), None where it has none: the
+    picker reads only the micrograph it picks, not every corrected one."""
+    entry = (manifest.get(MARKS_KEY) or {}).get(micrograph)
+    if entry is None:
+        return None
+    return MicrographMarks(
+        missed=np.asarray(entry.get("missed", []), dtype=np.float64).reshape(-1, 2),
+        wrong=np.asarray(entry.get("wrong", []), dtype=np.float64).reshape(-1, 2),
+    )
+
+
 def marks_from_manifest(manifest: Mapping[str, Any]) -> dict[str, MicrographMarks]:
     """The marks a model's manifest keeps, by micrograph path (none for a model trained without corrections)."""
-    return {
-        path: MicrographMarks(
-            missed=np.asarray(entry.get("missed", []), dtype=np.float64).reshape(-1, 2),
-            wrong=np.asarray(entry.get("wrong", []), dtype=np.float64).reshape(-1, 2),
-        )
-        for path, entry in (manifest.get(MARKS_KEY) or {}).items()
-    }
+    return {path: m for path in (manifest.get(MARKS_KEY) or {}) if (m := marks_on(manifest, path)) is not None}
 
 
 def _near(xy: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:

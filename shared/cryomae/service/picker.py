@@ -31,7 +31,7 @@ from cryomae.messaging import topology
 from cryomae.messaging.base import Broker, Consumer, Envelope
 from cryomae.messaging.delivery import REASON_CHARS, shorten
 from cryomae.model.checkpoint import TrainedModel
-from cryomae.picking.marks import honour_marks, marks_from_manifest
+from cryomae.picking.marks import honour_marks, marks_on
 from cryomae.picking.picker import pick_micrograph, session_cutoff
 from cryomae.picking.threshold import SessionCutoff
 from cryomae.service import metrics
@@ -131,9 +131,7 @@ class Picker:
         except InputError as exc:  # smaller than one window: name the file
             raise exc.located(path) from None
         # an operator's marks on this micrograph, if the model was trained on them, hold whatever it scores
-        result, honoured = honour_marks(
-            result, marks_from_manifest(trained.manifest).get(str(path)), trained.geometry.diameter
-        )
+        result, honoured = honour_marks(result, marks_on(trained.manifest, str(path)), trained.geometry.diameter)
         xy = result.candidates_xy
         # no candidate (all too near the edges): the cutoff is infinite, which JSON cannot carry; any selects none
         threshold = result.threshold if math.isfinite(result.threshold) else NO_CANDIDATES_THRESHOLD
