@@ -142,8 +142,9 @@ class Split:
         return sum(len(t) for t in self.truth.values())
 
 
-def few_shot_split(ds: Dataset, max_queries: int | None) -> Split:
-    """Reference = first micrograph by name, 15 exemplars drawn with default_rng(0), queries = the others."""
+def few_shot_split(ds: Dataset, max_queries: int | None, draw: int | None = None) -> Split:
+    """Reference = first micrograph by name, 15 exemplars drawn with default_rng(0) (``default_rng(draw)`` for
+    another draw), queries = the others."""
     diameter, source = ds.diameter()
     mics = ds.micrographs()
     if len(mics) < 2:
@@ -156,7 +157,8 @@ def few_shot_split(ds: Dataset, max_queries: int | None) -> Split:
         raise BenchmarkError(
             f"dataset {ds.name}: the reference {mics[0].name} has {len(gt_ref)} particles, fewer than {N_EXEMPLARS}"
         )
-    rows = np.random.default_rng(EXEMPLAR_SEED).choice(len(gt_ref), N_EXEMPLARS, replace=False)
+    seed = EXEMPLAR_SEED if draw is None else draw
+    rows = np.random.default_rng(seed).choice(len(gt_ref), N_EXEMPLARS, replace=False)
     queries = mics[1:] if max_queries is None else mics[1 : 1 + max_queries]
     return Split(
         diameter=diameter,

@@ -9,7 +9,9 @@ seconds per micrograph of reading plus picking on this machine.
 
 - cryomae: trained on the reference with the 15 exemplars (default configuration), automatic per-micrograph
   cutoff. A picker spec is ``PRESET[@LAYER][:KEY=VALUE,...]`` with PickConfig overrides, e.g.
-  ``fast:stride_fraction=0.25``; specs sharing a preset and layer share one training.
+  ``fast:stride_fraction=0.25``; specs sharing a preset and layer share one training. The first spec is also
+  trained and picked with the exemplars of draws 1-4 (``default_rng(1..4)``, ``--draws``) and reported as its
+  mean and lowest F1 over the five draws: which particles were clicked changes the result.
 - Topaz 0.3.20 in its own virtual environment under the cache folder (installed on first use; nothing of Topaz
   enters the project's dependencies): the general pretrained ``resnet16_u64`` model, and a model trained with
   Topaz's PU learning on the same 15 exemplars (see ``topaz_runner.py``).
@@ -186,8 +188,16 @@ def run_topaz(spec: str, split: Split, workdir: Path, reuse: bool) -> topaz_runn
 
 
 def run_dataset(
-    name: str, split: Split, pickers: list[str], device: str, workdir: Path, reuse_topaz: bool = True
+    name: str,
+    split: Split,
+    pickers: list[str],
+    device: str,
+    workdir: Path,
+    reuse_topaz: bool = True,
+    draw_splits: Sequence[tuple[int, Split]] = (),
 ) -> list[Row]:
+    """Every picker on one dataset; the first cryomae spec also on each of ``draw_splits`` (the same split with
+    the exemplars of another draw: rows marked ``details["draw"]``, reported as the mean over the draws)."""
     rows: list[Row] = []
     trained: dict[tuple[str, int | None], Any] = {}
     for spec in pickers:
@@ -205,9 +215,43 @@ def run_dataset(
                 trained[key] = train_on_split(split, train_cfg, name)
             row = run_cryomae(split, preset, train_cfg, pick_cfg, name, trained_model=trained[key])
             row.picker = f"cryomae {spec}"
+            if draw_splits and not any(DRAW in r.details for r in rows):
+                rows += draw_rows(name, spec, preset, draw_splits, train_cfg, pick_cfg)
         rows.append(row)
         say(result_line(name, row))
     return rows
+
+
+DRAW = "draw"  # a Row's details key: the exemplar draw of an extra cryomae row (``--draws``)
+
+
+def draw_rows(
+    name: str,
+    spec: str,
+    preset: str,
+    draw_splits: Sequence[tuple[int, Split]],
+    train_cfg: TrainConfig,
+    pick_cfg: PickConfig,
+) -> list[Row]:
+    """``spec`` trained and picking with the exemplars of each other draw (each model freed after its draw)."""
+    rows = []
+    for draw, split in draw_splits:
+        row = run_cryomae(split, preset, train_cfg, pick_cfg, f"{name} draw {draw}")
+        row.picker = f"cryomae {spec}"
+        row.details[DRAW] = draw
+        say(result_line(f"{name} (draw {draw})", row))
+        rows.append(row)
+    return rows
+
+
+def over_draws(rows: Sequence[Row]) -> tuple[Row, list[Row]] | None:
+    """The protocol's row of the spec that ran over several draws and every draw's row of it (protocol's first),
+    or None where no spec did."""
+    extra = [r for r in rows if DRAW in r.details]
+    if not extra:
+        return None
+    main = next(r for r in rows if r.picker == extra[0].picker and DRAW not in r.details)
+    return main, [main, *extra]
 
 
 # ------------------------------------------------------------------------------------------------- reports
@@ -225,7 +269,7 @@ def plot(results: dict[str, list[Row]], out: Path) -> None:
     pickers = sorted({r.picker for rows in results.values() for r in rows})
     markers = dict(zip(pickers, "osD^v<>ph*X", strict=False))
     for ax, name in zip(axes[0], names, strict=True):
-        for r in results[name]:
+        for r in (r for r in results[name] if DRAW not in r.details):
             ax.scatter(r.pick_s_per_micrograph, r.f1, marker=markers.get(r.picker, "o"), s=50, label=r.picker)
         ax.set_xscale("log")
         ax.set_xlabel("seconds per micrograph (log)")
@@ -238,6 +282,19 @@ def plot(results: dict[str, list[Row]], out: Path) -> None:
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def draws_line(main: Row, drawn: Sequence[Row]) -> str:
+    """One sentence: a cryomae spec's F1 and AP over the exemplar draws (the protocol's and ``--draws``')."""
+    f1 = [r.f1 for r in drawn]
+    aps = [r.ap for r in drawn if r.ap is not None]
+    low = min(drawn, key=lambda r: r.f1)
+    ap = f"; AP mean {np.mean(aps):.3f}, lowest {min(aps):.3f}" if aps else ""
+    return (
+        f"{main.picker} over {len(drawn)} exemplar draws (`default_rng(0..{len(drawn) - 1})`, each trained and "
+        f"picked on its own): F1 mean **{np.mean(f1):.3f}**, lowest {low.f1:.3f} (draw {low.details.get(DRAW, 0)})"
+        f"{ap}; per draw " + ", ".join(f"{r.f1:.3f}" for r in drawn) + "."
+    )
 
 
 def count_error(row: Row) -> float | None:
@@ -280,6 +337,7 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
         "",
     ]
     summary: dict[str, dict[str, Row]] = {}
+    draw_summary: dict[str, list[Row]] = {}
     for name, rows in results.items():
         s = splits[name]
         lines += [
@@ -293,7 +351,7 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         reused = sorted({str(r.details["reused_from"]) for r in rows if r.details.get("reused_from")})
-        for r in rows:
+        for r in (r for r in rows if DRAW not in r.details):
             oracle = r.oracle["f1"] if r.oracle else None
             mark = " †" if r.details.get("reused_from") else ""
             lines.append(
@@ -303,6 +361,10 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
             )
             summary.setdefault(r.picker, {})[name] = r
         lines.append("")
+        drawn = over_draws(rows)
+        if drawn:
+            lines += [draws_line(*drawn), ""]
+            draw_summary[name] = drawn[1]
         if reused:
             lines += [
                 f"† the result of an identical earlier run on this machine, measured {', '.join(reused)} (same "
@@ -319,6 +381,15 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
     for picker, by in summary.items():
         cells = [f"{by[n].f1:.3f} / {by[n].pick_s_per_micrograph:.2f} s" if n in by else "—" for n in names]
         lines.append(f"| {picker} | " + " | ".join(cells) + " |")
+    if draw_summary:
+        first = next(iter(draw_summary.values()))
+        cells = [
+            f"{np.mean([r.f1 for r in draw_summary[n]]):.3f} ({min(r.f1 for r in draw_summary[n]):.3f})"
+            if n in draw_summary
+            else "—"
+            for n in names
+        ]
+        lines.append(f"| {first[0].picker}, mean (lowest) of {len(first)} exemplar draws | " + " | ".join(cells) + " |")
     lines.append("")
     if png is not None:
         lines += [f"![F1 against seconds per micrograph]({png.name})", ""]
@@ -344,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerun-topaz",
         action="store_true",
         help="run Topaz even when an identical earlier run's result is cached (same code, settings, inputs, machine)",
+    )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=5,
+        help="also train and pick the first cryomae spec with the exemplars of draws 1..N-1 (default_rng(k)); "
+        "reported as its mean and lowest F1 over the N draws (1: the protocol's draw only)",
     )
     p.add_argument("--verbose", action="store_true")
     p.add_argument(
@@ -386,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "pickers": pickers,
         "max_queries": args.max_queries,
+        "draws": args.draws,
         "topaz_version": topaz_runner.TOPAZ_VERSION,
     }
     results: dict[str, list[Row]] = {}
@@ -400,7 +479,8 @@ def run(args: argparse.Namespace) -> int:
             split = few_shot_split(available[name], args.max_queries)
             say(f"== {name}: diameter {split.diameter:g} px, {len(split.queries)} queries, {split.n_truth} truth")
             splits[name] = split
-            results[name] = run_dataset(name, split, pickers, args.device, Path(tmp), not args.rerun_topaz)
+            draw_splits = [(k, few_shot_split(available[name], args.max_queries, draw=k)) for k in range(1, args.draws)]
+            results[name] = run_dataset(name, split, pickers, args.device, Path(tmp), not args.rerun_topaz, draw_splits)
             meta["total_s"] = time.perf_counter() - t0
             plot(results, png)
             out.write_text(gpu_report.keep_section(markdown(meta, results, splits, png), previous))
