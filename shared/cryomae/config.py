@@ -162,11 +162,13 @@ class PickConfig(BaseModel):
         "window's score, the DoG's polarity measured on the exemplars at training (cryomae.picking.blobs; 0: the "
         "cosine alone; chosen leaving one sample out over five exemplar draws, docs/accuracy-study.md)",
     )
-    blob_min_z: float = Field(
-        1.0,
+    blob_min_share: float = Field(
+        0.4,
         ge=0.0,
-        description="the DoG term only where the particles are blobs to it: the median DoG response at the "
-        "exemplars on the reference, in robust standard deviations, at least this (measured at training)",
+        le=1.0,
+        description="the DoG term only where the particles are blobs to it: at least this share of the exemplars "
+        "stand out of the reference's DoG response by more than one robust standard deviation (measured at "
+        "training; a long filament's rods do not; chosen leaving one sample out, docs/accuracy-study.md)",
     )
     blob_z_cap: float | None = Field(
         None,

@@ -387,6 +387,12 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
         "",
         f"Command: `{meta['command']}`",
         "",
+        *(
+            f"Amended: {', '.join(a['datasets'])} re-run at commit {a['commit']}, {a['date']} "
+            f"({a['total_s'] / 60:.0f} min; `{a['command']}`); their rows below are that run's, Topaz's reused from "
+            "the first where marked †.\n"
+            for a in meta.get("amended", [])
+        ),
         "Protocol: the data README's few-shot protocol (first micrograph by name = reference, its 15 exemplars "
         "drawn with `default_rng(0)`, every other micrograph a query). Scoring, the same for every picker: boxes "
         "of the particle diameter, a pick is true at IoU >= 0.5 with an unmatched ground-truth box, pooled over "
@@ -494,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the report and plot again from a saved run's JSON (nothing is run; e.g. after a report change)",
     )
+    p.add_argument(
+        "--amend-with",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --from-json: a later run's JSON whose datasets replace the saved run's (e.g. after a change that "
+        "moves only some datasets; the report names the later run's commit, date and command)",
+    )
     return p
 
 
@@ -562,6 +576,11 @@ def run(args: argparse.Namespace) -> int:
 def report_again(args: argparse.Namespace) -> int:
     """The report and plot of a saved run (``--from-json``), with today's report code."""
     saved = json.loads(args.from_json.read_text())
+    for later_path in args.amend_with:
+        later = json.loads(later_path.read_text())
+        saved["results"].update(later["results"])
+        amended = {k: later["meta"].get(k) for k in ("commit", "date", "command", "total_s")}
+        saved["meta"].setdefault("amended", []).append({**amended, "datasets": sorted(later["results"])})
     available = {d.name: d for d in discover_datasets(args.data_root.resolve())}
     results = {name: [Row(**r) for r in rows] for name, rows in saved["results"].items()}
     splits = {name: few_shot_split(available[name], saved["meta"].get("max_queries")) for name in results}
@@ -571,13 +590,16 @@ def report_again(args: argparse.Namespace) -> int:
     plot(results, png)
     previous = out.read_text() if out.is_file() else ""
     out.write_text(gpu_report.keep_section(markdown(saved["meta"], results, splits, png), previous))
-    if args.from_json.resolve() != out.with_suffix(".json").resolve():
-        out.with_suffix(".json").write_text(args.from_json.read_text())
+    if args.amend_with or args.from_json.resolve() != out.with_suffix(".json").resolve():
+        out.with_suffix(".json").write_text(json.dumps(saved, indent=1, default=str))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.amend_with and not args.from_json:
+        parser.error("--amend-with amends a saved run: give it with --from-json")
     configure_logging("INFO" if args.verbose else "WARNING")
     try:
         return report_again(args) if args.from_json else run(args)

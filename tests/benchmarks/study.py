@@ -208,8 +208,8 @@ def load(data_root: Path, cache: Path, names: Sequence[str] | None = None) -> li
                 )
                 images[path.stem] = z["image"]
         trained = load_model(folder / "model")
-        # a model trained before the blob term: its profile as training makes it
-        if blobs.BLOBS_KEY not in trained.manifest:
+        # a model trained before the blob term or its exemplar share: its profile as training makes it today
+        if "exemplar_share" not in trained.manifest.get(blobs.BLOBS_KEY, {}):
             reference = read_micrograph(split.reference).data
             trained.manifest[blobs.BLOBS_KEY] = blobs.blob_profile(reference, split.exemplars_xy, split.diameter)
         out.append(Cached(ds.name, split, trained, maps, images, accuracy.distractors(ds)))

@@ -45,9 +45,15 @@ def test_the_polarity_is_read_from_the_exemplars(sign: float, polarity: str) -> 
     profile = blob_profile(_micrograph(sign), CENTRES, D)
     assert profile["polarity"] == polarity
     assert profile["exemplar_z"] > 2.0  # discs of the particle's size stand out of the noise
+    assert profile["exemplar_share"] == 1.0  # every one of them
     # exemplars on the background: not blobs to the DoG
     background = blob_profile(_micrograph(sign), np.array([[20.0, 230.0], [230.0, 20.0], [120.0, 120.0]]), D)
     assert background["exemplar_z"] < 1.0
+    assert background["exemplar_share"] < PickConfig().blob_min_share
+    # half of them on particles, half on the background: the share says so, whatever the median
+    mixed = blob_profile(_micrograph(sign), np.concatenate([CENTRES[:2], [[230.0, 20.0], [120.0, 120.0]]]), D)
+    assert mixed["polarity"] == polarity
+    assert mixed["exemplar_share"] == 0.5
 
 
 def test_the_blob_term_raises_the_map_at_the_particles_centres() -> None:
@@ -77,14 +83,25 @@ def test_the_cosine_alone_where_the_term_does_not_apply() -> None:
     cases = {
         "weight 0": ({BLOBS_KEY: profile}, smap, PickConfig(blob_weight=0.0)),
         "a model trained before the term": ({}, smap, PickConfig()),
-        "exemplars that are no blobs": ({BLOBS_KEY: {**profile, "exemplar_z": 0.5}}, smap, PickConfig()),
+        "exemplars that are no blobs": ({BLOBS_KEY: {**profile, "exemplar_share": 0.3}}, smap, PickConfig()),
+        "an older model's exemplars that are no blobs": (
+            {BLOBS_KEY: {"polarity": "dark", "exemplar_z": 0.9}},
+            smap,
+            PickConfig(),
+        ),
         "the particle head's logits": ({BLOBS_KEY: profile}, dataclasses.replace(smap, logits=True), PickConfig()),
     }
     for case, (manifest, m, cfg) in cases.items():
         assert with_blobs(m, geometry, manifest, image, cfg) is m, case
     # a lower bar lets the weak exemplars' term through
-    weak = {BLOBS_KEY: {**profile, "exemplar_z": 0.5}}
-    assert with_blobs(smap, geometry, weak, image, PickConfig(blob_min_z=0.25)) is not smap
+    weak = {BLOBS_KEY: {**profile, "exemplar_share": 0.3}}
+    assert with_blobs(smap, geometry, weak, image, PickConfig(blob_min_share=0.25)) is not smap
+    # the share decides, not the median: a weak median with enough strong blobs among the exemplars gets the term
+    strong_few = {BLOBS_KEY: {**profile, "exemplar_z": 0.7, "exemplar_share": 0.45}}
+    assert with_blobs(smap, geometry, strong_few, image, PickConfig()) is not smap
+    # a model trained before the share was measured: gated on its median, as when it was trained
+    older = {BLOBS_KEY: {"polarity": "dark", "exemplar_z": 1.2}}
+    assert with_blobs(smap, geometry, older, image, PickConfig()) is not smap
 
 
 def test_junk_that_is_a_stronger_blob_than_the_particles_earns_no_more_than_they_do() -> None:

@@ -16,10 +16,11 @@ ice) earns no more than a particle does.
 
 The DoG's polarity (particles darker or lighter than their surround) is measured once, at training, on the
 reference micrograph: the sign of the median response at the exemplars, kept in the model's manifest
-(``blobs``) with that median in robust standard deviations. Where the median is below ``PickConfig.blob_min_z``
-the particles are not blobs to the DoG (a long filament, whose centre is no brighter than the rest of the rod)
-and the cosine is used alone. A model trained before this existed has no ``blobs`` entry and is scored by the
-cosine alone.
+(``blobs``) with that median in robust standard deviations and the share of the exemplars that stand out by more
+than one (``exemplar_share``). Where that share is below ``PickConfig.blob_min_share`` the particles are not
+blobs to the DoG (a long filament, whose centre is no brighter than the rest of the rod) and the cosine is used
+alone. A model trained before the share was measured is gated as it was then, on the median (at least 1); a
+model trained before the blob term existed has no ``blobs`` entry and is scored by the cosine alone.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ from cryomae.preprocess import Geometry, robust_spread
 if TYPE_CHECKING:  # the picker imports this module
     from cryomae.picking.picker import ScoreMap
 
-__all__ = ["BLOBS_KEY", "applies", "blob_profile", "blob_z", "with_blobs"]
+__all__ = ["BLOBS_KEY", "applies", "are_blobs", "blob_profile", "blob_z", "with_blobs"]
 
-BLOBS_KEY = "blobs"  # in a model's manifest: {"polarity": "dark" | "light", "exemplar_z": median z at the exemplars}
+# in a model's manifest: {"polarity": "dark" | "light", "exemplar_z": median z at the exemplars, "exemplar_share":
+# the share of exemplars with z > 1}
+BLOBS_KEY = "blobs"
+LEGACY_MIN_Z = 1.0  # the gate of models without ``exemplar_share``: their exemplars' median z at least this
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
@@ -65,15 +69,26 @@ def blob_profile(reference: np.ndarray, exemplars_xy: np.ndarray, diameter: floa
     the manifest's ``blobs`` entry."""
     z = _z_at(reference, diameter, "dark", np.asarray(exemplars_xy, dtype=np.float64).reshape(-1, 2))
     median = float(np.nanmedian(z)) if len(z) else 0.0
-    return {"polarity": "dark" if median >= 0 else "light", "exemplar_z": round(abs(median), 4)}
+    polar = z if median >= 0 else -z  # the light polarity's response is the dark one's negated
+    return {
+        "polarity": "dark" if median >= 0 else "light",
+        "exemplar_z": round(abs(median), 4),
+        "exemplar_share": round(float(np.mean(polar > 1.0)), 4) if len(z) else 0.0,
+    }
+
+
+def are_blobs(profile: Mapping[str, Any], cfg: PickConfig) -> bool:
+    """Whether a model's exemplars are blobs to the DoG (``blob_profile``): at least ``blob_min_share`` of them
+    stand out by more than one robust standard deviation (an older profile: their median by ``LEGACY_MIN_Z``)."""
+    share = profile.get("exemplar_share")
+    return bool(share >= cfg.blob_min_share if share is not None else profile["exemplar_z"] >= LEGACY_MIN_Z)
 
 
 def applies(smap: ScoreMap, manifest: Mapping[str, Any], cfg: PickConfig) -> bool:
     """Whether the blob term is added: ``blob_weight`` above 0, a model with a ``blobs`` entry whose exemplars are
-    blobs to the DoG (their median response at least ``blob_min_z``), and a map of cosines, not the particle
-    head's logits."""
+    blobs to the DoG (``are_blobs``), and a map of cosines, not the particle head's logits."""
     profile = manifest.get(BLOBS_KEY)
-    return bool(cfg.blob_weight > 0 and profile and not smap.logits and profile["exemplar_z"] >= cfg.blob_min_z)
+    return bool(cfg.blob_weight > 0 and profile and not smap.logits and are_blobs(profile, cfg))
 
 
 def blob_z(smap: ScoreMap, geometry: Geometry, polarity: str, image: np.ndarray) -> np.ndarray:
