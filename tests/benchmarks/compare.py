@@ -351,6 +351,8 @@ def sample_bars(results: dict[str, list[Row]]) -> list[str]:
             + (f"{peer_f1[best]:.3f} {best}" if best else "—")
             + f" | {0.92 * oracle:.3f} | {'; '.join(misses) or 'met'} |"
         )
+    if not means:
+        return []
     peer_means = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in means.items() if k not in ("protocol", "draws"))
     lines += [
         f"| **mean of {len(means.get('draws', []))} samples** | **{np.mean(means['protocol']):.3f}** | "
