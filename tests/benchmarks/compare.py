@@ -245,14 +245,12 @@ def draw_rows(
     return rows
 
 
-def over_draws(rows: Sequence[Row]) -> tuple[Row, list[Row]] | None:
-    """The protocol's row of the spec that ran over several draws and every draw's row of it (protocol's first),
-    or None where no spec did."""
+def over_draws(rows: Sequence[Row]) -> list[Row] | None:
+    """Every draw's row of the spec that ran over several draws, the protocol's first, or None where no spec did."""
     extra = [r for r in rows if DRAW in r.details]
     if not extra:
         return None
-    main = next(r for r in rows if r.picker == extra[0].picker and DRAW not in r.details)
-    return main, [main, *extra]
+    return [next(r for r in rows if r.picker == extra[0].picker and DRAW not in r.details), *extra]
 
 
 # ------------------------------------------------------------------------------------------------- reports
@@ -285,14 +283,14 @@ def plot(results: dict[str, list[Row]], out: Path) -> None:
     plt.close(fig)
 
 
-def draws_line(main: Row, drawn: Sequence[Row]) -> str:
-    """One sentence: a cryomae spec's F1 and AP over the exemplar draws (the protocol's and ``--draws``')."""
+def draws_line(drawn: Sequence[Row]) -> str:
+    """One sentence: a cryomae spec's F1 and AP over the exemplar draws (``over_draws``: the protocol's first)."""
     f1 = [r.f1 for r in drawn]
     aps = [r.ap for r in drawn if r.ap is not None]
     low = min(drawn, key=lambda r: r.f1)
     ap = f"; AP mean {np.mean(aps):.3f}, lowest {min(aps):.3f}" if aps else ""
     return (
-        f"{main.picker} over {len(drawn)} exemplar draws (`default_rng(0..{len(drawn) - 1})`, each trained and "
+        f"{drawn[0].picker} over {len(drawn)} exemplar draws (`default_rng(0..{len(drawn) - 1})`, each trained and "
         f"picked on its own): F1 mean **{np.mean(f1):.3f}**, lowest {low.f1:.3f} (draw {low.details.get(DRAW, 0)})"
         f"{ap}; per draw " + ", ".join(f"{r.f1:.3f}" for r in drawn) + "."
     )
@@ -324,9 +322,9 @@ def sample_bars(results: dict[str, list[Row]]) -> list[str]:
         sets = [d for d in (drawn[n] for n in names) if d is not None]
         if len(sets) != len(names):
             continue
-        first = float(np.mean([main.f1 for main, _ in sets]))
-        per_draw = np.mean([[r.f1 for r in rows] for _, rows in sets], axis=0)  # [draws]
-        oracle = float(np.mean([[(r.oracle or {}).get("f1", np.nan) for r in rows] for _, rows in sets]))
+        first = float(np.mean([rows[0].f1 for rows in sets]))
+        per_draw = np.mean([[r.f1 for r in rows] for rows in sets], axis=0)  # [draws]
+        oracle = float(np.mean([[(r.oracle or {}).get("f1", np.nan) for r in rows] for rows in sets]))
         peers: dict[str, list[float]] = {}
         for n in names:
             for r in results[n]:
@@ -434,8 +432,8 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
         lines.append("")
         drawn = over_draws(rows)
         if drawn:
-            lines += [draws_line(*drawn), ""]
-            draw_summary[name] = drawn[1]
+            lines += [draws_line(drawn), ""]
+            draw_summary[name] = drawn
         if reused:
             lines += [
                 f"† the result of an identical earlier run on this machine, measured {', '.join(reused)} (same "

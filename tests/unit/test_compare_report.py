@@ -3,6 +3,7 @@ sample, and a saved run amended by a later one, on hand-made rows whose figures 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,13 @@ RESULTS = {
 
 
 def test_the_draws_of_a_spec_are_its_protocol_row_and_its_extra_rows() -> None:
-    found = compare.over_draws(RESULTS["sim/x"])
-    assert found is not None
-    main, drawn = found
+    drawn = compare.over_draws(RESULTS["sim/x"])
+    assert drawn is not None
+    main = drawn[0]
     assert main.details == {} and main.f1 == 0.60
     assert [r.f1 for r in drawn] == [0.60, 0.30, 0.30]
     assert compare.over_draws([_row("DoG", 0.5)]) is None
-    line = compare.draws_line(main, drawn)
+    line = compare.draws_line(drawn)
     assert "F1 mean **0.400**, lowest 0.300 (draw 1)" in line
 
 
@@ -87,7 +88,7 @@ def test_a_saved_run_amended_by_a_later_one(tmp_path: Path) -> None:
             "device": "cpu",
             "max_queries": 1,
         }
-        doc = {"meta": meta, "results": {n: [r.__dict__ for r in rows] for n, rows in results.items()}}
+        doc = {"meta": meta, "results": {n: [dataclasses.asdict(r) for r in rows] for n, rows in results.items()}}
         path.write_text(json.dumps(doc))
         return path
 
