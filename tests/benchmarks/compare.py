@@ -387,12 +387,7 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
         "",
         f"Command: `{meta['command']}`",
         "",
-        *(
-            f"Amended: {', '.join(a['datasets'])} re-run at commit {a['commit']}, {a['date']} "
-            f"({a['total_s'] / 60:.0f} min; `{a['command']}`); their rows below are that run's, Topaz's reused from "
-            "the first where marked †.\n"
-            for a in meta.get("amended", [])
-        ),
+        *(_amended_line(a) for a in meta.get("amended", [])),
         "Protocol: the data README's few-shot protocol (first micrograph by name = reference, its 15 exemplars "
         "drawn with `default_rng(0)`, every other micrograph a query). Scoring, the same for every picker: boxes "
         "of the particle diameter, a pick is true at IoU >= 0.5 with an unmatched ground-truth box, pooled over "
@@ -469,6 +464,20 @@ def markdown(meta: dict[str, Any], results: dict[str, list[Row]], splits: dict[s
 
         lines += ["## Speed per preset", "", speed_markdown(json.loads(speed_json.read_text())), ""]
     return "\n".join(lines)
+
+
+def _amended_line(a: dict[str, Any]) -> str:
+    """The report's line for one amendment (``--amend-with``)."""
+    when = f"at commit {a['commit']}, {a['date']} ({a['total_s'] / 60:.0f} min; `{a['command']}`)"
+    if "pickers" not in a:  # an amendment of whole datasets, every picker re-run
+        return (
+            f"Amended: {', '.join(a['datasets'])} re-run {when}; their rows below are that run's, Topaz's reused "
+            "from the first where marked †.\n"
+        )
+    return (
+        f"Amended: the rows of {', '.join(a['pickers'])} on {', '.join(a['datasets'])} re-run {when}; the other "
+        "pickers' rows are the first run's.\n"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,14 +582,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row_key(row: dict[str, Any]) -> tuple[str, Any]:
+    """A row's place in a run: its picker and, for cryomae's other exemplar draws, the draw."""
+    return row["picker"], (row.get("details") or {}).get("draw")
+
+
+def amended_rows(saved: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dataset's rows of a saved run with a later run's: a later row replaces the saved row of the same picker
+    and draw in its place, the saved rows of pickers the later run did not run stay, new ones come last."""
+    fresh = {_row_key(r): r for r in later}
+    out = [fresh.pop(_row_key(r), r) for r in saved]
+    return out + list(fresh.values())
+
+
 def report_again(args: argparse.Namespace) -> int:
     """The report and plot of a saved run (``--from-json``), with today's report code."""
     saved = json.loads(args.from_json.read_text())
     for later_path in args.amend_with:
         later = json.loads(later_path.read_text())
-        saved["results"].update(later["results"])
+        for name, rows in later["results"].items():
+            saved["results"][name] = amended_rows(saved["results"].get(name, []), rows)
         amended = {k: later["meta"].get(k) for k in ("commit", "date", "command", "total_s")}
-        saved["meta"].setdefault("amended", []).append({**amended, "datasets": sorted(later["results"])})
+        pickers = sorted({r["picker"] for rows in later["results"].values() for r in rows})
+        saved["meta"].setdefault("amended", []).append(
+            {**amended, "datasets": sorted(later["results"]), "pickers": pickers}
+        )
     available = {d.name: d for d in discover_datasets(args.data_root.resolve())}
     results = {name: [Row(**r) for r in rows] for name, rows in saved["results"].items()}
     splits = {name: few_shot_split(available[name], saved["meta"].get("max_queries")) for name in results}

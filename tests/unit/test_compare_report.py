@@ -74,8 +74,8 @@ def test_issue_24s_bars_per_sample() -> None:
 
 
 def test_a_saved_run_amended_by_a_later_one(tmp_path: Path) -> None:
-    """The later run's datasets replace the saved run's; the report names the later run. Uses the development
-    data's coordinates for the splits (no micrograph is read)."""
+    """The later run's rows replace the saved run's of the same picker and draw, the other pickers' rows stay; the
+    report names the later run. Uses the development data's coordinates for the splits (no micrograph is read)."""
 
     def saved(commit: str, results: dict[str, list[Row]]) -> Path:
         path = tmp_path / f"{commit}.json"
@@ -92,14 +92,35 @@ def test_a_saved_run_amended_by_a_later_one(tmp_path: Path) -> None:
         path.write_text(json.dumps(doc))
         return path
 
-    first = saved("aaaaaaa", {"sim/apoferritin": [_row("DoG", 0.4)], "sim/tric": [_row("DoG", 0.3)]})
-    later = saved("bbbbbbb", {"sim/tric": [_row("DoG", 0.9)]})
+    first = saved(
+        "aaaaaaa",
+        {
+            "sim/apoferritin": [_row("DoG", 0.4)],
+            "sim/tric": [_row("cryomae fast", 0.5, draw=1), _row("cryomae fast", 0.6), _row("DoG", 0.3)],
+        },
+    )
+    # cryomae's rows of sim/tric again (the protocol's draw and draw 1), and a picker the first run did not have
+    later = saved(
+        "bbbbbbb",
+        {"sim/tric": [_row("cryomae fast", 0.8, draw=1), _row("cryomae fast", 0.9), _row("cryomae small", 0.7)]},
+    )
     out = tmp_path / "benchmarks.md"
     # report_again, not main: main configures the process's logging, which other tests capture
     args = compare.build_parser().parse_args(["--from-json", str(first), "--amend-with", str(later), "--out", str(out)])
     assert compare.report_again(args) == 0
     report = out.read_text()
-    assert "Amended: sim/tric re-run at commit bbbbbbb" in report
+    assert "Amended: the rows of cryomae fast, cryomae small on sim/tric re-run at commit bbbbbbb" in report
     merged = json.loads(out.with_suffix(".json").read_text())
-    assert merged["results"]["sim/tric"][0]["f1"] == 0.9 and merged["results"]["sim/apoferritin"][0]["f1"] == 0.4
+    tric = [(r["picker"], r["details"].get(compare.DRAW), r["f1"]) for r in merged["results"]["sim/tric"]]
+    # each later row in its picker's and draw's place, DoG's row of the first run kept, the new picker last
+    assert tric == [
+        ("cryomae fast", 1, 0.8),
+        ("cryomae fast", None, 0.9),
+        ("DoG", None, 0.3),
+        ("cryomae small", None, 0.7),
+    ]
+    assert merged["results"]["sim/apoferritin"][0]["f1"] == 0.4
     assert merged["meta"]["commit"] == "aaaaaaa" and merged["meta"]["amended"][0]["datasets"] == ["sim/tric"]
+    # an amendment saved before rows were merged per picker (no "pickers"): whole datasets, as it was
+    old = {"commit": "ccccccc", "date": "d", "command": "c", "total_s": 60.0, "datasets": ["sim/x"]}
+    assert compare._amended_line(old).startswith("Amended: sim/x re-run at commit ccccccc")
