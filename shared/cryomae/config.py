@@ -162,6 +162,14 @@ class PickConfig(BaseModel):
         "window's score, the DoG's polarity measured on the exemplars at training (cryomae.picking.blobs; 0: the "
         "cosine alone; chosen leaving one sample out over five exemplar draws, docs/accuracy-study.md)",
     )
+    contrast_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=4.0,
+        description="add this times the cosine map's spread times the local contrast (robust z of the standard "
+        "deviation of the low-passed micrograph over a particle-sized box) to each window's score, with the DoG "
+        "term and under its gate (cryomae.picking.blobs; 0: off)",
+    )
     blob_min_share: float = Field(
         0.4,
         ge=0.0,

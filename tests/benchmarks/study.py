@@ -232,9 +232,15 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
     return {q.stem: _cutoff(cands[q.stem][1], cfg, session)[0] for q in c.split.queries}
 
 
-# the blob term's DoG z of each micrograph, by (dataset, stem, polarity, map shape): the same for every variant
-# and exemplar draw evaluated in one run
+# the blob term's DoG z of each micrograph, by (dataset, stem, polarity, map shape), and its local contrast, by
+# (dataset, stem, "contrast", map shape): the same for every variant and exemplar draw evaluated in one run
 _BLOB_Z: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
+
+
+def _cached_term(key: tuple[str, str, str, tuple[int, ...]], make: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+    if key not in _BLOB_Z:
+        _BLOB_Z[key] = make(*args)
+    return _BLOB_Z[key]
 
 
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
@@ -242,14 +248,16 @@ def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
     geo, manifest = c.trained.geometry, c.trained.manifest
     out = {}
     for stem, m in c.maps.items():
-        z = None
+        z = contrast = None
         if blobs.applies(m, manifest, cfg):
-            key = (c.name, stem, manifest[blobs.BLOBS_KEY]["polarity"], m.scores.shape)
-            z = _BLOB_Z.get(key)
-            if z is None:
-                z = _BLOB_Z[key] = blobs.blob_z(m, geo, key[2], c.images[stem])
+            image, shape = c.images[stem], m.scores.shape
+            polarity = manifest[blobs.BLOBS_KEY]["polarity"]
+            if cfg.blob_weight > 0:
+                z = _cached_term((c.name, stem, polarity, shape), blobs.blob_z, m, geo, polarity, image)
+            if cfg.contrast_weight > 0:
+                contrast = _cached_term((c.name, stem, "contrast", shape), blobs.contrast_z, m, geo, image)
         out[stem] = find_candidates(
-            blobs.with_blobs(m, geo, manifest, c.images[stem], cfg, z), geo, c.images[stem], cfg
+            blobs.with_blobs(m, geo, manifest, c.images[stem], cfg, z, contrast), geo, c.images[stem], cfg
         )
     return out
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cryomae.config import PickConfig
-from cryomae.picking.blobs import BLOBS_KEY, blob_profile, with_blobs
+from cryomae.picking.blobs import BLOBS_KEY, blob_profile, contrast_z, with_blobs
 from cryomae.picking.picker import ScoreMap
 from cryomae.preprocess import Geometry
 
@@ -127,3 +127,38 @@ def test_junk_that_is_a_stronger_blob_than_the_particles_earns_no_more_than_they
     ceiling = PickConfig().blob_weight * spread * manifest[BLOBS_KEY]["exemplar_z"]
     assert capped[on_junk].max() <= ceiling * (1 + 1e-4)
     assert capped[on_junk].max() < 1.02 * capped[on_particle].max()
+
+
+def test_the_contrast_term_raises_the_map_where_the_micrograph_holds_structure() -> None:
+    """Particles whose halves are dark and light (no net blob for the DoG) still hold more contrast than the
+    ice: the contrast term raises the map at their centres, by ``contrast_weight`` x the map's spread x its z."""
+    geometry = _geometry()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256]
+    image = rng.normal(scale=0.5, size=(256, 256))
+    for x, y in CENTRES:
+        disc = ((xx - x) ** 2 + (yy - y) ** 2) <= (D / 2) ** 2
+        image += 2.0 * disc * np.where(xx < x, 1.0, -1.0)  # half light, half dark: zero mean
+    image = image.astype(np.float32)
+    smap = _flat_map(geometry)
+    xy = geometry.to_original(
+        smap.centres(np.stack(np.meshgrid(*map(np.arange, smap.scores.shape), indexing="ij"), -1).reshape(-1, 2))
+    )
+    dist = np.min(np.linalg.norm(xy[:, None] - CENTRES[None], axis=2), axis=1)
+    inside = np.all((xy > D) & (xy < 256 - D), axis=1)  # the picker keeps no candidate nearer the edges
+    near, far = dist < D / 4, (dist > 1.5 * D) & inside
+    z = contrast_z(smap, geometry, image).ravel()
+    assert z[near].min() > 10.0 > 3.0 > z[far].max()
+
+    profile = {"polarity": "dark", "exemplar_z": 2.0, "exemplar_share": 1.0}  # the gate open
+    only_contrast = PickConfig(blob_weight=0.0, contrast_weight=0.5)
+    out = with_blobs(smap, geometry, {BLOBS_KEY: profile}, image, only_contrast)
+    spread = 1.4826 * np.median(np.abs(smap.scores - np.median(smap.scores)))
+    np.testing.assert_allclose((out.scores - smap.scores).ravel(), 0.5 * spread * z, rtol=1e-3, atol=1e-6)
+    # the same gate as the DoG's: exemplars that are no blobs keep the cosine alone
+    closed = {BLOBS_KEY: {**profile, "exemplar_share": 0.1}}
+    assert with_blobs(smap, geometry, closed, image, only_contrast) is smap
+    # beside the DoG term, the two add up
+    both = with_blobs(smap, geometry, {BLOBS_KEY: profile}, image, PickConfig(contrast_weight=0.5))
+    dog = with_blobs(smap, geometry, {BLOBS_KEY: profile}, image, PickConfig(contrast_weight=0.0))
+    np.testing.assert_allclose(both.scores - dog.scores, out.scores - smap.scores, rtol=1e-3, atol=1e-6)

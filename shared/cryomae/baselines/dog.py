@@ -30,14 +30,15 @@ from skimage.filters import difference_of_gaussians
 
 from cryomae.errors import ConfigError, InputError
 
-__all__ = ["calibrate_dog", "dog_pick", "dog_response"]
+__all__ = ["DOG_TARGET_PX", "bin_image", "calibrate_dog", "dog_pick", "dog_response"]
 
 _POLARITIES = ("dark", "light", "auto")
 _SIGMA_RATIO = 1.6
+DOG_TARGET_PX = 24.0  # the particle diameter, in binned pixels, that the micrograph is binned to
 _TAIL_QUANTILE = 0.999
 
 
-def _bin_image(image: np.ndarray, factor: int) -> np.ndarray:
+def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     """Block-average ``image`` [H, W] by ``factor``, dropping the incomplete last row/column blocks."""
     if factor == 1:
         return image
@@ -74,7 +75,7 @@ def dog_response(
     image: np.ndarray,
     diameter: float,
     polarity: str = "auto",
-    target_diameter_px: float = 24.0,
+    target_diameter_px: float = DOG_TARGET_PX,
     fast: bool = False,
 ) -> tuple[np.ndarray, int, str]:
     """The binned DoG response map in which particles are positive blobs.
@@ -100,7 +101,7 @@ def dog_response(
     factor = max(1, int(diameter // target_diameter_px))
     std = float(img.std())
     img = (img - img.mean()) / (std if std > 0 else 1.0)
-    binned = _bin_image(img, factor)
+    binned = bin_image(img, factor)
     sigma1 = (diameter / 2.0 / factor) / np.sqrt(2.0)
     if fast:  # the same filter through the Fourier transform (the score's blob term, cryomae.picking.blobs)
         bright = _dog_fft(binned, sigma1, sigma1 * _SIGMA_RATIO)
@@ -119,7 +120,7 @@ def dog_pick(
     threshold: float | None = None,
     polarity: str = "auto",
     dog_threshold_sigma: float = 4.0,
-    target_diameter_px: float = 24.0,
+    target_diameter_px: float = DOG_TARGET_PX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick particles of ``diameter`` pixels in ``image`` [H, W] with a difference-of-Gaussians filter.
 
@@ -160,7 +161,7 @@ def calibrate_dog(
     exemplars_xy: np.ndarray,
     diameter: float,
     percentile: float = 10.0,
-    target_diameter_px: float = 24.0,
+    target_diameter_px: float = DOG_TARGET_PX,
 ) -> tuple[str, float]:
     """Tune the DoG picker on the same few-shot input the learned picker gets: (polarity, threshold).
 

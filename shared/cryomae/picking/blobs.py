@@ -1,4 +1,4 @@
-"""A size-tuned blob detector beside the encoder's cosine score (issue 24).
+"""Two generic cues beside the encoder's cosine score: a size-tuned blob detector and the local contrast (issue 24).
 
 The cosine score ranks windows by how much they look like the mean of the 15 exemplars. Where that mean is a
 poor template (some draws of 15 clicks make it a template of the micelle, or of one part of a large particle),
@@ -6,21 +6,26 @@ the ranking fails on a whole sample; and the map is smooth, so its peaks sit off
 difference of Gaussians tuned to the particle's size (``cryomae.baselines.dog``) knows nothing of the exemplars
 but peaks at the centre of every blob of that size. The score the picker cuts is
 
-    score = cosine + ``PickConfig.blob_weight`` x spread(cosine) x z(DoG)
+    score = cosine + spread(cosine) x (blob_weight x z(DoG) + contrast_weight x z(contrast))
 
 on each micrograph: z(DoG) is the DoG response at the window's centre in robust standard deviations of the
 micrograph's response (median, 1.4826 MAD), and spread(cosine) the same robust spread of the micrograph's cosine
-map, so the weight means the same on every micrograph and every sample. z is capped at ``PickConfig.blob_z_cap``
+map, so the weights (``PickConfig.blob_weight``, ``PickConfig.contrast_weight``) mean the same on every
+micrograph and every sample. z(DoG) is capped at ``PickConfig.blob_z_cap``
 times the exemplars' own median z: junk that is a stronger blob than the particles (an aggregate, a speck of
-ice) earns no more than a particle does.
+ice) earns no more than a particle does. z(contrast) is the standard deviation of the micrograph, low-passed to
+a tenth of the particle's diameter, over a particle-sized box around the window's centre, in the same robust
+units: a particle holds more contrast than the ice around it whatever its shape or polarity, where the DoG
+favours round blobs of one sign.
 
 The DoG's polarity (particles darker or lighter than their surround) is measured once, at training, on the
 reference micrograph: the sign of the median response at the exemplars, kept in the model's manifest
 (``blobs``) with that median in robust standard deviations and the share of the exemplars that stand out by more
 than one (``exemplar_share``). Where that share is below ``PickConfig.blob_min_share`` the particles are not
 blobs to the DoG (a long filament, whose centre is no brighter than the rest of the rod) and the cosine is used
-alone. A model trained before the share was measured is gated as it was then, on the median (at least 1); a
-model trained before the blob term existed has no ``blobs`` entry and is scored by the cosine alone.
+alone, without either term (the contrast term put the filament's picks anywhere along its rods). A model
+trained before the share was measured is gated as it was then, on the median (at least 1); a model trained
+before the blob term existed has no ``blobs`` entry and is scored by the cosine alone.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import ndimage
 
-from cryomae.baselines.dog import dog_response
+from cryomae.baselines.dog import DOG_TARGET_PX, bin_image, dog_response
 from cryomae.config import PickConfig
 from cryomae.preprocess import Geometry, robust_spread
 
 if TYPE_CHECKING:  # the picker imports this module
     from cryomae.picking.picker import ScoreMap
 
-__all__ = ["BLOBS_KEY", "applies", "are_blobs", "blob_profile", "blob_z", "with_blobs"]
+__all__ = ["BLOBS_KEY", "applies", "are_blobs", "blob_profile", "blob_z", "contrast_z", "with_blobs"]
 
 # in a model's manifest: {"polarity": "dark" | "light", "exemplar_z": median z at the exemplars, "exemplar_share":
 # the share of exemplars with z > 1}
@@ -85,18 +91,45 @@ def are_blobs(profile: Mapping[str, Any], cfg: PickConfig) -> bool:
 
 
 def applies(smap: ScoreMap, manifest: Mapping[str, Any], cfg: PickConfig) -> bool:
-    """Whether the blob term is added: ``blob_weight`` above 0, a model with a ``blobs`` entry whose exemplars are
-    blobs to the DoG (``are_blobs``), and a map of cosines, not the particle head's logits."""
+    """Whether the blob and contrast terms are added: ``blob_weight`` or ``contrast_weight`` above 0, a model with
+    a ``blobs`` entry whose exemplars are blobs to the DoG (``are_blobs``), and a map of cosines, not the
+    particle head's logits."""
     profile = manifest.get(BLOBS_KEY)
-    return bool(cfg.blob_weight > 0 and profile and not smap.logits and are_blobs(profile, cfg))
+    weighted = cfg.blob_weight > 0 or cfg.contrast_weight > 0
+    return bool(weighted and profile and not smap.logits and are_blobs(profile, cfg))
+
+
+def _cell_centres(smap: ScoreMap, geometry: Geometry) -> np.ndarray:
+    """The original-pixel centre (x, y) of every cell of ``smap``, row by row: [Gy * Gx, 2]."""
+    gy, gx = smap.scores.shape
+    rc = np.stack(np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij"), axis=-1).reshape(-1, 2)
+    return geometry.to_original(smap.centres(rc))
 
 
 def blob_z(smap: ScoreMap, geometry: Geometry, polarity: str, image: np.ndarray) -> np.ndarray:
     """The DoG response of ``image`` at the centre of each cell of ``smap``, in robust standard deviations of the
     micrograph's response: [Gy, Gx]."""
-    gy, gx = smap.scores.shape
-    rc = np.stack(np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij"), axis=-1).reshape(-1, 2)
-    return _z_at(image, geometry.diameter, polarity, geometry.to_original(smap.centres(rc))).reshape(gy, gx)
+    return _z_at(image, geometry.diameter, polarity, _cell_centres(smap, geometry)).reshape(smap.scores.shape)
+
+
+def contrast_z(smap: ScoreMap, geometry: Geometry, image: np.ndarray) -> np.ndarray:
+    """The local contrast of ``image`` at the centre of each cell of ``smap``: the standard deviation of the
+    micrograph low-passed to a tenth of the particle's diameter, over a box of the particle's size, in robust
+    standard deviations of the micrograph's: [Gy, Gx]. A particle, whatever its polarity or shape, holds more
+    contrast than the ice around it. Binned as the DoG is (to a particle of about 24 pixels)."""
+    factor = max(1, int(geometry.diameter // DOG_TARGET_PX))
+    img = np.asarray(image, dtype=np.float64)
+    binned = bin_image((img - img.mean()) / (img.std() or 1.0), factor)
+    size = geometry.diameter / factor
+    low = ndimage.gaussian_filter(binned, 0.1 * size)
+    box = max(1, round(size))
+    mean = ndimage.uniform_filter(low, box)
+    spread = np.sqrt(np.maximum(ndimage.uniform_filter(low * low, box) - mean * mean, 0.0))
+    z = _robust_z(spread)
+    xy = _cell_centres(smap, geometry)
+    rows = np.clip((xy[:, 1] / factor).astype(int), 0, z.shape[0] - 1)
+    cols = np.clip((xy[:, 0] / factor).astype(int), 0, z.shape[1] - 1)
+    return np.asarray(z[rows, cols]).reshape(smap.scores.shape)
 
 
 def with_blobs(
@@ -106,17 +139,24 @@ def with_blobs(
     image: np.ndarray,
     cfg: PickConfig,
     z: np.ndarray | None = None,
+    contrast: np.ndarray | None = None,
 ) -> ScoreMap:
-    """The score map with the blob term added (see the module's docstring), the same map where it does not apply
-    (``applies``). ``z``: ``blob_z`` of this map and micrograph, if already at hand."""
+    """The score map with the blob and contrast terms added (see the module's docstring), the same map where they
+    do not apply (``applies``). ``z``, ``contrast``: ``blob_z`` and ``contrast_z`` of this map and micrograph, if
+    already at hand."""
     if not applies(smap, manifest, cfg):
         return smap
     profile = manifest[BLOBS_KEY]
-    z = blob_z(smap, geometry, profile["polarity"], image) if z is None else z
-    if cfg.blob_z_cap is not None:  # no more credit for being a blob than the particles themselves earn
-        z = np.minimum(z, cfg.blob_z_cap * profile["exemplar_z"])
     cosine = smap.scores
     scored = cosine[np.isfinite(cosine)]  # cells a coarse-to-fine search left unscored are NaN
     spread = robust_spread(scored, float(np.median(scored))) if scored.size else 0.0
-    scores = cosine + cfg.blob_weight * spread * z
+    term = np.zeros(cosine.shape)
+    if cfg.blob_weight > 0:
+        z = blob_z(smap, geometry, profile["polarity"], image) if z is None else z
+        if cfg.blob_z_cap is not None:  # no more credit for being a blob than the particles themselves earn
+            z = np.minimum(z, cfg.blob_z_cap * profile["exemplar_z"])
+        term += cfg.blob_weight * z
+    if cfg.contrast_weight > 0:
+        term += cfg.contrast_weight * (contrast_z(smap, geometry, image) if contrast is None else contrast)
+    scores = cosine + spread * term
     return dataclasses.replace(smap, scores=scores.astype(cosine.dtype, copy=False))
