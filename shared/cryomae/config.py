@@ -163,12 +163,13 @@ class PickConfig(BaseModel):
         "cosine alone; chosen leaving one sample out over five exemplar draws, docs/accuracy-study.md)",
     )
     contrast_weight: float = Field(
-        0.0,
+        0.2,
         ge=0.0,
         le=4.0,
         description="add this times the cosine map's spread times the local contrast (robust z of the standard "
         "deviation of the low-passed micrograph over a particle-sized box) to each window's score, with the DoG "
-        "term and under its gate (cryomae.picking.blobs; 0: off)",
+        "term and under its gate (cryomae.picking.blobs; 0: off; chosen leaving one sample out over five "
+        "exemplar draws, docs/accuracy-study.md)",
     )
     blob_min_share: float = Field(
         0.4,

@@ -60,7 +60,8 @@ def test_the_blob_term_raises_the_map_at_the_particles_centres() -> None:
     geometry, image = _geometry(), _micrograph()
     smap = _flat_map(geometry)
     manifest = {BLOBS_KEY: blob_profile(image, CENTRES, D)}
-    out = with_blobs(smap, geometry, manifest, image, PickConfig())
+    dog_only = PickConfig(contrast_weight=0.0)  # the contrast term has a test of its own
+    out = with_blobs(smap, geometry, manifest, image, dog_only)
     assert out.scores.shape == smap.scores.shape and out.scores.dtype == smap.scores.dtype
     gy, gx = smap.scores.shape
     rc = np.stack(np.meshgrid(np.arange(gy), np.arange(gx), indexing="ij"), axis=-1).reshape(-1, 2)
@@ -71,7 +72,9 @@ def test_the_blob_term_raises_the_map_at_the_particles_centres() -> None:
     assert gain[near].min() > gain[far].max()  # every particle's centre gains more than any background cell
     # the size of the term: blob_weight x the map's robust spread x the DoG's robust z
     spread = 1.4826 * np.median(np.abs(smap.scores - np.median(smap.scores)))
-    double = with_blobs(smap, geometry, manifest, image, PickConfig(blob_weight=2 * PickConfig().blob_weight))
+    double = with_blobs(
+        smap, geometry, manifest, image, dog_only.model_copy(update={"blob_weight": 2 * dog_only.blob_weight})
+    )
     np.testing.assert_allclose(double.scores - smap.scores, 2 * (out.scores - smap.scores), rtol=1e-3, atol=1e-6)
     assert gain[near].mean() > 2 * PickConfig().blob_weight * spread
 
@@ -81,7 +84,7 @@ def test_the_cosine_alone_where_the_term_does_not_apply() -> None:
     smap = _flat_map(geometry)
     profile = blob_profile(image, CENTRES, D)
     cases = {
-        "weight 0": ({BLOBS_KEY: profile}, smap, PickConfig(blob_weight=0.0)),
+        "weights 0": ({BLOBS_KEY: profile}, smap, PickConfig(blob_weight=0.0, contrast_weight=0.0)),
         "a model trained before the term": ({}, smap, PickConfig()),
         "exemplars that are no blobs": ({BLOBS_KEY: {**profile, "exemplar_share": 0.3}}, smap, PickConfig()),
         "an older model's exemplars that are no blobs": (
@@ -118,7 +121,10 @@ def test_junk_that_is_a_stronger_blob_than_the_particles_earns_no_more_than_they
     on_particle = np.min(np.linalg.norm(xy[:, None] - CENTRES[None], axis=2), axis=1) < D / 4
 
     def gains(cap: float | None) -> np.ndarray:
-        return (with_blobs(smap, geometry, manifest, image, PickConfig(blob_z_cap=cap)).scores - smap.scores).ravel()
+        return (
+            with_blobs(smap, geometry, manifest, image, PickConfig(blob_z_cap=cap, contrast_weight=0.0)).scores
+            - smap.scores
+        ).ravel()
 
     uncapped, capped = gains(None), gains(1.0)
     assert uncapped[on_junk].max() > 1.5 * uncapped[on_particle].max()  # the DoG alone loves the aggregate
