@@ -122,8 +122,10 @@ def contrast_z(smap: ScoreMap, geometry: Geometry, image: np.ndarray) -> np.ndar
     standard deviations of the micrograph's: [Gy, Gx]. A particle, whatever its polarity or shape, holds more
     contrast than the ice around it. Binned as the DoG is (to a particle of about 24 pixels)."""
     factor = max(1, int(geometry.diameter // DOG_TARGET_PX))
-    img = np.asarray(image, dtype=np.float64)
-    binned = bin_image((img - img.mean()) / (img.std() or 1.0), factor)
+    # binned first: the robust z below is the same at any offset and scale of the image, so only the small binned
+    # image is converted and centred (centred, its variance does not cancel against a large mean)
+    binned = bin_image(np.asarray(image, dtype=np.float32), factor).astype(np.float64)
+    binned -= binned.mean()
     size = geometry.diameter / factor
     low = ndimage.gaussian_filter(binned, 0.1 * size)
     box = max(1, round(size))
