@@ -471,8 +471,8 @@ def _amended_line(a: dict[str, Any]) -> str:
     when = f"at commit {a['commit']}, {a['date']} ({a['total_s'] / 60:.0f} min; `{a['command']}`)"
     if "pickers" not in a:  # an amendment of whole datasets, every picker re-run
         return (
-            f"Amended: {', '.join(a['datasets'])} re-run {when}; their rows below are that run's, Topaz's reused "
-            "from the first where marked †.\n"
+            f"Amended: {', '.join(a['datasets'])} re-run {when}; their rows below are that run's (but for those a "
+            "later amendment replaced), Topaz's reused from the first where marked †.\n"
         )
     return (
         f"Amended: the rows of {', '.join(a['pickers'])} on {', '.join(a['datasets'])} re-run {when}; the other "
