@@ -584,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _row_key(row: dict[str, Any]) -> tuple[str, Any]:
     """A row's place in a run: its picker and, for cryomae's other exemplar draws, the draw."""
-    return row["picker"], (row.get("details") or {}).get("draw")
+    return row["picker"], (row.get("details") or {}).get(DRAW)
 
 
 def amended_rows(saved: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:

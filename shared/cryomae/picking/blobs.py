@@ -11,12 +11,11 @@ but peaks at the centre of every blob of that size. The score the picker cuts is
 on each micrograph: z(DoG) is the DoG response at the window's centre in robust standard deviations of the
 micrograph's response (median, 1.4826 MAD), and spread(cosine) the same robust spread of the micrograph's cosine
 map, so the weights (``PickConfig.blob_weight``, ``PickConfig.contrast_weight``) mean the same on every
-micrograph and every sample. z(DoG) is capped at ``PickConfig.blob_z_cap``
-times the exemplars' own median z: junk that is a stronger blob than the particles (an aggregate, a speck of
-ice) earns no more than a particle does. z(contrast) is the standard deviation of the micrograph, low-passed to
-a tenth of the particle's diameter, over a particle-sized box around the window's centre, in the same robust
-units: a particle holds more contrast than the ice around it whatever its shape or polarity, where the DoG
-favours round blobs of one sign.
+micrograph and every sample. z(DoG) is capped at ``PickConfig.blob_z_cap`` times the exemplars' own median z:
+junk that is a stronger blob than the particles (an aggregate, a speck of ice) earns no more than a particle
+does. z(contrast) is the standard deviation of the micrograph, low-passed to a tenth of the particle's diameter,
+over a particle-sized box around the window's centre, in the same robust units: a particle holds more contrast
+than the ice around it whatever its shape or polarity, where the DoG favours round blobs of one sign.
 
 The DoG's polarity (particles darker or lighter than their surround) is measured once, at training, on the
 reference micrograph: the sign of the median response at the exemplars, kept in the model's manifest
