@@ -187,12 +187,13 @@ class PickConfig(BaseModel):
         "sample out, docs/accuracy-study.md)",
     )
     negative_weight: float = Field(
-        0.25,
+        0.0,
         ge=0.0,
         le=4.0,
         description="a model trained with an operator's corrections: the cosine score less this times the window's "
-        "cosine to the marked wrong picks (negative_rule; 0: the negatives are not used; chosen leaving one sample "
-        "out with a simulated operator, docs/accuracy.md; the marks hold on their own micrographs either way)",
+        "cosine to the marked wrong picks (negative_rule; 0: the negatives are kept with the model but not used; "
+        "0 chosen leaving one sample out with a simulated operator, docs/accuracy.md; the marks hold on their own "
+        "micrographs either way)",
     )
     negative_rule: Literal["max", "mean", "orthogonal", "nearest"] = Field(
         "mean",
