@@ -30,7 +30,7 @@ from skimage.filters import difference_of_gaussians
 
 from cryomae.errors import ConfigError, InputError
 
-__all__ = ["DOG_TARGET_PX", "bin_image", "calibrate_dog", "dog_pick", "dog_response"]
+__all__ = ["DOG_TARGET_PX", "bin_image", "calibrate_dog", "dog_of_binned", "dog_pick", "dog_response"]
 
 _POLARITIES = ("dark", "light", "auto")
 _SIGMA_RATIO = 1.6
@@ -71,6 +71,16 @@ def _dog_fft(image: np.ndarray, sigma1: float, sigma2: float) -> np.ndarray:
     return np.asarray(out[pad:-pad, pad:-pad])
 
 
+def dog_of_binned(binned: np.ndarray, diameter: float, factor: int, fast: bool = False) -> np.ndarray:
+    """The DoG of a micrograph already binned by ``factor`` (``bin_image``) for particles of ``diameter`` original
+    pixels, bright blobs positive: [h, w]. ``fast``: the same filter through the Fourier transform (the score's
+    blob term, ``cryomae.picking.blobs``)."""
+    sigma1 = (diameter / 2.0 / factor) / np.sqrt(2.0)
+    if fast:
+        return _dog_fft(binned, sigma1, sigma1 * _SIGMA_RATIO)
+    return np.asarray(difference_of_gaussians(binned, sigma1, sigma1 * _SIGMA_RATIO))
+
+
 def dog_response(
     image: np.ndarray,
     diameter: float,
@@ -101,13 +111,7 @@ def dog_response(
     factor = max(1, int(diameter // target_diameter_px))
     std = float(img.std())
     img = (img - img.mean()) / (std if std > 0 else 1.0)
-    binned = bin_image(img, factor)
-    sigma1 = (diameter / 2.0 / factor) / np.sqrt(2.0)
-    if fast:  # the same filter through the Fourier transform (the score's blob term, cryomae.picking.blobs)
-        bright = _dog_fft(binned, sigma1, sigma1 * _SIGMA_RATIO)
-    else:
-        bright = difference_of_gaussians(binned, sigma1, sigma1 * _SIGMA_RATIO)  # bright blobs positive
-
+    bright = dog_of_binned(bin_image(img, factor), diameter, factor, fast)
     if polarity == "auto":
         polarity = "light" if _tail_excess(bright) > _tail_excess(-bright) else "dark"
     response = -bright if polarity == "dark" else bright
