@@ -234,13 +234,13 @@ def default_rule(c: Cached, cands: dict[str, Points], cfg: PickConfig) -> dict[s
 
 # the blob term's DoG z of each micrograph, by (dataset, stem, polarity, map shape), and its local contrast, by
 # (dataset, stem, "contrast", map shape): the same for every variant and exemplar draw evaluated in one run
-_BLOB_Z: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
+_TERMS: dict[tuple[str, str, str, tuple[int, ...]], np.ndarray] = {}
 
 
 def _cached_term(key: tuple[str, str, str, tuple[int, ...]], make: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
-    if key not in _BLOB_Z:
-        _BLOB_Z[key] = make(*args)
-    return _BLOB_Z[key]
+    if key not in _TERMS:
+        _TERMS[key] = make(*args)
+    return _TERMS[key]
 
 
 def candidates(c: Cached, cfg: PickConfig) -> dict[str, Points]:
